@@ -1,0 +1,67 @@
+"""Gateway settings: defaults, environment (read only here), and validation."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from jobmesh.settings import DEFAULT_MAX_MESSAGE_BYTES, parse_address
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_DB = "jobmesh.db"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    listen: str = DEFAULT_LISTEN
+    """HOST:PORT to serve on; port 0 picks a free one."""
+    db: str = DEFAULT_DB
+    """SQLite file of jobs and events; ':memory:' is for tests only."""
+    ping_interval: float = 5.0
+    """Seconds between health pings to each worker replica."""
+    ping_misses: int = 3
+    """Pings a replica may leave unanswered before it is declared dead."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """Largest request or worker message accepted; larger ones get RESOURCE_EXHAUSTED."""
+    max_batch: int = 1000
+    """Most jobs in one SubmitBatch."""
+    default_max_attempts: int = 3
+    """Attempts a job gets when its retry policy does not say."""
+    port_file: str = ""
+    """If set, the bound port is written here once the gateway serves (for tests and scripts)."""
+
+    def __post_init__(self) -> None:
+        parse_address(self.listen)
+        if not self.db:
+            raise ValueError("db must name a file or ':memory:'")
+        if self.ping_interval <= 0:
+            raise ValueError("ping_interval must be positive")
+        if self.ping_misses < 1:
+            raise ValueError("ping_misses must be at least 1")
+        if self.max_message_bytes < 1024:
+            raise ValueError("max_message_bytes must be at least 1024")
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if self.default_max_attempts < 1:
+            raise ValueError("default_max_attempts must be at least 1")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name, var, conv in (
+            ("listen", "JOBMESH_LISTEN", str),
+            ("db", "JOBMESH_DB", str),
+            ("ping_interval", "JOBMESH_PING_INTERVAL", float),
+            ("ping_misses", "JOBMESH_PING_MISSES", int),
+            ("max_message_bytes", "JOBMESH_MAX_MESSAGE_BYTES", int),
+        ):
+            if var in env:
+                values[name] = conv(env[var])
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> GatewaySettings:
+        """A copy with the given fields replaced; None values are ignored (unset CLI flags)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})

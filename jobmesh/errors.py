@@ -1,0 +1,102 @@
+"""One error hierarchy for clients and both services.
+
+Servers raise these; one interceptor turns them into gRPC status codes. Clients
+get them back: `from_rpc_error` wraps `grpc.aio.AioRpcError` once, into the same
+types.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class JobmeshError(Exception):
+    """Base of every error jobmesh raises on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(JobmeshError):
+    """The request is malformed; `field` names what is wrong when one field is."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class NotFound(JobmeshError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(JobmeshError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(JobmeshError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(JobmeshError):
+    """A limit was hit: a full queue, a message over the size limit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(JobmeshError):
+    """The gateway cannot be reached or is shutting down; retrying may help."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(JobmeshError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(JobmeshError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Internal(JobmeshError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class JobFailed(JobmeshError):
+    """A job the caller waited for ended FAILED or CANCELLED."""
+
+    def __init__(self, job_id: str, state: str, error_code: str, message: str) -> None:
+        super().__init__(f"job {job_id} {state}: [{error_code}] {message}")
+        self.job_id = job_id
+        self.state = state
+        self.error_code = error_code
+
+
+_BY_CODE: dict[grpc.StatusCode, type[JobmeshError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        Cancelled,
+        Internal,
+    )
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> JobmeshError:
+    """The typed error for a failed call."""
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (error.details() if isinstance(error, grpc.Call) else None) or str(code)
+    cls = _BY_CODE.get(code, JobmeshError)
+    result = cls(details)
+    result.code = code
+    return result

@@ -1,0 +1,37 @@
+"""Client settings, and the one place the client reads its environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_GATEWAY = "127.0.0.1:50051"
+# Large enough for the payloads of ordinary jobs; the gateway sets its own limit.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Splits HOST:PORT (IPv6 hosts in brackets); raises ValueError if it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    gateway: str = DEFAULT_GATEWAY
+    """The gateway's HOST:PORT."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """Largest message the client sends or receives."""
+
+    def __post_init__(self) -> None:
+        parse_address(self.gateway)
+        if self.max_message_bytes <= 0:
+            raise ValueError("max_message_bytes must be positive")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ClientSettings:
+        env = os.environ if env is None else env
+        return cls(gateway=env.get("JOBMESH_GATEWAY", DEFAULT_GATEWAY))
