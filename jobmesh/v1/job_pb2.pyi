@@ -335,6 +335,7 @@ class Job(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    EVENT_SEQ_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant: _builtins.str
     """The owner of the job; one default tenant until authentication exists."""
@@ -346,6 +347,8 @@ class Job(_message.Message):
     progress_message: _builtins.str
     worker_id: _builtins.str
     """The worker of the current attempt, if any."""
+    event_seq: _builtins.int
+    """The seq of the job's latest event; Watch with after_seq set to it sees only what comes next."""
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -381,10 +384,11 @@ class Job(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         worker_id: _builtins.str = ...,
         attempts: _abc.Iterable[Global___Attempt] | None = ...,
+        event_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "result", b"result", "spec", b"spec", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "id", b"id", "progress", b"progress", "progress_message", b"progress_message", "result", b"result", "spec", b"spec", "state", b"state", "tenant", b"tenant", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "event_seq", b"event_seq", "id", b"id", "progress", b"progress", "progress_message", b"progress_message", "result", b"result", "spec", b"spec", "state", b"state", "tenant", b"tenant", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
