@@ -1,0 +1,184 @@
+"""The gateway process: wires the store, scheduler and services into one gRPC server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_reflection.v1alpha import reflection
+
+from gateway.admin_service import AdminService
+from gateway.config import GatewaySettings
+from gateway.interceptors import ErrorInterceptor
+from gateway.job_service import JobService
+from gateway.scheduler import Scheduler
+from gateway.sessions import Dispatcher
+from gateway.store.sqlite import SqliteStore
+from gateway.watchers import EventHub
+from jobmesh.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    dispatcher_pb2,
+    dispatcher_pb2_grpc,
+    job_service_pb2,
+    job_service_pb2_grpc,
+)
+
+log = logging.getLogger("gateway")
+
+SERVICE_NAMES = (
+    job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    dispatcher_pb2.DESCRIPTOR.services_by_name["Dispatcher"].full_name,
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+
+
+class Gateway:
+    """One gateway: `start()` binds and serves, `stop()` drains and closes the store."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.port = 0
+        self._hub = EventHub()
+        self._store = SqliteStore(settings.db)
+        self._scheduler = Scheduler(settings, self._store)
+        self._health = health_aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        await self._store.open(self._hub.publish)
+        recovered = await self._scheduler.recover()
+        limit = self.settings.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # Workers keep their session alive through proxies with pings.
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        job_service_pb2_grpc.add_JobServiceServicer_to_server(
+            JobService(self._scheduler, self._store, self._hub, max_batch=self.settings.max_batch),
+            server,
+        )
+        dispatcher_pb2_grpc.add_DispatcherServicer_to_server(
+            Dispatcher(self._scheduler, self.settings), server
+        )
+        admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminService(self._scheduler), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self.port = server.add_insecure_port(self.settings.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.settings.listen}")
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.port_file:
+            _write_atomically(Path(self.settings.port_file), f"{self.port}\n")
+        host = self.settings.listen.rpartition(":")[0]
+        log.info(
+            "gateway listening on %s:%d (db %s, %d unfinished jobs recovered)",
+            host,
+            self.port,
+            self.settings.db,
+            recovered,
+        )
+        return self.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stops taking calls, lets running ones end within `grace`, then flushes the store."""
+        if self._server is None:
+            return
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        self._server = None
+        self._scheduler.stop()
+        await self._store.close()
+        log.info("gateway stopped")
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", help="HOST:PORT to serve on (env JOBMESH_LISTEN)")
+    parser.add_argument("--db", help="SQLite file (env JOBMESH_DB; ':memory:' for tests)")
+    parser.add_argument("--ping-interval", type=float, help="seconds between worker pings")
+    parser.add_argument("--ping-misses", type=int, help="missed pings before a worker is dead")
+    parser.add_argument("--max-message-bytes", type=int, help="largest message accepted")
+    parser.add_argument("--port-file", help="write the bound port to this file once serving")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
+    return GatewaySettings.from_env().with_overrides(
+        listen=args.listen,
+        db=args.db,
+        ping_interval=args.ping_interval,
+        ping_misses=args.ping_misses,
+        max_message_bytes=args.max_message_bytes,
+        port_file=args.port_file,
+    )
+
+
+async def serve(settings: GatewaySettings) -> None:
+    """Runs a gateway until SIGINT or SIGTERM, then stops it gracefully."""
+    gateway = Gateway(settings)
+    await gateway.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await stopping.wait()
+        log.info("signal received; stopping")
+    finally:
+        await gateway.stop()
+
+
+def run(settings: GatewaySettings) -> int:
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return run(settings)

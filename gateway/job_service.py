@@ -1,0 +1,178 @@
+"""jobmesh.v1.JobService: what clients call."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from gateway import validation
+from gateway.jobs import TERMINAL_STATES, S, ts_seconds
+from gateway.scheduler import Scheduler
+from gateway.store import Inserted, JobFilter, JobStore
+from gateway.watchers import EventHub
+from jobmesh.errors import InvalidArgument
+from jobmesh.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+
+# Until authentication exists every caller is this tenant.
+DEFAULT_TENANT = "default"
+
+
+def tenant_of(context: grpc.aio.ServicerContext) -> str:  # type: ignore[type-arg]
+    return DEFAULT_TENANT
+
+
+class JobService(job_service_pb2_grpc.JobServiceServicer):
+    def __init__(
+        self, scheduler: Scheduler, store: JobStore, hub: EventHub, *, max_batch: int
+    ) -> None:
+        self._scheduler = scheduler
+        self._store = store
+        self._hub = hub
+        self._max_batch = max_batch
+
+    def _response(self, item: Inserted) -> job_service_pb2.SubmitResponse:
+        warnings = []
+        kind = item.job.spec.kind
+        if not item.existing and not self._scheduler.serves(kind):
+            warnings.append(
+                f"no worker serving kind {kind!r} has attached; "
+                "the job waits in the queue until one does"
+            )
+        return job_service_pb2.SubmitResponse(
+            job=item.job, existing=item.existing, warnings=warnings
+        )
+
+    async def Submit(
+        self,
+        request: job_service_pb2.SubmitRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> job_service_pb2.SubmitResponse:
+        validation.spec(request.spec)
+        [item] = await self._scheduler.submit(tenant_of(context), [request.spec])
+        return self._response(item)
+
+    async def SubmitBatch(
+        self,
+        request: job_service_pb2.SubmitBatchRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> job_service_pb2.SubmitBatchResponse:
+        if not request.specs:
+            raise InvalidArgument("must hold at least one spec", "specs")
+        if len(request.specs) > self._max_batch:
+            raise InvalidArgument(f"at most {self._max_batch} specs in one batch", "specs")
+        for i, spec in enumerate(request.specs):
+            validation.spec(spec, f"specs[{i}]")
+        items = await self._scheduler.submit(tenant_of(context), request.specs)
+        return job_service_pb2.SubmitBatchResponse(results=[self._response(i) for i in items])
+
+    async def Get(
+        self,
+        request: job_service_pb2.GetRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> job_service_pb2.GetResponse:
+        job_id = validation.job_id(request.job_id)
+        return job_service_pb2.GetResponse(
+            job=await self._scheduler.get(tenant_of(context), job_id)
+        )
+
+    async def Watch(
+        self,
+        request: job_service_pb2.WatchRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> AsyncIterator[job_service_pb2.WatchResponse]:
+        job_id = validation.job_id(request.job_id)
+        async for event in self._events(tenant_of(context), job_id, request.after_seq):
+            yield job_service_pb2.WatchResponse(event=event)
+
+    async def Run(
+        self,
+        request: job_service_pb2.RunRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> AsyncIterator[job_service_pb2.RunResponse]:
+        validation.spec(request.spec)
+        tenant = tenant_of(context)
+        [item] = await self._scheduler.submit(tenant, [request.spec])
+        async for event in self._events(tenant, item.job.id, 0):
+            yield job_service_pb2.RunResponse(event=event)
+
+    async def Cancel(
+        self,
+        request: job_service_pb2.CancelRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> job_service_pb2.CancelResponse:
+        job_id = validation.job_id(request.job_id)
+        job = await self._scheduler.cancel(tenant_of(context), job_id, request.reason[:1024])
+        return job_service_pb2.CancelResponse(job=job)
+
+    async def List(
+        self,
+        request: job_service_pb2.ListRequest,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> job_service_pb2.ListResponse:
+        for state in request.states:
+            if state not in S.values() or state == S.JOB_STATE_UNSPECIFIED:
+                raise InvalidArgument(f"{state} is not a job state", "states")
+        if request.kind:
+            validation.kind(request.kind, "kind")
+        validation.labels(request.labels, "labels")
+        after_id = validation.decode_page_token(request.page_token)
+        where = JobFilter(
+            tenant=tenant_of(context),
+            states=tuple(request.states),
+            kind=request.kind,
+            labels=tuple(sorted(request.labels.items())),
+            created_after=(
+                ts_seconds(request.created_after) if request.HasField("created_after") else None
+            ),
+            created_before=(
+                ts_seconds(request.created_before) if request.HasField("created_before") else None
+            ),
+        )
+        page = await self._store.list_jobs(where, validation.page_size(request.page_size), after_id)
+        return job_service_pb2.ListResponse(
+            jobs=page.jobs, next_page_token=validation.encode_page_token(page.last_id)
+        )
+
+    async def _events(
+        self, tenant: str, job_id: str, after_seq: int
+    ) -> AsyncIterator[job_pb2.JobEvent]:
+        """Replays stored events after `after_seq`, then live ones, until the terminal event."""
+        sub = self._hub.subscribe(job_id)
+        try:
+            job = await self._scheduler.get(tenant, job_id)
+            last = after_seq
+            replay = True
+            while True:
+                if replay:
+                    # Subscribed before reading, so nothing falls between the stored
+                    # events and the live ones; duplicates are skipped by seq below.
+                    sub.lagged = False
+                    events = await self._store.events(job_id, last)
+                    if not events and job.state in TERMINAL_STATES:
+                        return  # after_seq is past the terminal event
+                    replay = False
+                else:
+                    await sub.wait()
+                    if sub.lagged:
+                        replay = True
+                        continue
+                    events = list(sub.backlog)
+                    sub.backlog.clear()
+                for event in events:
+                    if event.seq <= last:
+                        continue
+                    last = event.seq
+                    terminal = event.state in TERMINAL_STATES
+                    if (
+                        terminal
+                        and event.state == S.JOB_STATE_SUCCEEDED
+                        and not event.HasField("result")
+                    ):
+                        job = await self._scheduler.get(tenant, job_id)
+                        event.result.CopyFrom(job.result)
+                    yield event
+                    if terminal:
+                        return
+        finally:
+            self._hub.unsubscribe(job_id, sub)

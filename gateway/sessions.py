@@ -1,0 +1,122 @@
+"""jobmesh.v1.Dispatcher/Session: the stream each worker replica holds open.
+
+Three things run per session: a reader applying what the worker reports, a
+pinger that declares the worker dead when pongs stop, and this coroutine
+writing the session's outbox (coalesced) to the stream. Whichever ends first
+ends the session; the scheduler then sends its unfinished attempts back to the
+queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import duration_pb2
+
+from gateway import validation
+from gateway.config import GatewaySettings
+from gateway.scheduler import Scheduler
+from gateway.workers import WorkerSession
+from jobmesh.errors import InvalidArgument
+from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# A worker that dials and says nothing is dropped after this many seconds.
+ATTACH_TIMEOUT = 10.0
+
+
+class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
+    def __init__(self, scheduler: Scheduler, settings: GatewaySettings) -> None:
+        self._scheduler = scheduler
+        self._ping_interval = settings.ping_interval
+        self._dead_after = settings.ping_interval * settings.ping_misses
+
+    async def Session(  # type: ignore[override]  # writes with context.write, not yield
+        self,
+        request_iterator: AsyncIterator[dispatcher_pb2.SessionRequest],
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> None:
+        requests = aiter(request_iterator)
+        try:
+            first = await asyncio.wait_for(anext(requests), ATTACH_TIMEOUT)
+        except (TimeoutError, StopAsyncIteration):
+            raise InvalidArgument("the first message must carry attach", "attach") from None
+        if not first.HasField("attach"):
+            raise InvalidArgument("the first message must carry attach", "attach")
+        attach = first.attach
+        validation.attach(attach)
+        session = WorkerSession(
+            session_id=uuid.uuid4().hex,
+            worker_id=attach.worker_id,
+            kinds={k.kind: k.max_concurrency for k in attach.kinds},
+            slots=attach.slots,
+            labels=dict(attach.labels),
+            version=attach.version,
+            peer=context.peer(),
+        )
+        interval = duration_pb2.Duration()
+        interval.FromTimedelta(datetime.timedelta(seconds=self._ping_interval))
+        await context.write(
+            dispatcher_pb2.SessionResponse(
+                welcome=dispatcher_pb2.Welcome(
+                    session_id=session.session_id, ping_interval=interval
+                )
+            )
+        )
+        self._scheduler.attach(session, ((r.job_id, r.attempt) for r in attach.running))
+        reader = asyncio.create_task(self._read(session, requests))
+        pinger = asyncio.create_task(self._ping(session))
+        reason = "stream ended"
+        try:
+            while True:
+                take = asyncio.create_task(session.outbox.take())
+                done, _ = await asyncio.wait(
+                    {take, reader, pinger}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if take in done:
+                    await context.write(take.result())
+                    continue
+                take.cancel()
+                ended = reader if reader in done else pinger
+                reason = ended.result() if not ended.cancelled() else "cancelled"
+                break
+        except asyncio.CancelledError:
+            reason = "session cancelled (worker went away or gateway stopping)"
+            raise
+        except Exception as exc:
+            reason = f"stream broke: {exc!r}"
+        finally:
+            for task in (reader, pinger):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            self._scheduler.detach(session, reason)
+
+    async def _read(
+        self, session: WorkerSession, requests: AsyncIterator[dispatcher_pb2.SessionRequest]
+    ) -> str:
+        try:
+            async for request in requests:
+                session.last_heard = max(session.last_heard, time.monotonic())
+                self._scheduler.handle(session, request)
+        except grpc.aio.AioRpcError as exc:
+            return f"stream broke: {exc.code().name}"
+        return "worker closed the stream"
+
+    async def _ping(self, session: WorkerSession) -> str:
+        seq = 0
+        while True:
+            await asyncio.sleep(self._ping_interval)
+            silent = time.monotonic() - session.last_heard
+            if silent > self._dead_after:
+                return f"no answer for {silent:.1f}s"
+            seq += 1
+            session.outbox.put(dispatcher_pb2.SessionResponse(ping=dispatcher_pb2.Ping(seq=seq)))

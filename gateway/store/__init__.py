@@ -1,0 +1,73 @@
+"""Where jobs and their events are kept. SQLite now; PostgreSQL when gateways are several."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from jobmesh.v1 import job_pb2
+
+# Called, in commit order, with the events a write made durable.
+OnCommitted = Callable[[Sequence[job_pb2.JobEvent]], None]
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """What List selects; empty fields select everything."""
+
+    tenant: str
+    states: tuple[int, ...] = ()
+    kind: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    created_after: float | None = None
+    created_before: float | None = None
+
+
+@dataclass(frozen=True)
+class Inserted:
+    job: job_pb2.Job
+    existing: bool = False
+    """The idempotency key matched this earlier job; nothing was inserted."""
+
+
+@dataclass
+class Page:
+    jobs: list[job_pb2.Job] = field(default_factory=list)
+    last_id: str = ""
+    """Id of the last job when more may follow; empty on the last page."""
+
+
+class JobStore(Protocol):
+    """Durable jobs and events. Writes are applied in the order they are made."""
+
+    async def open(self, on_committed: OnCommitted) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def insert(
+        self, jobs: Sequence[job_pb2.Job], events: Sequence[job_pb2.JobEvent]
+    ) -> list[Inserted]:
+        """Inserts new jobs with their first event, all or none.
+
+        A job whose (tenant, idempotency key) exists already is not inserted;
+        the earlier job comes back with `existing=True` and its event is dropped.
+        """
+        ...
+
+    def save(self, job: job_pb2.Job, event: job_pb2.JobEvent | None) -> Awaitable[None]:
+        """Writes the job's status (not its spec) and appends the event.
+
+        Takes effect in call order even when the caller does not await it.
+        """
+        ...
+
+    async def get(self, tenant: str, job_id: str) -> job_pb2.Job | None: ...
+
+    async def list_jobs(self, where: JobFilter, page_size: int, after_id: str) -> Page: ...
+
+    async def events(self, job_id: str, after_seq: int) -> list[job_pb2.JobEvent]: ...
+
+    async def unfinished(self) -> list[job_pb2.Job]:
+        """Jobs not yet in a terminal state, in submit order, with their specs."""
+        ...

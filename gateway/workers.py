@@ -1,0 +1,91 @@
+"""What the gateway knows of each attached worker replica."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from google.protobuf import timestamp_pb2
+
+from gateway.jobs import now
+from jobmesh.outbox import Outbox
+from jobmesh.v1 import admin_service_pb2, dispatcher_pb2
+
+AttemptKey = tuple[str, int]
+
+
+@dataclass(eq=False)
+class WorkerSession:
+    """One attached replica: its capacity, what it runs, how it last answered a ping."""
+
+    session_id: str
+    worker_id: str
+    kinds: dict[str, int]
+    """Kind -> most jobs of it at once (0: up to `slots`)."""
+    slots: int
+    labels: dict[str, str] = field(default_factory=dict)
+    version: str = ""
+    peer: str = ""
+    outbox: Outbox[dispatcher_pb2.SessionResponse] = field(default_factory=Outbox)
+    inflight: dict[AttemptKey, str] = field(default_factory=dict)
+    """Attempts handed to the worker and not yet ended -> their kind. They hold its slots."""
+    per_kind: Counter[str] = field(default_factory=Counter)
+    draining: bool = False
+    connect_time: timestamp_pb2.Timestamp = field(default_factory=now)
+    last_pong_time: timestamp_pb2.Timestamp | None = None
+    last_heard: float = field(default_factory=time.monotonic)
+    """Monotonic time of the last pong (or of the attach)."""
+    stats: dispatcher_pb2.WorkerStats = field(default_factory=dispatcher_pb2.WorkerStats)
+
+    @property
+    def load(self) -> float:
+        return len(self.inflight) / self.slots
+
+    def can_take(self, kind: str) -> bool:
+        if self.draining or len(self.inflight) >= self.slots or kind not in self.kinds:
+            return False
+        limit = self.kinds[kind]
+        return limit == 0 or self.per_kind[kind] < limit
+
+    def hold(self, key: AttemptKey, kind: str) -> None:
+        self.inflight[key] = kind
+        self.per_kind[kind] += 1
+
+    def release(self, key: AttemptKey) -> bool:
+        """Frees the attempt's slot; False if the worker did not hold it."""
+        kind = self.inflight.pop(key, None)
+        if kind is None:
+            return False
+        self.per_kind[kind] -= 1
+        return True
+
+    def heard(self, pong: dispatcher_pb2.Pong) -> None:
+        self.last_heard = time.monotonic()
+        self.last_pong_time = now()
+        self.stats.CopyFrom(pong.stats)
+
+    def to_proto(self) -> admin_service_pb2.Worker:
+        worker = admin_service_pb2.Worker(
+            worker_id=self.worker_id,
+            session_id=self.session_id,
+            kinds=[
+                dispatcher_pb2.KindCapacity(kind=k, max_concurrency=n)
+                for k, n in sorted(self.kinds.items())
+            ],
+            slots=self.slots,
+            active_jobs=len(self.inflight),
+            labels=self.labels,
+            version=self.version,
+            peer=self.peer,
+            state=(
+                admin_service_pb2.WORKER_STATE_DRAINING
+                if self.draining
+                else admin_service_pb2.WORKER_STATE_ACTIVE
+            ),
+            stats=self.stats,
+        )
+        worker.connect_time.CopyFrom(self.connect_time)
+        if self.last_pong_time is not None:
+            worker.last_pong_time.CopyFrom(self.last_pong_time)
+        return worker
