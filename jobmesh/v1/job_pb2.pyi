@@ -87,7 +87,9 @@ class RetryPolicy(_message.Message):
     backoff_multiplier: _builtins.float
     """Factor the delay grows by with each attempt."""
     jitter: _builtins.float
-    """Fraction of the delay drawn at random (0 to 1), so retries spread out."""
+    """Fraction of the delay drawn at random (0 to 1), so retries spread out.
+    Unset fields and zeros take the defaults: 3 attempts, 1 s, x2, 60 s, 0.2.
+    """
     @_builtins.property
     def initial_backoff(self) -> _duration_pb2.Duration:
         """Delay before the second attempt."""
