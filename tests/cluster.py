@@ -1,0 +1,178 @@
+"""Real gateway and worker processes on loopback, for integration and fault tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from jobmesh.v1 import admin_service_pb2, admin_service_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 30.0
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.pop("JOBMESH_GATEWAY", None)
+    return env
+
+
+@dataclass
+class Proc:
+    """A child process with its output in a log file."""
+
+    args: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.popen = subprocess.Popen(
+                self.args, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.popen is not None
+            self.popen.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.popen is not None
+        return self.popen.wait(timeout)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        if self.popen is None:
+            return None
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                return self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        return self.popen.wait(10)
+
+    def kill(self) -> None:
+        if self.alive():
+            assert self.popen is not None
+            self.popen.kill()
+            self.popen.wait(10)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class Gateway(Proc):
+    port_file: Path = field(default_factory=Path)
+    port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.port_file.unlink(missing_ok=True)
+        super().start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.port_file.exists():
+            if not self.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"gateway did not start:\n{self.output()}")
+            time.sleep(0.05)
+        self.port = int(self.port_file.read_text())
+
+    def workers(self) -> list[admin_service_pb2.Worker]:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = admin_service_pb2_grpc.AdminServiceStub(channel)
+            return list(stub.ListWorkers(admin_service_pb2.ListWorkersRequest(), timeout=5).workers)
+
+    def wait_for_workers(self, worker_ids: set[str], timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            attached = {w.worker_id for w in self.workers()}
+            if worker_ids <= attached:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers {worker_ids - attached} did not attach")
+            time.sleep(0.05)
+
+
+class Cluster:
+    """Starts gateways and workers for one test; everything is stopped afterwards."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.procs: list[Proc] = []
+        self.db = tmp_path / "jobmesh.db"
+        self._n = 0
+
+    def gateway(self, *extra: str, db: Path | None = None, ping_interval: float = 0.5) -> Gateway:
+        self._n += 1
+        gw = Gateway(
+            args=[
+                sys.executable,
+                "-m",
+                "gateway",
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                str(db or self.db),
+                "--ping-interval",
+                str(ping_interval),
+                "--port-file",
+                str(self.tmp / f"gateway{self._n}.port"),
+                *extra,
+            ],
+            log=self.tmp / f"gateway{self._n}.log",
+            port_file=self.tmp / f"gateway{self._n}.port",
+        )
+        self.procs.append(gw)
+        gw.start()
+        return gw
+
+    def worker(
+        self, gateway: Gateway, worker_id: str, *extra: str, slots: int = 2, wait: bool = True
+    ) -> Proc:
+        proc = Proc(
+            args=[
+                sys.executable,
+                "-m",
+                "worker_service",
+                "--gateway",
+                gateway.address,
+                "--worker-id",
+                worker_id,
+                "--slots",
+                str(slots),
+                *extra,
+            ],
+            log=self.tmp / f"worker-{worker_id}.log",
+        )
+        self.procs.append(proc)
+        proc.start()
+        if wait:
+            gateway.wait_for_workers({worker_id})
+        return proc
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.kill()
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.log.name}\n{p.output()[-4000:]}" for p in self.procs)

@@ -1,0 +1,24 @@
+"""Handlers only the tests load (`--handlers tests.integration.handlers`).
+
+`count` appends one line per execution to a file the test names, a side channel
+that shows how many times each job really ran.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from worker_service import JobContext, Result, handler
+
+
+@handler("count")
+def count(ctx: JobContext) -> Result:
+    line = f"{ctx.job_id} {ctx.attempt}\n".encode()
+    fd = os.open(str(ctx.params["log"]), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+    time.sleep(float(ctx.params.get("seconds", 0)))
+    return Result(outputs={"echo": ctx.inputs.get("in", b"")}, metadata={"pid": os.getpid()})

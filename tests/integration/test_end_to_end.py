@@ -1,0 +1,123 @@
+"""Submit → watch → result for each built-in kind, through the SDK, across real processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from jobmesh import AsyncClient, JobFailed
+from jobmesh.v1 import job_pb2
+from tests.cluster import Cluster
+
+S = job_pb2.JobState
+
+
+async def test_echo_returns_its_inputs_and_params(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1")
+    async with AsyncClient(gw.address) as client:
+        submitted = await client.submit(
+            "echo", params={"text": "hi", "n": 3}, inputs={"data": b"\x00\x01bytes"}
+        )
+        assert submitted.job.state == S.JOB_STATE_QUEUED
+        events = [e async for e in client.watch(submitted.job.id)]
+        job = await client.get(submitted.job.id)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert events[0].state == S.JOB_STATE_QUEUED
+    assert events[-1].state == S.JOB_STATE_SUCCEEDED
+    assert events[-1].result.outputs["data"] == b"\x00\x01bytes"
+    assert job.state == S.JOB_STATE_SUCCEEDED
+    assert job.result.outputs["data"] == b"\x00\x01bytes"
+    assert dict(job.result.metadata) == {"text": "hi", "n": 3}
+    assert [a.worker_id for a in job.attempts] == ["w1"]
+
+
+async def test_sleep_streams_progress_every_tenth(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1")
+    async with AsyncClient(gw.address) as client:
+        events = [e async for e in client.run("sleep", params={"seconds": 0.5})]
+    progress = [e.progress for e in events if e.type == job_pb2.JOB_EVENT_TYPE_PROGRESS]
+    assert progress == pytest.approx([i / 10 for i in range(1, 11)])
+    states = [e.state for e in events if e.type == job_pb2.JOB_EVENT_TYPE_STATE]
+    assert states == [
+        S.JOB_STATE_QUEUED,
+        S.JOB_STATE_ASSIGNED,
+        S.JOB_STATE_RUNNING,
+        S.JOB_STATE_SUCCEEDED,
+    ]
+
+
+async def test_fail_reports_the_error_and_is_not_retried_unless_retryable(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1")
+    async with AsyncClient(gw.address) as client:
+        permanent = await client.submit("fail", params={"message": "boom"})
+        with pytest.raises(JobFailed, match="boom"):
+            await client.wait(permanent.job.id, check=True)
+        job = await client.get(permanent.job.id)
+        assert job.state == S.JOB_STATE_FAILED
+        assert job.error.message == "boom"
+        assert not job.error.retryable
+        assert len(job.attempts) == 1
+
+        transient = await client.submit(
+            "fail", params={"message": "flaky", "retryable": True}, max_attempts=2
+        )
+        job = await client.wait(transient.job.id)
+    assert job.state == S.JOB_STATE_FAILED
+    assert job.error.retryable
+    assert [a.number for a in job.attempts] == [1, 2]
+    assert all(a.error.message == "flaky" for a in job.attempts)
+
+
+async def test_hundreds_of_concurrent_jobs_across_two_replicas_each_run_once(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1", "--handlers", "tests.integration.handlers", slots=4)
+    cluster.worker(gw, "w2", "--handlers", "tests.integration.handlers", slots=4)
+    runs = tmp_path / "runs.log"
+    n = 300
+    async with AsyncClient(gw.address) as client:
+        submitted = await asyncio.gather(
+            *(
+                client.submit("count", params={"log": str(runs)}, inputs={"in": str(i).encode()})
+                for i in range(n)
+            )
+        )
+        jobs = await asyncio.gather(*(client.wait(s.job.id) for s in submitted))
+    assert [j.state for j in jobs] == [S.JOB_STATE_SUCCEEDED] * n
+    assert [j.result.outputs["echo"] for j in jobs] == [str(i).encode() for i in range(n)]
+    executions = Counter(line.split()[0] for line in runs.read_text().splitlines())
+    assert executions == Counter({s.job.id: 1 for s in submitted})
+    assert {j.worker_id for j in jobs} == {"w1", "w2"}
+
+
+async def test_a_worker_killed_mid_job_has_its_job_completed_by_the_other(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    gw = cluster.gateway()
+    workers = {
+        wid: cluster.worker(gw, wid, "--handlers", "tests.integration.handlers", slots=1)
+        for wid in ("w1", "w2")
+    }
+    runs = tmp_path / "runs.log"
+    async with AsyncClient(gw.address) as client:
+        submitted = await client.submit("count", params={"log": str(runs), "seconds": 2})
+        async for event in client.watch(submitted.job.id):
+            if event.state == S.JOB_STATE_RUNNING:
+                first_worker = event.worker_id
+                break
+        workers[first_worker].kill()
+        job = await client.wait(submitted.job.id)
+    assert job.state == S.JOB_STATE_SUCCEEDED
+    assert job.attempt == 2
+    assert {job.worker_id, first_worker} == {"w1", "w2"}
+    assert job.attempts[0].worker_id == first_worker
+    assert job.attempts[0].error.code == "WORKER_LOST"
+    # It ran twice: once on the killed worker, once to completion.
+    assert runs.read_text().split() == [job.id, "1", job.id, "2"]
