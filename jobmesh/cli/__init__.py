@@ -1,0 +1,82 @@
+"""The `jobmesh` command.
+
+Exit codes: 0 ok, 1 the job did not succeed, 2 bad usage or INVALID_ARGUMENT, 3 any other
+error (NOT_FOUND, UNAVAILABLE, ...), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import grpc
+
+from jobmesh import __version__
+from jobmesh.cli import args as cli_args
+from jobmesh.cli import jobs, services
+from jobmesh.errors import JobFailed, JobmeshError
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ERROR = 3
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jobmesh", description="Submit and follow jobs on a jobmesh gateway, or run one."
+    )
+    parser.add_argument("--version", action="version", version=f"jobmesh {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--gateway",
+        type=cli_args.address,
+        metavar="HOST:PORT",
+        help="the gateway (default: $JOBMESH_GATEWAY, else 127.0.0.1:50051)",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON for programs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    jobs.add_commands(commands, common)
+    services.add_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "forward", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    if args.command not in ("gateway", "worker", "serve"):
+        logging.basicConfig(level=logging.WARNING, format="jobmesh: %(message)s")
+    try:
+        code: int = args.func(args)
+        return code
+    except JobmeshError as e:
+        print(f"jobmesh: {describe(e)}", file=sys.stderr)
+        return exit_code(e)
+    except OSError as e:
+        print(f"jobmesh: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def exit_code(error: JobmeshError) -> int:
+    if isinstance(error, JobFailed):
+        return EXIT_JOB_FAILED
+    if error.code == grpc.StatusCode.INVALID_ARGUMENT:
+        return EXIT_USAGE
+    return EXIT_ERROR
+
+
+def describe(error: JobmeshError) -> str:
+    """The error line after 'jobmesh: ': the status code, then what went wrong."""
+    if isinstance(error, JobFailed):
+        return error.message
+    if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return f"RESOURCE_EXHAUSTED: the gateway refused because of a limit: {error.message}"
+    return f"{error.code.name}: {error.message}"

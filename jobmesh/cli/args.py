@@ -1,0 +1,96 @@
+"""Parsing of command-line values, and where outputs may be written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from jobmesh.errors import InvalidArgument
+from jobmesh.settings import parse_address
+
+
+def address(text: str) -> str:
+    """argparse type of HOST:PORT."""
+    try:
+        parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def count(text: str) -> int:
+    """argparse type of a number that is 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def positive(text: str) -> int:
+    """argparse type of a number that is 1 or more."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """argparse type of KEY=VALUE (the value may be empty or hold more '=')."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def param(text: str) -> tuple[str, Any]:
+    """argparse type of -p KEY=VALUE: the value as JSON when it is JSON, else as a string.
+
+    So `n=3`, `flag=true`, `sizes=[64,128]` and `opts={"q":90}` are typed, and `name=cat`
+    stays the string "cat". NaN and Infinity stay strings: protobuf's JSON has no place for them.
+    """
+    key, raw = key_value(text)
+    try:
+        value: Any = json.loads(raw, parse_constant=_reject)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def _reject(constant: str) -> Any:
+    raise ValueError(constant)
+
+
+def input_file(text: str) -> tuple[str, Path]:
+    """argparse type of --input FILE (named after the file) or --input NAME=FILE."""
+    name, sep, path = text.partition("=")
+    if sep and name and path and not os.path.exists(text):
+        return name, Path(path)
+    file = Path(text)
+    return file.name, file
+
+
+def read_inputs(files: list[tuple[str, Path]]) -> dict[str, bytes]:
+    inputs: dict[str, bytes] = {}
+    for name, path in files:
+        if name in inputs:
+            raise InvalidArgument(f"two inputs are named {name!r}", "--input")
+        try:
+            inputs[name] = path.read_bytes()
+        except OSError as e:
+            raise InvalidArgument(f"cannot read {str(path)!r}: {e.strerror}", "--input") from None
+    return inputs
+
+
+def output_path(directory: Path, name: str) -> Path:
+    """Where output `name` goes under `directory`; InvalidArgument if the name could escape it.
+
+    Output names come from a handler, which is not the user: a name with a separator or '..'
+    could write anywhere.
+    """
+    separators = {"/", "\\", os.sep, os.altsep or "/"}
+    if not name or name == "." or ".." in name or "\0" in name or separators & set(name):
+        raise InvalidArgument(f"refusing to write output named {name!r}", "--output")
+    return directory / name

@@ -1,0 +1,324 @@
+"""The asyncio client of a jobmesh gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import random
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from jobmesh.convert import JobState, is_terminal, job_spec, parse_state, state_name
+from jobmesh.errors import JobFailed, Unavailable, from_rpc_error
+from jobmesh.settings import ClientSettings
+from jobmesh.v1 import (
+    admin_service_pb2,
+    admin_service_pb2_grpc,
+    job_pb2,
+    job_service_pb2,
+    job_service_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A broken Watch is resumed after a pause that doubles from RESUME_INITIAL up to RESUME_MAX
+# (with jitter); after RESUME_PATIENCE seconds without a healthy stream the error is raised.
+RESUME_INITIAL = 0.1
+RESUME_MAX = 2.0
+RESUME_PATIENCE = 60.0
+# Codes that mean the stream broke, not that the request was wrong: the gateway restarted,
+# a proxy dropped an idle stream, the server cancelled streams while shutting down.
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What Submit answered."""
+
+    job: job_pb2.Job
+    """The job as accepted, QUEUED (or the earlier job, when `existing`)."""
+    existing: bool
+    """True when the idempotency key matched an earlier job."""
+    warnings: tuple[str, ...]
+    """Things worth telling the caller, e.g. that no worker serves the kind yet."""
+
+    @classmethod
+    def of(cls, response: job_service_pb2.SubmitResponse) -> Submitted:
+        return cls(response.job, response.existing, tuple(response.warnings))
+
+
+class AsyncClient:
+    """Talks to one gateway over one channel; use it with `async with` or call `close()`."""
+
+    def __init__(self, gateway: str | None = None, *, settings: ClientSettings | None = None):
+        settings = settings or ClientSettings.from_env()
+        if gateway is not None:
+            settings = replace(settings, gateway=gateway)
+        self.settings = settings
+        self._channel = grpc.aio.insecure_channel(
+            settings.gateway,
+            options=[
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ],
+        )
+        self._jobs = job_service_pb2_grpc.JobServiceStub(self._channel)
+        self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def submit(
+        self,
+        kind: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        inputs: Mapping[str, bytes] | None = None,
+        priority: int = 0,
+        idempotency_key: str = "",
+        labels: Mapping[str, str] | None = None,
+        max_attempts: int | None = None,
+    ) -> Submitted:
+        """Submits a job; returns at once with it QUEUED."""
+        spec = job_spec(
+            kind,
+            params=params,
+            inputs=inputs,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            labels=labels,
+            max_attempts=max_attempts,
+        )
+        response = await _unary(self._jobs.Submit(job_service_pb2.SubmitRequest(spec=spec)))
+        return Submitted.of(response)
+
+    async def submit_batch(self, specs: Iterable[job_pb2.JobSpec]) -> builtins.list[Submitted]:
+        """Submits many jobs (see `job_spec`): all are accepted or none is."""
+        request = job_service_pb2.SubmitBatchRequest(specs=specs)
+        response = await _unary(self._jobs.SubmitBatch(request))
+        return [Submitted.of(r) for r in response.results]
+
+    async def get(self, job_id: str) -> job_pb2.Job:
+        response = await _unary(self._jobs.Get(job_service_pb2.GetRequest(job_id=job_id)))
+        return response.job
+
+    async def cancel(self, job_id: str, reason: str = "") -> job_pb2.Job:
+        """Cancels a queued or running job; cancelling an ended job changes nothing."""
+        request = job_service_pb2.CancelRequest(job_id=job_id, reason=reason)
+        response = await _unary(self._jobs.Cancel(request))
+        return response.job
+
+    async def watch(self, job_id: str, after_seq: int = 0) -> AsyncIterator[job_pb2.JobEvent]:
+        """The job's events after `after_seq`, then live ones, ending after the terminal one.
+
+        A stream that breaks is resumed from the last event seen, so none is lost or repeated.
+        """
+        retry = _Retry()
+        last = after_seq
+        while True:
+            retry.started()
+            call = self._jobs.Watch(job_service_pb2.WatchRequest(job_id=job_id, after_seq=last))
+            error: grpc.aio.AioRpcError | None = None
+            try:
+                async for response in call:
+                    event = response.event
+                    if event.seq <= last:
+                        continue
+                    last = event.seq
+                    retry.healthy()
+                    yield event
+                    if is_terminal(event.state):
+                        return
+                # The stream ended cleanly before the terminal event: either `after_seq` was
+                # already past it, or the gateway went away mid-stream.
+                job = await self._jobs.Get(job_service_pb2.GetRequest(job_id=job_id))
+                if is_terminal(job.job.state):
+                    return
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in _RESUMABLE:
+                    raise from_rpc_error(e) from e
+                error = e
+            finally:
+                call.cancel()
+            if not await retry.pause():
+                if error is None:
+                    raise Unavailable(f"the watch of job {job_id} keeps ending before the job")
+                raise from_rpc_error(error) from error
+            why = error.code().name if error else "ended early"
+            log.info("watch of job %s broke (%s); resuming after seq %d", job_id, why, last)
+
+    async def run(
+        self,
+        kind: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        inputs: Mapping[str, bytes] | None = None,
+        priority: int = 0,
+        idempotency_key: str = "",
+        labels: Mapping[str, str] | None = None,
+        max_attempts: int | None = None,
+    ) -> AsyncIterator[job_pb2.JobEvent]:
+        """Submits a job and streams its events, like `submit` then `watch`, in one call."""
+        spec = job_spec(
+            kind,
+            params=params,
+            inputs=inputs,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            labels=labels,
+            max_attempts=max_attempts,
+        )
+        call = self._jobs.Run(job_service_pb2.RunRequest(spec=spec))
+        last: job_pb2.JobEvent | None = None
+        try:
+            async for response in call:
+                last = response.event
+                yield last
+                if is_terminal(last.state):
+                    return
+        except grpc.aio.AioRpcError as e:
+            # Before the first event the job may not exist; resuming is only safe after it.
+            if last is None or e.code() not in _RESUMABLE:
+                raise from_rpc_error(e) from e
+        finally:
+            call.cancel()
+        if last is None:
+            return
+        async for event in self.watch(last.job_id, after_seq=last.seq):
+            yield event
+
+    async def wait(self, job_id: str, *, check: bool = False) -> job_pb2.Job:
+        """Waits until the job ends and returns it; with `check`, raises JobFailed unless it
+        SUCCEEDED."""
+        job = await self.get(job_id)
+        if not is_terminal(job.state):
+            # Only what happens next matters, not the events so far.
+            async for _ in self.watch(job_id, after_seq=job.event_seq):
+                pass
+            job = await self.get(job_id)
+        if check and job.state != job_pb2.JOB_STATE_SUCCEEDED:
+            raise JobFailed(job.id, state_name(job.state), job.error.code, job.error.message)
+        return job
+
+    async def list(
+        self,
+        *,
+        states: Iterable[JobState | str] = (),
+        kind: str = "",
+        labels: Mapping[str, str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[builtins.list[job_pb2.Job], str]:
+        """One page of jobs, newest first, without inputs and outputs, and the next page's
+        token ('' on the last page)."""
+        request = job_service_pb2.ListRequest(
+            states=[parse_state(s) if isinstance(s, str) else s for s in states],
+            kind=kind,
+            labels=dict(labels or {}),
+            created_after=_timestamp(created_after),
+            created_before=_timestamp(created_before),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response = await _unary(self._jobs.List(request))
+        return builtins.list(response.jobs), response.next_page_token
+
+    async def list_all(
+        self,
+        *,
+        states: Iterable[JobState | str] = (),
+        kind: str = "",
+        labels: Mapping[str, str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        page_size: int = 0,
+    ) -> AsyncIterator[job_pb2.Job]:
+        """Every matching job, newest first, fetching page after page."""
+        states = builtins.list(states)
+        token = ""
+        while True:
+            jobs, token = await self.list(
+                states=states,
+                kind=kind,
+                labels=labels,
+                created_after=created_after,
+                created_before=created_before,
+                page_size=page_size,
+                page_token=token,
+            )
+            for job in jobs:
+                yield job
+            if not token:
+                return
+
+    async def list_workers(self) -> builtins.list[admin_service_pb2.Worker]:
+        """The worker replicas attached to this gateway."""
+        response = await _unary(self._admin.ListWorkers(admin_service_pb2.ListWorkersRequest()))
+        return builtins.list(response.workers)
+
+
+async def _unary(call: grpc.aio.UnaryUnaryCall[Any, T]) -> T:
+    """The call's response; a failed call raises its jobmesh error."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as e:
+        raise from_rpc_error(e) from e
+
+
+def _timestamp(when: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if when is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(when)
+    return ts
+
+
+class _Retry:
+    """Backoff with jitter between attempts; gives up after RESUME_PATIENCE seconds of failure."""
+
+    def __init__(self) -> None:
+        self._delay = RESUME_INITIAL
+        self._failing_since: float | None = None
+        self._started = 0.0
+
+    def started(self) -> None:
+        self._started = asyncio.get_running_loop().time()
+
+    def healthy(self) -> None:
+        self._delay = RESUME_INITIAL
+        self._failing_since = None
+
+    async def pause(self) -> bool:
+        """Sleeps before the next attempt; False when it is time to give up instead."""
+        now = asyncio.get_running_loop().time()
+        if now - self._started > RESUME_PATIENCE:
+            self.healthy()  # an attempt that stayed up this long was not failing
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._failing_since > RESUME_PATIENCE:
+            return False
+        await asyncio.sleep(self._delay * random.uniform(0.5, 1.0))
+        self._delay = min(self._delay * 2, RESUME_MAX)
+        return True
