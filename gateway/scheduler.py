@@ -100,12 +100,19 @@ class Scheduler:
             events.append(next_event(job, message="submitted"))
             jobs.append(job)
         inserted = await self._store.insert(jobs, events)
+        answers = []
         for item in inserted:
-            if not item.existing:
-                self._active[item.job.id] = item.job
-                self._enqueue(item.job)
+            if item.existing:
+                answers.append(item)
+                continue
+            # The caller gets the job as accepted; dispatch goes on changing the live one.
+            snapshot = job_pb2.Job()
+            snapshot.CopyFrom(item.job)
+            answers.append(Inserted(snapshot))
+            self._active[item.job.id] = item.job
+            self._enqueue(item.job)
         self._dispatch()
-        return inserted
+        return answers
 
     async def get(self, tenant: str, job_id: str) -> job_pb2.Job:
         job = await self._store.get(tenant, job_id)

@@ -94,8 +94,12 @@ _BY_CODE: dict[grpc.StatusCode, type[JobmeshError]] = {
 
 def from_rpc_error(error: grpc.RpcError) -> JobmeshError:
     """The typed error for a failed call."""
-    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (error.details() if isinstance(error, grpc.Call) else None) or str(code)
+    # Both grpc.Call and grpc.aio.AioRpcError have code() and details(); neither is the other.
+    if isinstance(error, grpc.Call | grpc.aio.AioRpcError):
+        code, details = error.code(), error.details()
+    else:
+        code, details = grpc.StatusCode.UNKNOWN, None
+    details = details or code.name
     cls = _BY_CODE.get(code, JobmeshError)
     result = cls(details)
     result.code = code
