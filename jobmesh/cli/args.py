@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from jobmesh.convert import JobState, parse_state
 from jobmesh.errors import InvalidArgument
 from jobmesh.settings import parse_address
 
@@ -35,6 +36,14 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def state(text: str) -> JobState:
+    """argparse type of a job state: QUEUED, succeeded, JOB_STATE_FAILED..."""
+    try:
+        return parse_state(text)
+    except InvalidArgument as e:
+        raise argparse.ArgumentTypeError(e.message) from None
 
 
 def key_value(text: str) -> tuple[str, str]:

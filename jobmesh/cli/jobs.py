@@ -18,7 +18,7 @@ from jobmesh.cli.render import (
     stdout_console,
     workers_table,
 )
-from jobmesh.convert import is_terminal, parse_state, state_name
+from jobmesh.convert import is_terminal, state_name
 from jobmesh.errors import InvalidArgument, JobFailed
 from jobmesh.v1 import admin_service_pb2, job_pb2, job_service_pb2
 
@@ -89,7 +89,7 @@ def add_commands(
         "--state",
         dest="states",
         action="append",
-        type=_state,
+        type=cli_args.state,
         default=[],
         help="only jobs in this state (repeatable)",
     )
@@ -239,10 +239,3 @@ def _write_outputs(directory: Path, outputs: Mapping[str, bytes]) -> None:
     for name, path in sorted(paths.items()):
         path.write_bytes(outputs[name])
         print(f"jobmesh: wrote {path} ({size(len(outputs[name]))})", file=sys.stderr)
-
-
-def _state(text: str) -> job_pb2.JobState.ValueType:
-    try:
-        return parse_state(text)
-    except InvalidArgument as e:
-        raise argparse.ArgumentTypeError(e.message) from None

@@ -93,7 +93,7 @@ def event_line(event: job_pb2.JobEvent) -> str:
             what += f" on {event.worker_id}"
         if event.HasField("error"):
             what += f" {error(event.error)}"
-        if event.HasField("result"):
+        if event.result.outputs:
             what += f" outputs: {blobs(event.result.outputs)}"
     return f"{stamp} #{event.seq} {what}" + (f": {event.message}" if event.message else "")
 
@@ -169,6 +169,8 @@ def workers_table(workers: Iterable[admin_service_pb2.Worker]) -> Table:
         table.add_column(column, no_wrap=column == "ID")
     now = time.time()
     for w in workers:
+        # Stats come with pongs; before the first one there are none.
+        ponged = w.HasField("last_pong_time")
         kinds = ", ".join(
             f"{k.kind}({k.max_concurrency})" if k.max_concurrency else k.kind for k in w.kinds
         )
@@ -178,8 +180,8 @@ def workers_table(workers: Iterable[admin_service_pb2.Worker]) -> Table:
             kinds,
             str(w.slots),
             str(w.active_jobs),
-            f"{w.stats.cpu_percent:.0f}",
-            size(w.stats.rss_bytes),
+            f"{w.stats.cpu_percent:.0f}" if ponged else "-",
+            size(w.stats.rss_bytes) if ponged else "-",
             ago(w.last_pong_time, now),
         )
     return table

@@ -52,7 +52,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=cli_args.positive,
         help="jobs each replica runs at once (default: the CPUs shared among the replicas)",
     )
-    p.add_argument("--handlers", metavar="MOD", help="module(s) of extra handlers to load")
+    p.add_argument(
+        "--handlers",
+        action="append",
+        default=[],
+        metavar="MOD[,MOD]",
+        help="modules with @handler functions for the replicas to load (repeatable)",
+    )
     p.add_argument("--port-file", help="write the bound port here once serving")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.set_defaults(func=serve)
@@ -86,27 +92,31 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise InvalidArgument(str(e)) from None
     slots = args.slots or max(1, (os.cpu_count() or 1) // max(args.workers, 1))
+    worker_args = ["--slots", str(slots), "--log-level", args.log_level]
+    for module in args.handlers:
+        worker_args += ["--handlers", module]
     return asyncio.run(
-        _serve(settings, args.workers, slots, args.handlers, drain_grace + WORKER_EXIT_MARGIN)
+        _serve(settings, args.workers, worker_args, drain_grace + WORKER_EXIT_MARGIN)
     )
 
 
 async def _serve(
-    settings: GatewaySettings, workers: int, slots: int, handlers: str | None, grace: float
+    settings: GatewaySettings, workers: int, worker_args: list[str], grace: float
 ) -> int:
     from gateway.app import Gateway
 
     gateway = Gateway(settings)
     port = await gateway.start()
     address = f"{_dial_host(settings.listen)}:{port}"
+    command = (sys.executable, "-m", "worker_service", "--gateway", address, *worker_args)
     supervisor = Supervisor(
         [
-            ChildSpec(f"embedded-{i}", worker_argv(address, slots, i, handlers))
+            ChildSpec(f"embedded-{i}", (*command, "--worker-id", f"embedded-{i}"))
             for i in range(workers)
         ]
     )
     supervisor.start()
-    log.info("serving on %s with %d worker replica(s) of %d slot(s)", address, workers, slots)
+    log.info("serving on %s with %d worker replica(s)", address, workers)
 
     stop = asyncio.Event()
 
@@ -133,15 +143,6 @@ async def _serve(
         closed.cancel()
         stopped.cancel()
     return 0 if stop.is_set() else 1
-
-
-def worker_argv(gateway: str, slots: int, index: int, handlers: str | None) -> tuple[str, ...]:
-    """The command of embedded worker replica `index`."""
-    argv = [sys.executable, "-m", "worker_service", "--gateway", gateway, "--slots", str(slots)]
-    argv += ["--worker-id", f"embedded-{index}"]
-    if handlers:
-        argv += ["--handlers", handlers]
-    return tuple(argv)
 
 
 def configure_logging(level: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 
 import grpc
@@ -119,17 +121,35 @@ def test_list_pages_up_to_the_limit_and_tells_how_to_go_on(
 def test_workers_shows_a_table(
     fake: FakeGateway, gateway: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    worker = admin_service_pb2.Worker(worker_id="embedded-0", slots=4, active_jobs=1)
-    worker.kinds.add(kind="echo")
-    worker.kinds.add(kind="sleep", max_concurrency=2)
-    worker.stats.rss_bytes = 50 * 1024 * 1024
-    worker.stats.cpu_percent = 12.4
-    fake.workers.append(worker)
+    busy = admin_service_pb2.Worker(worker_id="embedded-0", slots=4, active_jobs=1)
+    busy.kinds.add(kind="echo")
+    busy.kinds.add(kind="sleep", max_concurrency=2)
+    busy.stats.rss_bytes = 50 * 1024 * 1024
+    busy.stats.cpu_percent = 12.4
+    busy.last_pong_time.FromSeconds(int(time.time()) - 90)
+    new = admin_service_pb2.Worker(worker_id="embedded-1", slots=1)
+    fake.workers += [busy, new]
     assert main(["workers", "--gateway", gateway]) == 0
-    row = capsys.readouterr().out.splitlines()[1]
-    assert row.split() == [
-        "embedded-0", "UNSPECIFIED", "echo,", "sleep(2)", "4", "1", "12", "50.0", "MiB", "never"
+    rows = [row.split() for row in capsys.readouterr().out.splitlines()[1:]]
+    assert rows[0][:-2] == [
+        "embedded-0", "UNSPECIFIED", "echo,", "sleep(2)", "4", "1", "12", "50.0", "MiB"
     ]  # fmt: skip
+    assert rows[0][-2].startswith("1m3")
+    assert rows[1] == ["embedded-1", "UNSPECIFIED", "1", "0", "-", "-", "never"]
+
+
+def test_failed_calls_print_their_code_and_exit_by_it(
+    gateway: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["get", "nope", "--gateway", gateway]) == 3
+    assert capsys.readouterr().err == "jobmesh: NOT_FOUND: no job nope\n"
+    assert main(["submit", "", "--gateway", gateway]) == 2
+    assert capsys.readouterr().err == "jobmesh: INVALID_ARGUMENT: spec.kind: must not be empty\n"
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    assert main(["list", "--gateway", closed]) == 3
+    assert capsys.readouterr().err.startswith("jobmesh: UNAVAILABLE: ")
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

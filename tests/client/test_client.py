@@ -55,11 +55,6 @@ async def test_wait_returns_the_ended_job_and_check_raises_for_a_failure(
             await client.wait(failed.job.id, check=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobmesh.errors.from_rpc_error reads code and details only from grpc.Call, "
-    "which grpc.aio.AioRpcError is not; every error comes out as UNKNOWN",
-)
 async def test_failed_calls_raise_typed_errors(gateway: str) -> None:
     async with AsyncClient(gateway) as client:
         with pytest.raises(NotFound, match="no job nope"):
