@@ -1,0 +1,5 @@
+"""The jobmesh worker service, and what handler modules import from it."""
+
+from worker_service.registry import HandlerError, JobCancelled, JobContext, Result, handler
+
+__all__ = ["HandlerError", "JobCancelled", "JobContext", "Result", "handler"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -13,6 +13,19 @@ from jobmesh.settings import DEFAULT_GATEWAY, DEFAULT_MAX_MESSAGE_BYTES, parse_a
 
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def parse_labels(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """KEY=VALUE strings as pairs (empty strings skipped); raises ValueError otherwise."""
+    labels: dict[str, str] = {}
+    for item in items:
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected a label as KEY=VALUE, got {item!r}")
+        labels[key.strip()] = value.strip()
+    return tuple(labels.items())
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,10 @@ class WorkerSettings:
     """Seconds in-flight jobs get to finish after SIGTERM."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest message sent to or received from the gateway."""
+    close_timeout: float = 5.0
+    """Seconds after the drain to deliver the last results and close the stream."""
+    log_level: str = "INFO"
+    """Level of the `worker_service` log (DEBUG, INFO, WARNING, ERROR)."""
 
     def __post_init__(self) -> None:
         parse_address(self.gateway)
@@ -46,6 +63,15 @@ class WorkerSettings:
             raise ValueError("need 0 < reconnect_initial <= reconnect_max")
         if self.drain_grace < 0:
             raise ValueError("drain_grace must not be negative")
+        if self.max_message_bytes < 1024:
+            raise ValueError("max_message_bytes must be at least 1024")
+        if self.close_timeout < 0:
+            raise ValueError("close_timeout must not be negative")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("log_level must be DEBUG, INFO, WARNING or ERROR")
+        for key, _ in self.labels:
+            if not key:
+                raise ValueError("label keys must not be empty")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -61,6 +87,12 @@ class WorkerSettings:
             values["worker_id"] = env["JOBMESH_WORKER_ID"]
         if "JOBMESH_DRAIN_GRACE" in env:
             values["drain_grace"] = float(env["JOBMESH_DRAIN_GRACE"])
+        if "JOBMESH_LABELS" in env:
+            values["labels"] = parse_labels(env["JOBMESH_LABELS"].split(","))
+        if "JOBMESH_MAX_MESSAGE_BYTES" in env:
+            values["max_message_bytes"] = int(env["JOBMESH_MAX_MESSAGE_BYTES"])
+        if "JOBMESH_LOG_LEVEL" in env:
+            values["log_level"] = env["JOBMESH_LOG_LEVEL"].upper()
         return cls(**values)
 
     def with_overrides(self, **overrides: Any) -> WorkerSettings:

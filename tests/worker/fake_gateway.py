@@ -1,0 +1,148 @@
+"""A real Dispatcher server on loopback that a test drives by hand, one message at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf import duration_pb2
+
+from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc
+
+TIMEOUT = 30.0
+
+Item = (
+    dispatcher_pb2.Accepted
+    | dispatcher_pb2.Progress
+    | dispatcher_pb2.Completed
+    | dispatcher_pb2.Failed
+    | dispatcher_pb2.Pong
+    | dispatcher_pb2.Draining
+)
+
+
+class FakeSession:
+    """One stream a worker opened: what it sent, and a way to answer."""
+
+    def __init__(self, attach: dispatcher_pb2.Attach) -> None:
+        self.attach = attach
+        self.items: asyncio.Queue[Item] = asyncio.Queue()
+        self.ended = asyncio.Event()
+        self._out: asyncio.Queue[dispatcher_pb2.SessionResponse | None] = asyncio.Queue()
+
+    def send(self, response: dispatcher_pb2.SessionResponse) -> None:
+        self._out.put_nowait(response)
+
+    def assign(self, job_id: str, kind: str, attempt: int = 1, **params: Any) -> None:
+        a = dispatcher_pb2.Assign(job_id=job_id, attempt=attempt, kind=kind, inputs={"in": b"hi"})
+        a.params.update(params)
+        self.send(dispatcher_pb2.SessionResponse(assign=[a]))
+
+    def cancel(self, job_id: str, attempt: int = 1) -> None:
+        cancel = dispatcher_pb2.Cancel(job_id=job_id, attempt=attempt)
+        self.send(dispatcher_pb2.SessionResponse(cancel=[cancel]))
+
+    def ping(self, seq: int) -> None:
+        self.send(dispatcher_pb2.SessionResponse(ping=dispatcher_pb2.Ping(seq=seq)))
+
+    def end(self) -> None:
+        """Ends the stream from the gateway's side (status OK)."""
+        self._out.put_nowait(None)
+
+    async def next(self, *types: type[Item]) -> Item:
+        """The next item of one of `types`, skipping the others (e.g. progress)."""
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                item = await self.items.get()
+                if isinstance(item, types):
+                    return item
+
+    async def result_of(self, job_id: str) -> Item:
+        """The Completed or Failed of `job_id`."""
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                item = await self.next(dispatcher_pb2.Completed, dispatcher_pb2.Failed)
+                assert isinstance(item, dispatcher_pb2.Completed | dispatcher_pb2.Failed)
+                if item.job_id == job_id:
+                    return item
+
+    def _record(self, request: dispatcher_pb2.SessionRequest) -> None:
+        for field in ("accepted", "progress", "completed", "failed"):
+            for item in getattr(request, field):
+                self.items.put_nowait(item)
+        if request.HasField("pong"):
+            self.items.put_nowait(request.pong)
+        if request.HasField("draining"):
+            self.items.put_nowait(request.draining)
+
+
+class _Servicer(dispatcher_pb2_grpc.DispatcherServicer):
+    def __init__(self, gateway: FakeGateway) -> None:
+        self._gateway = gateway
+        self._ids = itertools.count(1)
+
+    async def Session(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[dispatcher_pb2.SessionRequest],
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> None:
+        requests = aiter(request_iterator)
+        first = await anext(requests)
+        if self._gateway.refuse:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "refusing workers for now")
+        session = FakeSession(first.attach)
+        welcome = dispatcher_pb2.Welcome(
+            session_id=f"s{next(self._ids)}", ping_interval=duration_pb2.Duration(seconds=5)
+        )
+        await context.write(dispatcher_pb2.SessionResponse(welcome=welcome))
+        self._gateway.sessions.put_nowait(session)
+
+        async def read() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                async for request in requests:
+                    session._record(request)
+            session._out.put_nowait(None)  # the worker half-closed: end the stream too
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await session._out.get()) is not None:
+                await context.write(response)
+        finally:
+            reader.cancel()
+            session.ended.set()
+
+
+class FakeGateway:
+    def __init__(self) -> None:
+        self.sessions: asyncio.Queue[FakeSession] = asyncio.Queue()
+        self.refuse = False
+        self.address = ""
+        self._server = grpc.aio.server()
+
+    async def start(self) -> str:
+        dispatcher_pb2_grpc.add_DispatcherServicer_to_server(_Servicer(self), self._server)
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+        self.address = f"127.0.0.1:{port}"
+        return self.address
+
+    async def stop(self) -> None:
+        await self._server.stop(None)
+
+    async def session(self) -> FakeSession:
+        """The next stream a worker opens."""
+        return await asyncio.wait_for(self.sessions.get(), TIMEOUT)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Polls `condition` (for states no event announces, like a process being gone)."""
+    for _ in range(int(TIMEOUT / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("condition never held")

@@ -1,0 +1,80 @@
+"""Handlers only the worker's tests load (`--handlers tests.worker.handlers_for_tests`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+from worker_service import HandlerError, JobCancelled, JobContext, Result, handler
+
+
+@handler("test.pid")
+def pid(ctx: JobContext) -> dict[str, object]:
+    return {"pid": os.getpid(), "params": ctx.params, "inputs": sorted(ctx.inputs)}
+
+
+@handler("test.progress")
+def progress(ctx: JobContext) -> None:
+    for step in (0.25, 0.5, 0.75):
+        ctx.progress(step, f"step {step}")
+        time.sleep(0.1)  # slower than the worker's progress coalescing
+
+
+@handler("test.exit")
+def exit_now(ctx: JobContext) -> None:
+    os._exit(int(ctx.params.get("code", 1)))
+
+
+@handler("test.block")
+def block(ctx: JobContext) -> None:
+    """Tells its pid, then waits to be killed or cancelled."""
+    ctx.progress(0.0, str(os.getpid()))
+    deadline = time.monotonic() + float(ctx.params.get("seconds", 60))
+    while time.monotonic() < deadline:
+        ctx.raise_if_cancelled()
+        time.sleep(0.02)
+
+
+@handler("test.raise")
+def raise_value_error(ctx: JobContext) -> None:
+    raise ValueError("boom")
+
+
+@handler("test.handler_error")
+def raise_handler_error(ctx: JobContext) -> None:
+    raise HandlerError("bad input", code="BAD_INPUT", retryable=bool(ctx.params.get("retry")))
+
+
+@handler("test.thread", executor="thread")
+def in_thread(ctx: JobContext) -> Result:
+    ctx.progress(0.5, "halfway")
+    while ctx.params.get("wait_cancel") and not ctx.cancelled:
+        time.sleep(0.01)
+    if ctx.cancelled:
+        raise JobCancelled("stopped")
+    return Result(
+        outputs={"thread": threading.current_thread().name.encode()}, metadata={"pid": os.getpid()}
+    )
+
+
+@handler("test.async")
+async def in_loop(ctx: JobContext) -> Result:
+    ctx.progress(0.5, "halfway")
+    for _ in range(3000 if ctx.params.get("wait_cancel") else 0):
+        if ctx.cancelled:
+            break
+        await asyncio.sleep(0.01)
+    ctx.raise_if_cancelled()
+    return Result(metadata={"pid": os.getpid()})
+
+
+@handler("test.big", executor="thread")
+def big(ctx: JobContext) -> Result:
+    return Result(outputs={"blob": b"x" * int(ctx.params["size"])})
+
+
+@handler("test.one_at_a_time", concurrency=1)
+def one_at_a_time(ctx: JobContext) -> None:
+    time.sleep(float(ctx.params.get("seconds", 1)))

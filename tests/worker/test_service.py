@@ -1,0 +1,267 @@
+"""`python -m worker_service` as a real process, against a real (scripted) Dispatcher server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import psutil
+import pytest
+from google.protobuf import json_format
+
+from jobmesh.v1 import dispatcher_pb2 as d
+from tests.worker.fake_gateway import FakeGateway, FakeSession, until
+
+ROOT = Path(__file__).resolve().parents[2]
+HANDLERS = "tests.worker.handlers_for_tests"
+
+StartWorker = Callable[..., Awaitable[asyncio.subprocess.Process]]
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[FakeGateway]:
+    gw = FakeGateway()
+    await gw.start()
+    yield gw
+    await gw.stop()
+
+
+@pytest.fixture
+async def start_worker(tmp_path: Path, gateway: FakeGateway) -> AsyncIterator[StartWorker]:
+    procs: list[tuple[asyncio.subprocess.Process, Path]] = []
+
+    async def start(*extra: str, slots: int = 2) -> asyncio.subprocess.Process:
+        log = tmp_path / f"worker{len(procs)}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JOBMESH_")}
+        env["PYTHONPATH"] = str(ROOT)
+        with log.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "worker_service", "--gateway", gateway.address),
+                *("--worker-id", "w1", "--slots", str(slots), "--handlers", HANDLERS),
+                *("--label", "zone=a", "--log-level", "debug", *extra),
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=out,
+            )
+        procs.append((proc, log))
+        return proc
+
+    yield start
+    for proc, log in procs:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        print(f"===== {log.name}\n{log.read_text(errors='replace')[-6000:]}")
+
+
+async def attached(gateway: FakeGateway, start_worker: StartWorker, *extra: str) -> FakeSession:
+    await start_worker(*extra)
+    return await gateway.session()
+
+
+async def exit_code(proc: asyncio.subprocess.Process) -> int:
+    return await asyncio.wait_for(proc.wait(), 30)
+
+
+async def test_attach_says_what_the_worker_serves(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    session = await attached(gateway, start_worker)
+    a = session.attach
+    assert (a.worker_id, a.slots, dict(a.labels), a.version) == ("w1", 2, {"zone": "a"}, "0.1.0")
+    kinds = {k.kind: k.max_concurrency for k in a.kinds}
+    assert {"echo": 0, "sleep": 0, "fail": 0, "test.one_at_a_time": 1}.items() <= kinds.items()
+    assert not a.running
+
+
+async def test_an_assigned_job_is_accepted_runs_and_completes(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    session = await attached(gateway, start_worker)
+    session.assign("e1", "echo", p="v")
+    assert await session.next(d.Accepted, d.Failed) == d.Accepted(job_id="e1", attempt=1)
+    done = await session.result_of("e1")
+    assert isinstance(done, d.Completed)
+    assert dict(done.result.outputs) == {"in": b"hi"}
+    assert json_format.MessageToDict(done.result.metadata) == {"p": "v"}
+
+    session.assign("s1", "sleep", seconds=0.6)
+    progress: list[float] = []
+    while True:
+        item = await session.next(d.Progress, d.Completed, d.Failed)
+        if not isinstance(item, d.Progress):
+            break
+        progress.append(item.fraction)
+    assert isinstance(item, d.Completed), item
+    assert json_format.MessageToDict(item.result.metadata) == {"slept": 0.6}
+    assert progress, "no progress arrived"
+    assert progress == sorted(progress)
+
+
+async def test_pings_are_answered_with_stats_and_cancel_reaches_the_job(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    proc = await start_worker()
+    session = await gateway.session()
+    session.assign("b1", "test.block")
+    await session.next(d.Progress)  # it runs
+    session.ping(7)
+    pong = await session.next(d.Pong)
+    assert isinstance(pong, d.Pong)
+    assert pong.seq == 7
+    assert (pong.stats.active_jobs, pong.stats.free_slots) == (1, 1)
+    # The pool processes count too.
+    assert pong.stats.rss_bytes > psutil.Process(proc.pid).memory_info().rss
+    session.cancel("b1")
+    failed = await session.result_of("b1")
+    assert isinstance(failed, d.Failed)
+    assert (failed.error.code, failed.error.retryable) == ("CANCELLED", False)
+    session.ping(8)
+    pong = await session.next(d.Pong)
+    assert isinstance(pong, d.Pong)
+    assert (pong.stats.active_jobs, pong.stats.jobs_failed) == (0, 1)
+
+
+async def test_a_cancel_in_the_same_message_as_its_assign_is_not_lost(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    session = await attached(gateway, start_worker)
+    assign = d.Assign(job_id="s1", attempt=1, kind="sleep")
+    assign.params.update({"seconds": 30})
+    session.send(d.SessionResponse(assign=[assign], cancel=[d.Cancel(job_id="s1", attempt=1)]))
+    failed = await session.result_of("s1")
+    assert isinstance(failed, d.Failed)
+    assert failed.error.code == "CANCELLED"
+
+
+async def test_assigns_it_cannot_take_are_rejected(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    session = await attached(gateway, start_worker)
+
+    async def rejected(job_id: str) -> bool:
+        item = await session.next(d.Accepted, d.Failed)
+        assert item.job_id == job_id  # type: ignore[union-attr]
+        if isinstance(item, d.Failed):
+            assert (item.error.code, item.error.retryable) == ("REJECTED", True)
+            return True
+        return False
+
+    session.assign("x", "no.such.kind")
+    assert await rejected("x")
+    session.assign("o1", "test.one_at_a_time", seconds=30)
+    assert not await rejected("o1")
+    session.assign("o2", "test.one_at_a_time", seconds=30)
+    assert await rejected("o2")  # the kind's limit
+    session.assign("s1", "sleep", seconds=30)
+    assert not await rejected("s1")
+    session.assign("s2", "sleep", seconds=30)
+    assert await rejected("s2")  # both slots busy
+
+
+async def test_a_dying_pool_process_fails_its_job_and_the_worker_keeps_serving(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    session = await attached(gateway, start_worker)
+    session.assign("x1", "test.exit")
+    failed = await session.result_of("x1")
+    assert isinstance(failed, d.Failed)
+    assert (failed.error.code, failed.error.retryable) == ("WORKER_PROCESS_DIED", True)
+    for i in range(3):
+        session.assign(f"p{i}", "test.pid")
+        assert isinstance(await session.result_of(f"p{i}"), d.Completed)
+
+
+async def test_jobs_outlive_a_broken_stream_and_report_after_reconnect(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    session = await attached(gateway, start_worker)
+    session.assign("long", "test.block", seconds=2.5)
+    session.assign("short", "sleep", seconds=0.3)
+    await session.next(d.Progress)
+    gateway.refuse = True
+    session.end()
+    await asyncio.sleep(1.0)  # "short" ends while no stream is up
+    gateway.refuse = False
+    again = await gateway.session()
+    assert [(r.job_id, r.attempt) for r in again.attach.running] == [("long", 1)]
+    short = await again.result_of("short")
+    assert isinstance(short, d.Completed)
+    assert json_format.MessageToDict(short.result.metadata) == {"slept": 0.3}
+    assert isinstance(await again.result_of("long"), d.Completed)
+
+
+async def test_sigterm_drains_in_flight_jobs_then_exits_0(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    proc = await start_worker()
+    session = await gateway.session()
+    session.assign("s1", "sleep", seconds=1.0)
+    await session.next(d.Accepted)
+    proc.send_signal(signal.SIGTERM)
+    await session.next(d.Draining)
+    session.assign("late", "echo")
+    rejected = await session.result_of("late")
+    assert isinstance(rejected, d.Failed)
+    assert rejected.error.code == "REJECTED"
+    assert isinstance(await session.result_of("s1"), d.Completed)
+    await asyncio.wait_for(session.ended.wait(), 30)
+    assert await exit_code(proc) == 0
+
+
+async def test_jobs_still_running_when_the_grace_ends_fail_retryably(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    proc = await start_worker("--drain-grace", "0.5")
+    session = await gateway.session()
+    session.assign("b1", "test.block")
+    await session.next(d.Progress)
+    proc.send_signal(signal.SIGTERM)
+    failed = await session.result_of("b1")
+    assert isinstance(failed, d.Failed)
+    assert (failed.error.code, failed.error.retryable) == ("WORKER_SHUTDOWN", True)
+    assert await exit_code(proc) == 0
+
+
+async def test_a_second_signal_exits_at_once(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    proc = await start_worker()
+    session = await gateway.session()
+    session.assign("b1", "test.block")
+    await session.next(d.Progress)
+    proc.send_signal(signal.SIGINT)
+    await session.next(d.Draining)
+    proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(proc.wait(), 5) == 128 + signal.SIGINT
+
+
+async def test_pool_processes_exit_when_the_worker_is_killed(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    proc = await start_worker()
+    session = await gateway.session()
+    session.assign("p", "test.pid")
+    done = await session.result_of("p")
+    assert isinstance(done, d.Completed)
+    child = psutil.Process(int(json_format.MessageToDict(done.result.metadata)["pid"]))
+    proc.kill()
+    await proc.wait()
+
+    def gone() -> bool:
+        try:
+            return child.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    await until(gone)
+
+
+async def test_a_handler_module_that_does_not_import_exits_2(start_worker: StartWorker) -> None:
+    proc = await start_worker("--handlers", "tests.worker.no_such_module")
+    assert await exit_code(proc) == 2

@@ -1,0 +1,161 @@
+"""`python -m worker_service`: flags, settings, and the process's life from start to drain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+
+from worker_service.config import WorkerSettings, parse_labels
+from worker_service.executor import Executor
+from worker_service.pool import PoolError, ProcessPool
+from worker_service.registry import HandlerSpec, load_handlers
+from worker_service.replica import Replica
+from worker_service.stats import ProcessStats
+
+log = logging.getLogger("worker_service")
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The worker's flags; unset ones leave the environment's (or default) values alone."""
+    parser.add_argument("--gateway", metavar="HOST:PORT", help="gateway to dial")
+    parser.add_argument("--slots", type=int, metavar="N", help="jobs run at once")
+    parser.add_argument(
+        "--handlers",
+        action="append",
+        metavar="MOD[,MOD]",
+        help="modules with @handler functions to load (repeatable)",
+    )
+    parser.add_argument("--worker-id", metavar="ID", help="stable name of this replica")
+    parser.add_argument(
+        "--drain-grace", type=float, metavar="S", help="seconds jobs get to end after SIGTERM"
+    )
+    parser.add_argument(
+        "--label", action="append", metavar="KEY=VALUE", help="label sent to the gateway"
+    )
+    parser.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        # Absent unless given, so JOBMESH_LOG_LEVEL (or a wrapping CLI's default) applies.
+        default=argparse.SUPPRESS,
+        help="DEBUG, INFO, WARNING or ERROR",
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
+    """The environment's settings with the flags that were given laid over them."""
+    handlers = getattr(args, "handlers", None)
+    labels = getattr(args, "label", None)
+    return WorkerSettings.from_env().with_overrides(
+        gateway=getattr(args, "gateway", None),
+        slots=getattr(args, "slots", None),
+        handlers=(
+            None
+            if handlers is None
+            else tuple(m.strip() for item in handlers for m in item.split(",") if m.strip())
+        ),
+        worker_id=getattr(args, "worker_id", None),
+        drain_grace=getattr(args, "drain_grace", None),
+        labels=None if labels is None else parse_labels(labels),
+        log_level=None if getattr(args, "log_level", None) is None else args.log_level.upper(),
+    )
+
+
+def run(settings: WorkerSettings) -> int:
+    """Runs a worker replica until it has drained; returns the exit code."""
+    _configure_logging(settings.log_level)
+    try:
+        specs = load_handlers(settings.handlers)
+    except Exception as exc:  # an import error in a user's module, a duplicate kind...
+        log.error("cannot load handlers: %s: %s", type(exc).__name__, exc)
+        return EXIT_CONFIG
+    process_specs = [s for s in specs.values() if s.executor == "process"]
+    if stray := sorted(s.kind for s in process_specs if s.module == "__main__"):
+        log.error("handlers %s are defined in __main__; pool processes need a module", stray)
+        return EXIT_CONFIG
+    pool = ProcessPool(
+        settings.slots, [*settings.handlers, *sorted({s.module for s in process_specs})]
+    )
+    try:
+        pool.start()
+    except PoolError as exc:
+        log.error("cannot start the process pool: %s", exc)
+        return EXIT_CONFIG
+    executor = Executor(
+        specs, pool, threads=settings.slots, max_result_bytes=settings.max_message_bytes
+    )
+    try:
+        code = asyncio.run(_serve(settings, specs, pool, executor))
+    finally:
+        executor.close()
+        pool.close()
+    if executor.busy_threads:
+        # A thread handler is stuck; the interpreter would wait for it forever at exit.
+        log.warning("%d thread handler(s) still running; exiting anyway", executor.busy_threads)
+        logging.shutdown()
+        os._exit(code)
+    log.info("worker %s stopped", settings.worker_id)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker_service", description="A jobmesh worker replica."
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return run(settings)
+
+
+async def _serve(
+    settings: WorkerSettings,
+    specs: Mapping[str, HandlerSpec],
+    pool: ProcessPool,
+    executor: Executor,
+) -> int:
+    replica = Replica(settings, specs, executor, ProcessStats(pool.pids))
+    log.info(
+        "worker %s: %d slot(s), kinds %s; dialing %s",
+        settings.worker_id,
+        settings.slots,
+        ", ".join(sorted(specs)),
+        settings.gateway,
+    )
+
+    def on_signal(signum: int) -> None:
+        if replica.draining:
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            pool.kill_now()
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.info("%s: draining", signal.Signals(signum).name)
+        replica.drain()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await replica.run()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    return EXIT_OK
+
+
+def _configure_logging(level: str) -> None:
+    logging.getLogger("worker_service").setLevel(level)
+    if not logging.getLogger().handlers:  # leave an embedding program's set-up alone
+        logging.basicConfig(
+            stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )

@@ -1,0 +1,54 @@
+"""Built-in kinds, always loaded: `echo`, `sleep` and `fail`, for smoke tests and demos."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from worker_service.registry import HandlerError, JobCancelled, JobContext, Result, handler
+
+MAX_SLEEP_SECONDS = 3600.0
+# How often `sleep` looks at its cancel flag, so a cancel lands quickly even in long sleeps.
+_CANCEL_POLL_SECONDS = 0.05
+
+
+@handler("echo")
+async def echo(ctx: JobContext) -> Result:
+    """Returns the inputs as outputs and the params as metadata."""
+    return Result(outputs=dict(ctx.inputs), metadata=dict(ctx.params))
+
+
+@handler("sleep")
+def sleep(ctx: JobContext) -> dict[str, Any]:
+    """Sleeps `seconds` (default 1), reporting progress every tenth; stops when cancelled."""
+    seconds = ctx.params.get("seconds", 1.0)
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not 0 <= seconds <= MAX_SLEEP_SECONDS
+    ):
+        raise HandlerError(
+            f"seconds must be a number from 0 to {MAX_SLEEP_SECONDS:g}, got {seconds!r}",
+            code="INVALID_PARAMS",
+        )
+    start = time.monotonic()
+    for tenth in range(1, 11):
+        until = start + seconds * tenth / 10
+        while (left := until - time.monotonic()) > 0:
+            if ctx.cancelled:
+                raise JobCancelled(
+                    f"cancelled after {time.monotonic() - start:.1f} of {seconds:g} s"
+                )
+            time.sleep(min(left, _CANCEL_POLL_SECONDS))
+        ctx.progress(tenth / 10, f"slept {seconds * tenth / 10:g} of {seconds:g} s")
+    return {"slept": seconds}
+
+
+@handler("fail")
+def fail(ctx: JobContext) -> None:
+    """Fails with FAILED_ON_PURPOSE; params `message` and `retryable` shape the error."""
+    message = ctx.params.get("message", "failed on purpose")
+    retryable = ctx.params.get("retryable", False)
+    if not isinstance(retryable, bool):
+        raise HandlerError(f"retryable must be true or false, got {retryable!r}", "INVALID_PARAMS")
+    raise HandlerError(str(message), code="FAILED_ON_PURPOSE", retryable=retryable)

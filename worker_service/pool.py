@@ -1,0 +1,331 @@
+"""A process pool that survives its children: one that dies fails only its own job.
+
+`concurrent.futures.ProcessPoolExecutor` marks itself broken when any child dies; here a
+dead child costs its job (WORKER_PROCESS_DIED, retryable) and is replaced. Children start
+with `spawn`, because grpcio and fork() do not mix. Each child owns a duplex pipe and a
+cancel Event; blocking pipe I/O runs in the pool's own threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnProcess
+from multiprocessing.synchronize import Event as MpEvent
+from typing import Any
+
+from jobmesh.v1 import job_pb2
+from worker_service import outcomes
+from worker_service.outcomes import Outcome
+from worker_service.progress import ProgressFn, loop_reporter
+from worker_service.registry import default_registry, load_handlers
+from worker_service.task import AttemptKey, Task
+
+log = logging.getLogger("worker_service")
+
+# How often an idle wait and a child's parent watch look up from what they wait on.
+_POLL_SECONDS = 0.5
+
+
+class PoolError(Exception):
+    """The pool could not start a child process (usually a handler module fails to import)."""
+
+
+@dataclass(eq=False)  # compared and hashed by identity
+class _Child:
+    process: SpawnProcess
+    conn: Connection
+    cancel: MpEvent
+
+
+class ProcessPool:
+    """`size` spawned children that import `modules` and run sync handlers by kind."""
+
+    def __init__(self, size: int, modules: Sequence[str], *, start_timeout: float = 60.0) -> None:
+        if size < 1:
+            raise ValueError("size must be at least 1")
+        self._size = size
+        self._modules = tuple(dict.fromkeys(modules))
+        self._start_timeout = start_timeout
+        self._mp = multiprocessing.get_context("spawn")
+        # One thread per running job plus room for replacing dead children meanwhile.
+        self._threads = ThreadPoolExecutor(max_workers=2 * size, thread_name_prefix="jobmesh-pool")
+        self._idle: queue.SimpleQueue[_Child] = queue.SimpleQueue()
+        self._children: set[_Child] = set()
+        self._busy: dict[AttemptKey, _Child] = {}
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def start(self) -> None:
+        """Starts every child and waits until each has imported its handlers (blocking)."""
+        children = [self._launch() for _ in range(self._size)]
+        try:
+            for child in children:
+                self._await_ready(child)
+        except BaseException:
+            for child in children:
+                _kill(child)
+            raise
+        for child in children:
+            self._adopt(child)
+
+    async def run(self, task: Task, cancelled: threading.Event, on_progress: ProgressFn) -> Outcome:
+        """Runs `task` in a free child; `on_progress` is called on the caller's loop."""
+        loop = asyncio.get_running_loop()
+        report = loop_reporter(on_progress)
+        return await loop.run_in_executor(self._threads, self._exchange, task, cancelled, report)
+
+    def notify_cancel(self, key: AttemptKey) -> None:
+        """Sets the cancel Event of the child running `key`, if one is."""
+        with self._lock:
+            child = self._busy.get(key)
+            if child is not None:
+                child.cancel.set()
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [c.process.pid for c in self._children if c.process.pid is not None]
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stops idle children, kills busy ones (their jobs fail), waits for all (blocking)."""
+        with self._lock:
+            self._closing.set()
+            children = list(self._children)
+            busy = set(self._busy.values())
+        for child in children:
+            if child in busy:
+                child.process.kill()
+            else:
+                with contextlib.suppress(OSError):
+                    child.conn.send(None)
+        deadline = time.monotonic() + timeout
+        for child in children:
+            child.process.join(max(0.0, deadline - time.monotonic()))
+            if child.process.is_alive():
+                child.process.kill()
+                child.process.join(1.0)
+        self._threads.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._children.clear()
+        for child in children:
+            child.conn.close()
+
+    def kill_now(self) -> None:
+        """SIGKILLs every child without waiting; for an immediate exit."""
+        with self._lock:
+            self._closing.set()
+            children = list(self._children)
+        for child in children:
+            with contextlib.suppress(Exception):
+                child.process.kill()
+
+    # Everything below runs in the pool's threads.
+
+    def _launch(self) -> _Child:
+        parent_end, child_end = self._mp.Pipe(duplex=True)
+        cancel = self._mp.Event()
+        process = self._mp.Process(
+            target=_child_main,
+            args=(child_end, cancel, self._modules, os.getpid(), log.getEffectiveLevel()),
+            name="jobmesh-pool",
+            # Daemonic, so an abrupt exit of the worker takes its children along.
+            daemon=True,
+        )
+        process.start()
+        child_end.close()  # so the parent sees EOF when the child dies
+        return _Child(process, parent_end, cancel)
+
+    def _await_ready(self, child: _Child) -> None:
+        if not child.conn.poll(self._start_timeout):
+            raise PoolError(f"pool process {child.process.pid} did not start in time")
+        try:
+            message = child.conn.recv()
+        except (EOFError, OSError):
+            child.process.join(1.0)
+            raise PoolError(
+                f"pool process {child.process.pid} exited with code {child.process.exitcode} "
+                "while starting"
+            ) from None
+        if message[0] != "ready":
+            raise PoolError(f"pool process could not load handlers: {message[1]}")
+
+    def _adopt(self, child: _Child) -> None:
+        with self._lock:
+            adopted = not self._closing.is_set()
+            if adopted:
+                self._children.add(child)
+        if adopted:
+            self._idle.put(child)
+        else:
+            _kill(child)
+
+    def _acquire(self) -> _Child | None:
+        while True:
+            try:
+                child = self._idle.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                if self._closing.is_set():
+                    return None
+                continue
+            if self._closing.is_set():
+                self._idle.put(child)
+                return None
+            if child.process.is_alive():
+                return child
+            self._discard(child)  # died while idle (e.g. the OOM killer); nobody's job
+
+    def _exchange(self, task: Task, cancelled: threading.Event, report: ProgressFn) -> Outcome:
+        child = self._acquire()
+        if child is None:
+            return outcomes.error("WORKER_SHUTDOWN", "the worker is shutting down", True)
+        with self._lock:
+            self._busy[task.key] = child
+            child.cancel.clear()
+            if cancelled.is_set():
+                child.cancel.set()
+        outcome: Outcome | None = None
+        try:
+            child.conn.send(task)
+            while outcome is None:
+                message = child.conn.recv()
+                if message[0] == "progress":
+                    if message[1] == task.key:  # a stray thread of an earlier job may report late
+                        report(message[2], message[3])
+                else:
+                    outcome = _decode(message)
+        except (EOFError, OSError):
+            pass
+        finally:
+            with self._lock:
+                self._busy.pop(task.key, None)
+        if outcome is not None:
+            self._idle.put(child)
+            return outcome
+        child.process.join(1.0)
+        code = child.process.exitcode
+        log.warning(
+            "pool process %s died (exit code %s) running job %s attempt %d",
+            child.process.pid,
+            code,
+            task.job_id,
+            task.attempt,
+        )
+        self._discard(child)
+        return outcomes.error(
+            "WORKER_PROCESS_DIED",
+            f"the worker's pool process exited with code {code} while running the job",
+            True,
+        )
+
+    def _discard(self, child: _Child) -> None:
+        with self._lock:
+            self._children.discard(child)
+            closing = self._closing.is_set()
+        _kill(child)
+        if not closing:
+            with contextlib.suppress(RuntimeError):  # the thread pool shut down meanwhile
+                self._threads.submit(self._replace)
+
+    def _replace(self) -> None:
+        delay = 1.0
+        while not self._closing.is_set():
+            child = self._launch()
+            try:
+                self._await_ready(child)
+            except PoolError:
+                _kill(child)
+                log.exception("could not replace a dead pool process; retrying in %.0f s", delay)
+                self._closing.wait(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            self._adopt(child)
+            return
+
+
+def _kill(child: _Child) -> None:
+    with contextlib.suppress(Exception):
+        child.process.kill()
+        child.process.join(1.0)
+    child.conn.close()
+
+
+def _decode(message: tuple[Any, ...]) -> Outcome:
+    _, ok, data = message
+    if ok:
+        return job_pb2.JobResult.FromString(data)
+    return job_pb2.JobError.FromString(data)
+
+
+# Everything below runs in the child process.
+
+
+def _child_main(
+    conn: Connection, cancel: MpEvent, modules: Sequence[str], parent_pid: int, log_level: int
+) -> None:
+    # Ctrl-C reaches the whole process group; the parent decides how the worker stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s %(levelname)s pool[{os.getpid()}] %(message)s"
+    )
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    try:
+        load_handlers(modules)
+    except BaseException as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready",))
+    send_lock = threading.Lock()
+    while True:
+        try:
+            task: Task | None = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        outcome = _run_in_child(task, conn, send_lock, cancel)
+        with send_lock:
+            conn.send(
+                ("outcome", isinstance(outcome, job_pb2.JobResult), outcome.SerializeToString())
+            )
+
+
+def _run_in_child(
+    task: Task, conn: Connection, send_lock: threading.Lock, cancel: MpEvent
+) -> Outcome:
+    done = False
+
+    def report(fraction: float, message: str) -> None:
+        with send_lock:
+            if not done:
+                conn.send(("progress", task.key, fraction, message))
+
+    spec = default_registry().get(task.kind)
+    if spec is None or spec.executor != "process":
+        return outcomes.error("UNKNOWN_KIND", f"no process-pool handler for {task.kind!r}", False)
+    try:
+        return outcomes.run_sync(spec.fn, task.context(report, cancel.is_set))
+    finally:
+        with send_lock:
+            done = True
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    # A child busy in a handler does not read its pipe, so it would not see EOF.
+    while os.getppid() == parent_pid:
+        time.sleep(_POLL_SECONDS)
+    os._exit(1)

@@ -1,0 +1,234 @@
+"""One worker replica: takes assignments within its slots, runs them, reports, drains.
+
+Jobs outlive streams: a broken session does not touch running jobs, and their results
+wait in the session's outbox for the next stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+
+from jobmesh.v1 import dispatcher_pb2, job_pb2
+from worker_service import outcomes
+from worker_service.config import WorkerSettings
+from worker_service.executor import Executor
+from worker_service.outcomes import Outcome
+from worker_service.progress import ProgressThrottle
+from worker_service.registry import HandlerSpec
+from worker_service.session import Session
+from worker_service.stats import ProcessStats
+from worker_service.task import AttemptKey, Task
+
+log = logging.getLogger("worker_service")
+
+
+def jobmesh_version() -> str:
+    try:
+        return metadata.version("jobmesh")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+@dataclass
+class _Running:
+    kind: str
+    task: asyncio.Task[None]
+
+
+class Replica:
+    """The state of this replica that outlives any one stream to the gateway."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        specs: Mapping[str, HandlerSpec],
+        executor: Executor,
+        stats: ProcessStats,
+    ) -> None:
+        self._settings = settings
+        self._specs = dict(specs)
+        self._executor = executor
+        self._stats = stats
+        self._session = Session(settings, self)
+        self._running: dict[AttemptKey, _Running] = {}
+        self._per_kind: Counter[str] = Counter()
+        self._progress = ProgressThrottle(
+            lambda item: self._send(dispatcher_pb2.SessionRequest(progress=[item]))
+        )
+        self._drain_requested = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.jobs_done = 0
+        self.jobs_failed = 0
+
+    @property
+    def session(self) -> Session:
+        return self._session
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_requested.is_set()
+
+    def drain(self) -> None:
+        """Asks the replica to stop taking work and leave when its jobs end; idempotent."""
+        self._drain_requested.set()
+
+    async def run(self) -> None:
+        """Serves until drained: after `drain()`, in-flight jobs end or the grace runs out."""
+        probe = asyncio.create_task(self._stats.probe_loop_lag(), name="jobmesh-loop-lag")
+        self._session.start()
+        try:
+            await self._drain_requested.wait()
+            await self._drain()
+        finally:
+            probe.cancel()
+            for running in list(self._running.values()):
+                running.task.cancel()
+            await asyncio.gather(
+                probe, *(r.task for r in self._running.values()), return_exceptions=True
+            )
+
+    async def _drain(self) -> None:
+        grace = self._settings.drain_grace
+        log.info("draining: %d job(s) running, waiting up to %g s", len(self._running), grace)
+        self._session.send(dispatcher_pb2.SessionRequest(draining=dispatcher_pb2.Draining()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+        if self._running:
+            log.warning("drain grace over; %d job(s) stopped unfinished", len(self._running))
+            for key, running in list(self._running.items()):
+                self._executor.cancel(key)
+                running.task.cancel()
+            await asyncio.gather(*(r.task for r in self._running.values()), return_exceptions=True)
+        if await self._session.close():
+            log.info("drained; session closed")
+
+    # SessionHandler
+
+    def attach(self) -> dispatcher_pb2.Attach:
+        return dispatcher_pb2.Attach(
+            worker_id=self._settings.worker_id,
+            kinds=[
+                dispatcher_pb2.KindCapacity(kind=spec.kind, max_concurrency=spec.concurrency)
+                for spec in sorted(self._specs.values(), key=lambda s: s.kind)
+            ],
+            slots=self._settings.slots,
+            labels=dict(self._settings.labels),
+            version=jobmesh_version(),
+            running=[
+                dispatcher_pb2.AttemptRef(job_id=job_id, attempt=attempt)
+                for job_id, attempt in self._running
+            ],
+        )
+
+    def on_welcome(self, welcome: dispatcher_pb2.Welcome) -> None:
+        if self.draining:  # the new session must hear it too
+            self._session.send(dispatcher_pb2.SessionRequest(draining=dispatcher_pb2.Draining()))
+
+    def on_response(self, response: dispatcher_pb2.SessionResponse) -> None:
+        if response.HasField("ping"):
+            self._pong(response.ping.seq)
+        for assign in response.assign:  # before cancels: one message may carry both
+            self._take(assign)
+        for cancel in response.cancel:
+            if self._executor.cancel((cancel.job_id, cancel.attempt)):
+                log.info("job %s attempt %d: cancel requested", cancel.job_id, cancel.attempt)
+
+    # Jobs
+
+    def _take(self, assign: dispatcher_pb2.Assign) -> None:
+        key = (assign.job_id, assign.attempt)
+        if key in self._running:  # sent again after a reconnect: it runs already
+            self._send(dispatcher_pb2.SessionRequest(accepted=[_accepted(key)]))
+            return
+        refusal = self._refusal(assign.kind)
+        if refusal:
+            log.info("job %s attempt %d rejected: %s", key[0], key[1], refusal)
+            failed = dispatcher_pb2.Failed(
+                job_id=key[0], attempt=key[1], error=outcomes.error("REJECTED", refusal, True)
+            )
+            self._send(dispatcher_pb2.SessionRequest(failed=[failed]))
+            return
+        self._send(dispatcher_pb2.SessionRequest(accepted=[_accepted(key)]))
+        task = Task.from_assign(assign)
+
+        def on_progress(fraction: float, message: str) -> None:
+            if key in self._running:
+                self._progress.report(key, fraction, message)
+
+        outcome = self._executor.run(task, on_progress)  # cancellable from here on
+        self._per_kind[assign.kind] += 1
+        self._idle.clear()
+        self._running[key] = _Running(
+            assign.kind,
+            asyncio.create_task(self._run_job(task, outcome), name=f"job-{key[0]}-{key[1]}"),
+        )
+
+    def _refusal(self, kind: str) -> str:
+        spec = self._specs.get(kind)
+        if self.draining:
+            return "the worker is draining"
+        if spec is None:
+            return f"this worker has no handler for kind {kind!r}"
+        if len(self._running) >= self._settings.slots:
+            return f"all {self._settings.slots} slots are busy"
+        if spec.concurrency and self._per_kind[kind] >= spec.concurrency:
+            return f"kind {kind!r} already runs {spec.concurrency} job(s), its limit"
+        return ""
+
+    async def _run_job(self, task: Task, running: Awaitable[Outcome]) -> None:
+        try:
+            outcome = await running
+        except asyncio.CancelledError:
+            self._finish(
+                task, outcomes.error("WORKER_SHUTDOWN", "the worker stopped during the job", True)
+            )
+            raise
+        except Exception as exc:
+            log.exception("job %s attempt %d: the worker failed running it", *task.key)
+            outcome = outcomes.error("WORKER_ERROR", f"{type(exc).__name__}: {exc}", True)
+        self._finish(task, outcome)
+
+    def _finish(self, task: Task, outcome: Outcome) -> None:
+        key = task.key
+        self._progress.forget(key)
+        if self._running.pop(key, None) is None:
+            return
+        self._per_kind[task.kind] -= 1
+        if isinstance(outcome, job_pb2.JobResult):
+            self.jobs_done += 1
+            item = dispatcher_pb2.Completed(job_id=key[0], attempt=key[1], result=outcome)
+            self._send(dispatcher_pb2.SessionRequest(completed=[item]))
+        else:
+            self.jobs_failed += 1
+            log.info("job %s attempt %d failed: %s %s", *key, outcome.code, outcome.message)
+            item_failed = dispatcher_pb2.Failed(job_id=key[0], attempt=key[1], error=outcome)
+            self._send(dispatcher_pb2.SessionRequest(failed=[item_failed]))
+        if not self._running:
+            self._idle.set()
+
+    def _pong(self, seq: int) -> None:
+        cpu, rss = self._stats.sample()
+        stats = dispatcher_pb2.WorkerStats(
+            active_jobs=len(self._running),
+            free_slots=max(0, self._settings.slots - len(self._running)),
+            cpu_percent=cpu,
+            rss_bytes=rss,
+            loop_lag_seconds=self._stats.take_loop_lag(),
+            jobs_done=self.jobs_done,
+            jobs_failed=self.jobs_failed,
+        )
+        self._send(dispatcher_pb2.SessionRequest(pong=dispatcher_pb2.Pong(seq=seq, stats=stats)))
+
+    def _send(self, message: dispatcher_pb2.SessionRequest) -> None:
+        self._session.send(message)
+
+
+def _accepted(key: AttemptKey) -> dispatcher_pb2.Accepted:
+    return dispatcher_pb2.Accepted(job_id=key[0], attempt=key[1])

@@ -1,0 +1,251 @@
+"""The worker's end of `Dispatcher/Session`: dial, attach, pump messages, reconnect.
+
+The session knows nothing of jobs; a `SessionHandler` supplies the Attach and takes what
+the gateway sends. What is queued while the stream is down, or was being written when it
+broke, goes out after the next Attach: the gateway ignores anything stale (fencing), so a
+duplicate costs nothing and a lost result would cost a rerun.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+
+from jobmesh.outbox import Outbox
+from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc
+from worker_service.config import WorkerSettings
+
+log = logging.getLogger("worker_service")
+
+# Send an HTTP/2 ping after this long without traffic, so an idle stream through a proxy
+# or NAT is neither silently dropped nor left half-dead (Hatchet #3280).
+KEEPALIVE_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
+class SessionHandler(Protocol):
+    def attach(self) -> dispatcher_pb2.Attach:
+        """The Attach to open each new stream with."""
+        ...
+
+    def on_welcome(self, welcome: dispatcher_pb2.Welcome) -> None: ...
+
+    def on_response(self, response: dispatcher_pb2.SessionResponse) -> None:
+        """Called on the event loop for each message after the Welcome; must not block."""
+        ...
+
+
+class SessionLost(Exception):
+    """The stream ended in a way that calls for a reconnect."""
+
+
+class Session:
+    """One logical session over as many streams as reconnects take."""
+
+    def __init__(
+        self, settings: WorkerSettings, handler: SessionHandler, *, welcome_timeout: float = 10.0
+    ) -> None:
+        self._settings = settings
+        self._handler = handler
+        self._welcome_timeout = welcome_timeout
+        self._outbox: Outbox[dispatcher_pb2.SessionRequest] = Outbox()
+        # The message being written when a stream broke; it may not have arrived.
+        self._unsent: dispatcher_pb2.SessionRequest | None = None
+        self._call: (
+            grpc.aio.StreamStreamCall[dispatcher_pb2.SessionRequest, dispatcher_pb2.SessionResponse]
+            | None
+        ) = None
+        self._connected = asyncio.Event()
+        self._flushed = asyncio.Event()
+        self._flushed.set()
+        self._half_closed = False
+        self._task: asyncio.Task[None] | None = None
+        self.session_id = ""
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        """Starts connecting in the background; reconnects until `close`."""
+        self._task = asyncio.create_task(self._run(), name="jobmesh-session")
+
+    def send(self, message: dispatcher_pb2.SessionRequest) -> None:
+        """Queues a message; it is sent on the current stream or after the next Attach."""
+        self._flushed.clear()
+        self._outbox.put(message)
+
+    async def close(self) -> bool:
+        """Delivers what is queued, half-closes the stream and waits for the gateway to end it.
+
+        Returns False if that did not happen within `settings.close_timeout` (e.g. the
+        gateway is unreachable); the session is stopped either way.
+        """
+        delivered = False
+        timeout = self._settings.close_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await self._finish()
+                delivered = True
+        except TimeoutError:
+            log.warning("could not deliver everything to the gateway within %.1f s", timeout)
+        finally:
+            if self._task is not None:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        return delivered
+
+    async def _finish(self) -> None:
+        while True:
+            await self._connected.wait()
+            await self._flushed.wait()
+            call = self._call
+            if call is not None and self._connected.is_set() and self._flushed.is_set():
+                break
+        self._half_closed = True
+        await call.done_writing()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def _run(self) -> None:
+        delay = self._settings.reconnect_initial
+        failures = 0
+        while True:
+            welcomed = False
+            try:
+                welcomed = await self._serve_once()
+                reason = "the gateway ended the session"
+            except grpc.aio.AioRpcError as exc:
+                reason = f"{exc.code().name}: {exc.details()}"
+            except (SessionLost, grpc.RpcError, asyncio.InvalidStateError, TimeoutError) as exc:
+                reason = str(exc) or type(exc).__name__
+            except Exception as exc:
+                # Never let the session die quietly: a worker that looks alive but has no
+                # stream is the zombie of Hatchet #4824.
+                log.exception("session failed unexpectedly")
+                reason = f"{type(exc).__name__}: {exc}"
+            finally:
+                self._connected.clear()
+                self._call = None
+                await self._carry_over()
+            if self._half_closed:
+                return
+            if welcomed:
+                delay, failures = self._settings.reconnect_initial, 0
+            failures += 1
+            pause = delay * random.uniform(0.5, 1.0)
+            # Say so once per outage, not on every failed attempt of a long one.
+            level = logging.INFO if failures == 1 else logging.DEBUG
+            log.log(
+                level, "session with %s down (%s); reconnecting", self._settings.gateway, reason
+            )
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, self._settings.reconnect_max)
+
+    async def _serve_once(self) -> bool:
+        """One stream from dial to end; True if the gateway welcomed it."""
+        size = self._settings.max_message_bytes
+        channel = grpc.aio.insecure_channel(
+            self._settings.gateway,
+            options=[
+                ("grpc.max_send_message_length", size),
+                ("grpc.max_receive_message_length", size),
+                ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+                ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                ("grpc.http2.max_pings_without_data", 0),
+            ],
+        )
+        try:
+            call = dispatcher_pb2_grpc.DispatcherStub(channel).Session(None)
+            await call.write(dispatcher_pb2.SessionRequest(attach=self._handler.attach()))
+            first = await asyncio.wait_for(call.read(), self._welcome_timeout)
+            if not isinstance(first, dispatcher_pb2.SessionResponse) or not first.HasField(
+                "welcome"
+            ):
+                raise SessionLost("the gateway did not answer Attach with Welcome")
+            self.session_id = first.welcome.session_id
+            log.info(
+                "attached to %s as %s (session %s)",
+                self._settings.gateway,
+                self._settings.worker_id,
+                self.session_id,
+            )
+            self._call = call
+            self._connected.set()
+            self._handler.on_welcome(first.welcome)
+            self._dispatch(first)
+            await _first_to_end(self._read(call), self._write(call))
+            return True
+        finally:
+            await channel.close(None)
+
+    async def _read(
+        self,
+        call: grpc.aio.StreamStreamCall[
+            dispatcher_pb2.SessionRequest, dispatcher_pb2.SessionResponse
+        ],
+    ) -> None:
+        while True:
+            response = await call.read()
+            if not isinstance(response, dispatcher_pb2.SessionResponse):
+                return  # EOF: the gateway ended the stream
+            self._dispatch(response)
+
+    def _dispatch(self, response: dispatcher_pb2.SessionResponse) -> None:
+        if not (response.assign or response.cancel or response.HasField("ping")):
+            return
+        try:
+            self._handler.on_response(response)
+        except Exception:
+            # A bug here must not cost the stream, and with it every running job.
+            log.exception("could not handle a message from the gateway")
+
+    async def _write(
+        self,
+        call: grpc.aio.StreamStreamCall[
+            dispatcher_pb2.SessionRequest, dispatcher_pb2.SessionResponse
+        ],
+    ) -> None:
+        while True:
+            if not self._outbox:
+                self._flushed.set()
+            message = await self._outbox.take()
+            self._unsent = message
+            await call.write(message)
+            self._unsent = None
+
+    async def _carry_over(self) -> None:
+        """Moves unsent messages, minus stale pongs, into a fresh outbox for the next stream."""
+        pending = [self._unsent] if self._unsent is not None else []
+        self._unsent = None
+        while self._outbox:
+            pending.append(await self._outbox.take())
+        fresh: Outbox[dispatcher_pb2.SessionRequest] = Outbox()
+        for message in pending:
+            message.ClearField("pong")
+            if message.ByteSize():
+                fresh.put(message)
+        self._outbox = fresh
+        if fresh:
+            self._flushed.clear()
+
+
+async def _first_to_end(*coros: Coroutine[Any, Any, None]) -> None:
+    """Runs the coroutines until one returns or raises; cancels the rest; re-raises."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        task.result()

@@ -1,0 +1,58 @@
+"""One attempt of one job as the worker hands it to an executor.
+
+Plain, picklable values only, so the same object crosses into a pool process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobmesh.v1 import dispatcher_pb2
+from worker_service.outcomes import params_to_dict
+from worker_service.registry import JobContext
+
+AttemptKey = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Task:
+    job_id: str
+    attempt: int
+    kind: str
+    tenant: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def key(self) -> AttemptKey:
+        return (self.job_id, self.attempt)
+
+    @classmethod
+    def from_assign(cls, assign: dispatcher_pb2.Assign) -> Task:
+        return cls(
+            job_id=assign.job_id,
+            attempt=assign.attempt,
+            kind=assign.kind,
+            tenant=assign.tenant,
+            labels=dict(assign.labels),
+            params=params_to_dict(assign.params),
+            inputs=dict(assign.inputs),
+        )
+
+    def context(
+        self, report: Callable[[float, str], None], is_cancelled: Callable[[], bool]
+    ) -> JobContext:
+        return JobContext(
+            job_id=self.job_id,
+            attempt=self.attempt,
+            kind=self.kind,
+            tenant=self.tenant,
+            labels=self.labels,
+            params=self.params,
+            inputs=self.inputs,
+            report=report,
+            is_cancelled=is_cancelled,
+        )
