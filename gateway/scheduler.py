@@ -33,6 +33,9 @@ from jobmesh.v1 import dispatcher_pb2, job_pb2
 
 log = logging.getLogger(__name__)
 
+# A worker answers an Assign it cannot take (no free slot, unknown kind) with this code.
+REJECTED = "REJECTED"
+
 # (-priority, order, job id, attempt): higher priority first, FIFO within one.
 QueueEntry = tuple[int, int, str, int]
 
@@ -209,7 +212,11 @@ class Scheduler:
             key = (failed.job_id, failed.attempt)
             job = self._current(*key, session)
             session.release(key)
-            if job is not None:
+            if job is None:
+                continue
+            if failed.error.code == REJECTED:
+                self._unassign(job)
+            else:
                 self._attempt_failed(job, failed.error, backoff=True)
         self._dispatch()
 
@@ -289,6 +296,16 @@ class Scheduler:
             )
         )
         self._save(job, next_event(job))
+
+    def _unassign(self, job: job_pb2.Job) -> None:
+        """Puts back a job its worker refused before starting it; no attempt was used."""
+        self._owner.pop(job.id, None)
+        if job.attempts and job.attempts[-1].number == job.attempt:
+            del job.attempts[-1]
+        job.state = S.JOB_STATE_QUEUED
+        job.worker_id = ""
+        self._save(job, next_event(job, message="the worker refused the job; queued again"))
+        self._enqueue(job)
 
     def _close_attempt(self, job: job_pb2.Job, error: job_pb2.JobError | None) -> None:
         self._owner.pop(job.id, None)

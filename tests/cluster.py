@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,3 +178,10 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.log.name}\n{p.output()[-4000:]}" for p in self.procs)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Waits until `condition()` holds, for what another process does (a file it writes)."""
+    async with asyncio.timeout(START_TIMEOUT):
+        while not condition():  # noqa: ASYNC110  # another process makes it true
+            await asyncio.sleep(0.02)

@@ -10,7 +10,7 @@ import pytest
 
 from jobmesh import AsyncClient, JobFailed
 from jobmesh.v1 import job_pb2
-from tests.cluster import Cluster
+from tests.cluster import Cluster, until
 
 S = job_pb2.JobState
 
@@ -108,10 +108,8 @@ async def test_a_worker_killed_mid_job_has_its_job_completed_by_the_other(
     runs = tmp_path / "runs.log"
     async with AsyncClient(gw.address) as client:
         submitted = await client.submit("count", params={"log": str(runs), "seconds": 2})
-        async for event in client.watch(submitted.job.id):
-            if event.state == S.JOB_STATE_RUNNING:
-                first_worker = event.worker_id
-                break
+        await until(lambda: runs.exists() and runs.read_text() != "")  # the handler started
+        first_worker = (await client.get(submitted.job.id)).worker_id
         workers[first_worker].kill()
         job = await client.wait(submitted.job.id)
     assert job.state == S.JOB_STATE_SUCCEEDED
