@@ -1,8 +1,9 @@
 """The SQLite job store: one file in WAL mode, written by one thread in group commits.
 
 Every operation runs on a single database thread. The thread takes whatever
-operations are waiting, runs each inside a savepoint of one transaction, and
-commits once: many concurrent Submits cost one fsync-free WAL commit together.
+operations are waiting and runs them in one transaction: many concurrent
+Submits cost one WAL commit together. If one of them fails, the batch is
+rolled back and each runs again alone, so only the failing one fails.
 With `synchronous=NORMAL` a committed transaction survives the gateway being
 killed; only a power loss may take the last commits back.
 """
@@ -157,25 +158,28 @@ class SqliteStore:
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         assert self._loop is not None
-        outcomes: list[tuple[bool, Any]] = []
         try:
-            conn.execute("BEGIN")
+            outcomes = self._transaction(conn, batch)
+        except Exception:
+            # One operation failed: run each alone, so only it fails.
+            outcomes = []
             for op in batch:
-                conn.execute("SAVEPOINT op")
                 try:
-                    outcomes.append((True, op.fn(conn)))
-                    conn.execute("RELEASE op")
+                    outcomes.extend(self._transaction(conn, [op]))
                 except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
                     outcomes.append((False, exc))
-            conn.execute("COMMIT")
-        except Exception as exc:
-            log.exception("sqlite commit failed")
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            outcomes = [(False, exc)] * len(batch)
         self._loop.call_soon_threadsafe(self._settle, batch, outcomes)
+
+    @staticmethod
+    def _transaction(conn: sqlite3.Connection, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        conn.execute("BEGIN")
+        try:
+            results = [(True, op.fn(conn)) for op in batch]
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return results
 
     def _settle(self, batch: list[_Op], outcomes: list[tuple[bool, Any]]) -> None:
         committed: list[job_pb2.JobEvent] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -105,3 +106,18 @@ async def test_unfinished_jobs_come_back_in_submit_order(store: SqliteStore) -> 
     jobs[1].state = S.JOB_STATE_FAILED
     await store.save(jobs[1], next_event(jobs[1]))
     assert [j.id for j in await store.unfinished()] == [jobs[0].id, jobs[2].id]
+
+
+async def test_a_failing_write_fails_alone(store: SqliteStore) -> None:
+    a, b = await insert(store, new_job(), new_job())
+    duplicate = job_pb2.JobEvent(job_id=a.id, seq=1)  # seq 1 of `a` exists already
+    b.state = S.JOB_STATE_RUNNING
+    bad = store.save(a, duplicate)
+    good = store.save(b, next_event(b))
+    with pytest.raises(sqlite3.IntegrityError):
+        await bad
+    await good
+    stored = await store.get("default", b.id)
+    assert stored is not None
+    assert stored.state == S.JOB_STATE_RUNNING
+    assert [e.seq for e in await store.events(b.id, 0)] == [1, 2]
