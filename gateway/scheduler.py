@@ -106,11 +106,13 @@ class Scheduler:
         answers = []
         for item in inserted:
             if item.existing:
+                item.job.spec.ClearField("inputs")
                 answers.append(item)
                 continue
             # The caller gets the job as accepted; dispatch goes on changing the live one.
             snapshot = job_pb2.Job()
             snapshot.CopyFrom(item.job)
+            snapshot.spec.ClearField("inputs")  # the caller has them; Get returns them
             answers.append(Inserted(snapshot))
             self._active[item.job.id] = item.job
             self._enqueue(item.job)

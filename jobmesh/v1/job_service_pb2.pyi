@@ -50,7 +50,9 @@ class SubmitResponse(_message.Message):
     existing: _builtins.bool
     """True when the idempotency key matched an earlier job, which is returned."""
     @_builtins.property
-    def job(self) -> _job_pb2.Job: ...
+    def job(self) -> _job_pb2.Job:
+        """The job as accepted, without its inputs (the caller sent them; Get returns them)."""
+
     @_builtins.property
     def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Things worth telling the caller, e.g. that no worker serves the kind yet."""
