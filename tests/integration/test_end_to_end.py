@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from jobmesh import AsyncClient, JobFailed
-from jobmesh.v1 import job_pb2
+from jobmesh.v1 import admin_service_pb2, job_pb2
 from tests.cluster import Cluster, until
 
 S = job_pb2.JobState
+DRAINING = admin_service_pb2.WORKER_STATE_DRAINING
 
 
 async def test_echo_returns_its_inputs_and_params(cluster: Cluster) -> None:
@@ -119,3 +121,41 @@ async def test_a_worker_killed_mid_job_has_its_job_completed_by_the_other(
     assert job.attempts[0].error.code == "WORKER_LOST"
     # It ran twice: once on the killed worker, once to completion.
     assert runs.read_text().split() == [job.id, "1", job.id, "2"]
+
+
+async def test_an_idempotency_key_returns_the_first_job_and_its_result(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1")
+    async with AsyncClient(gw.address) as client:
+        first = await client.submit("echo", inputs={"in": b"once"}, idempotency_key="order-42")
+        done = await client.wait(first.job.id)
+        again = await client.submit("echo", inputs={"in": b"twice"}, idempotency_key="order-42")
+        jobs, _ = await client.list()
+    assert again.existing
+    assert again.job.id == first.job.id
+    assert again.job.state == S.JOB_STATE_SUCCEEDED
+    assert again.job.result.outputs["in"] == done.result.outputs["in"] == b"once"
+    assert [j.id for j in jobs] == [first.job.id]
+
+
+async def test_a_draining_worker_finishes_its_job_while_new_work_goes_elsewhere(
+    cluster: Cluster,
+) -> None:
+    gw = cluster.gateway()
+    w1 = cluster.worker(gw, "w1", slots=1)
+    async with AsyncClient(gw.address) as client:
+        long = await client.submit("sleep", params={"seconds": 1.5})
+        async for event in client.watch(long.job.id):
+            if event.type == job_pb2.JOB_EVENT_TYPE_PROGRESS:
+                break  # the handler is running on w1
+        w1.signal(signal.SIGTERM)
+        await until(lambda: any(w.state == DRAINING for w in gw.workers()))
+        cluster.worker(gw, "w2", slots=1)
+        short = await client.submit("echo")
+        short_job = await client.wait(short.job.id)
+        long_job = await client.wait(long.job.id)
+    assert w1.wait() == 0
+    assert long_job.state == S.JOB_STATE_SUCCEEDED
+    assert [a.worker_id for a in long_job.attempts] == ["w1"]
+    assert short_job.state == S.JOB_STATE_SUCCEEDED
+    assert short_job.worker_id == "w2"
