@@ -112,11 +112,12 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         return "worker closed the stream"
 
     async def _ping(self, session: WorkerSession) -> str:
+        # The first ping goes at once, so ListWorkers shows stats from the start.
         seq = 0
         while True:
-            await asyncio.sleep(self._ping_interval)
             silent = time.monotonic() - session.last_heard
             if silent > self._dead_after:
                 return f"no answer for {silent:.1f}s"
             seq += 1
             session.outbox.put(dispatcher_pb2.SessionResponse(ping=dispatcher_pb2.Ping(seq=seq)))
+            await asyncio.sleep(self._ping_interval)
