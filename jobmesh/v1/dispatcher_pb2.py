@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from jobmesh.v1 import job_pb2 as jobmesh_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjobmesh/v1/dispatcher.proto\x12\njobmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x14jobmesh/v1/job.proto\"\x9a\x02\n\x0eSessionRequest\x12\"\n\x06\x61ttach\x18\x01 \x01(\x0b\x32\x12.jobmesh.v1.Attach\x12&\n\x08\x61\x63\x63\x65pted\x18\x02 \x03(\x0b\x32\x14.jobmesh.v1.Accepted\x12&\n\x08progress\x18\x03 \x03(\x0b\x32\x14.jobmesh.v1.Progress\x12(\n\tcompleted\x18\x04 \x03(\x0b\x32\x15.jobmesh.v1.Completed\x12\"\n\x06\x66\x61iled\x18\x05 \x03(\x0b\x32\x12.jobmesh.v1.Failed\x12\x1e\n\x04pong\x18\x06 \x01(\x0b\x32\x10.jobmesh.v1.Pong\x12&\n\x08\x64raining\x18\x07 \x01(\x0b\x32\x14.jobmesh.v1.Draining\"\x9f\x01\n\x0fSessionResponse\x12$\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.jobmesh.v1.Welcome\x12\"\n\x06\x61ssign\x18\x02 \x03(\x0b\x32\x12.jobmesh.v1.Assign\x12\"\n\x06\x63\x61ncel\x18\x03 \x03(\x0b\x32\x12.jobmesh.v1.Cancel\x12\x1e\n\x04ping\x18\x04 \x01(\x0b\x32\x10.jobmesh.v1.Ping\"5\n\x0cKindCapacity\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\x02 \x01(\r\"-\n\nAttemptRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"\xec\x01\n\x06\x41ttach\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\'\n\x05kinds\x18\x02 \x03(\x0b\x32\x18.jobmesh.v1.KindCapacity\x12\r\n\x05slots\x18\x03 \x01(\r\x12.\n\x06labels\x18\x04 \x03(\x0b\x32\x1e.jobmesh.v1.Attach.LabelsEntry\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\'\n\x07running\x18\x06 \x03(\x0b\x32\x16.jobmesh.v1.AttemptRef\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x30\n\rping_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xae\x02\n\x06\x41ssign\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12.\n\x06inputs\x18\x04 \x03(\x0b\x32\x1e.jobmesh.v1.Assign.InputsEntry\x12\'\n\x06params\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12.\n\x06labels\x18\x07 \x03(\x0b\x32\x1e.jobmesh.v1.Assign.LabelsEntry\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x06\x43\x61ncel\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"+\n\x08\x41\x63\x63\x65pted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"N\n\x08Progress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"S\n\tCompleted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12%\n\x06result\x18\x03 \x01(\x0b\x32\x15.jobmesh.v1.JobResult\"N\n\x06\x46\x61iled\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.jobmesh.v1.JobError\"\x13\n\x04Ping\x12\x0b\n\x03seq\x18\x01 \x01(\x04\";\n\x04Pong\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.jobmesh.v1.WorkerStats\"\xa0\x01\n\x0bWorkerStats\x12\x13\n\x0b\x61\x63tive_jobs\x18\x01 \x01(\r\x12\x12\n\nfree_slots\x18\x02 \x01(\r\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x11\n\trss_bytes\x18\x04 \x01(\x04\x12\x18\n\x10loop_lag_seconds\x18\x05 \x01(\x01\x12\x11\n\tjobs_done\x18\x06 \x01(\x04\x12\x13\n\x0bjobs_failed\x18\x07 \x01(\x04\"\n\n\x08\x44raining2T\n\nDispatcher\x12\x46\n\x07Session\x12\x1a.jobmesh.v1.SessionRequest\x1a\x1b.jobmesh.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjobmesh/v1/dispatcher.proto\x12\njobmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x14jobmesh/v1/job.proto\"\x9a\x02\n\x0eSessionRequest\x12\"\n\x06\x61ttach\x18\x01 \x01(\x0b\x32\x12.jobmesh.v1.Attach\x12&\n\x08\x61\x63\x63\x65pted\x18\x02 \x03(\x0b\x32\x14.jobmesh.v1.Accepted\x12&\n\x08progress\x18\x03 \x03(\x0b\x32\x14.jobmesh.v1.Progress\x12(\n\tcompleted\x18\x04 \x03(\x0b\x32\x15.jobmesh.v1.Completed\x12\"\n\x06\x66\x61iled\x18\x05 \x03(\x0b\x32\x12.jobmesh.v1.Failed\x12\x1e\n\x04pong\x18\x06 \x01(\x0b\x32\x10.jobmesh.v1.Pong\x12&\n\x08\x64raining\x18\x07 \x01(\x0b\x32\x14.jobmesh.v1.Draining\"\x9f\x01\n\x0fSessionResponse\x12$\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.jobmesh.v1.Welcome\x12\"\n\x06\x61ssign\x18\x02 \x03(\x0b\x32\x12.jobmesh.v1.Assign\x12\"\n\x06\x63\x61ncel\x18\x03 \x03(\x0b\x32\x12.jobmesh.v1.Cancel\x12\x1e\n\x04ping\x18\x04 \x01(\x0b\x32\x10.jobmesh.v1.Ping\"5\n\x0cKindCapacity\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\x02 \x01(\r\"-\n\nAttemptRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"\xec\x01\n\x06\x41ttach\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\'\n\x05kinds\x18\x02 \x03(\x0b\x32\x18.jobmesh.v1.KindCapacity\x12\r\n\x05slots\x18\x03 \x01(\r\x12.\n\x06labels\x18\x04 \x03(\x0b\x32\x1e.jobmesh.v1.Attach.LabelsEntry\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\'\n\x07running\x18\x06 \x03(\x0b\x32\x16.jobmesh.v1.AttemptRef\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x30\n\rping_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xda\x02\n\x06\x41ssign\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12.\n\x06inputs\x18\x04 \x03(\x0b\x32\x1e.jobmesh.v1.Assign.InputsEntry\x12\'\n\x06params\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12.\n\x06labels\x18\x07 \x03(\x0b\x32\x1e.jobmesh.v1.Assign.LabelsEntry\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x06\x43\x61ncel\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"+\n\x08\x41\x63\x63\x65pted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"N\n\x08Progress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"S\n\tCompleted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12%\n\x06result\x18\x03 \x01(\x0b\x32\x15.jobmesh.v1.JobResult\"N\n\x06\x46\x61iled\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.jobmesh.v1.JobError\"\x13\n\x04Ping\x12\x0b\n\x03seq\x18\x01 \x01(\x04\";\n\x04Pong\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.jobmesh.v1.WorkerStats\"\xa0\x01\n\x0bWorkerStats\x12\x13\n\x0b\x61\x63tive_jobs\x18\x01 \x01(\r\x12\x12\n\nfree_slots\x18\x02 \x01(\r\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x11\n\trss_bytes\x18\x04 \x01(\x04\x12\x18\n\x10loop_lag_seconds\x18\x05 \x01(\x01\x12\x11\n\tjobs_done\x18\x06 \x01(\x04\x12\x13\n\x0bjobs_failed\x18\x07 \x01(\x04\"\n\n\x08\x44raining2T\n\nDispatcher\x12\x46\n\x07Session\x12\x1a.jobmesh.v1.SessionRequest\x1a\x1b.jobmesh.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,29 +55,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WELCOME']._serialized_start=915
   _globals['_WELCOME']._serialized_end=994
   _globals['_ASSIGN']._serialized_start=997
-  _globals['_ASSIGN']._serialized_end=1299
-  _globals['_ASSIGN_INPUTSENTRY']._serialized_start=1207
-  _globals['_ASSIGN_INPUTSENTRY']._serialized_end=1252
+  _globals['_ASSIGN']._serialized_end=1343
+  _globals['_ASSIGN_INPUTSENTRY']._serialized_start=1251
+  _globals['_ASSIGN_INPUTSENTRY']._serialized_end=1296
   _globals['_ASSIGN_LABELSENTRY']._serialized_start=868
   _globals['_ASSIGN_LABELSENTRY']._serialized_end=913
-  _globals['_CANCEL']._serialized_start=1301
-  _globals['_CANCEL']._serialized_end=1358
-  _globals['_ACCEPTED']._serialized_start=1360
-  _globals['_ACCEPTED']._serialized_end=1403
-  _globals['_PROGRESS']._serialized_start=1405
-  _globals['_PROGRESS']._serialized_end=1483
-  _globals['_COMPLETED']._serialized_start=1485
-  _globals['_COMPLETED']._serialized_end=1568
-  _globals['_FAILED']._serialized_start=1570
-  _globals['_FAILED']._serialized_end=1648
-  _globals['_PING']._serialized_start=1650
-  _globals['_PING']._serialized_end=1669
-  _globals['_PONG']._serialized_start=1671
-  _globals['_PONG']._serialized_end=1730
-  _globals['_WORKERSTATS']._serialized_start=1733
-  _globals['_WORKERSTATS']._serialized_end=1893
-  _globals['_DRAINING']._serialized_start=1895
-  _globals['_DRAINING']._serialized_end=1905
-  _globals['_DISPATCHER']._serialized_start=1907
-  _globals['_DISPATCHER']._serialized_end=1991
+  _globals['_CANCEL']._serialized_start=1345
+  _globals['_CANCEL']._serialized_end=1402
+  _globals['_ACCEPTED']._serialized_start=1404
+  _globals['_ACCEPTED']._serialized_end=1447
+  _globals['_PROGRESS']._serialized_start=1449
+  _globals['_PROGRESS']._serialized_end=1527
+  _globals['_COMPLETED']._serialized_start=1529
+  _globals['_COMPLETED']._serialized_end=1612
+  _globals['_FAILED']._serialized_start=1614
+  _globals['_FAILED']._serialized_end=1692
+  _globals['_PING']._serialized_start=1694
+  _globals['_PING']._serialized_end=1713
+  _globals['_PONG']._serialized_start=1715
+  _globals['_PONG']._serialized_end=1774
+  _globals['_WORKERSTATS']._serialized_start=1777
+  _globals['_WORKERSTATS']._serialized_end=1937
+  _globals['_DRAINING']._serialized_start=1939
+  _globals['_DRAINING']._serialized_end=1949
+  _globals['_DISPATCHER']._serialized_start=1951
+  _globals['_DISPATCHER']._serialized_end=2035
 # @@protoc_insertion_point(module_scope)

@@ -168,6 +168,9 @@ class JobSpec(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     RETRY_POLICY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    START_TO_CLOSE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    SCHEDULE_TO_START_TIMEOUT_FIELD_NUMBER: _builtins.int
+    SCHEDULE_TO_CLOSE_TIMEOUT_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """The handler that runs the job, e.g. "echo" or "image.thumbnail"."""
     priority: _builtins.int
@@ -188,6 +191,24 @@ class JobSpec(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels to filter List by."""
 
+    @_builtins.property
+    def start_to_close_timeout(self) -> _duration_pb2.Duration:
+        """Longest one attempt may run, from its assignment; the worker stops the handler
+        and the attempt fails with TIMEOUT (retryable). Unset: no limit.
+        """
+
+    @_builtins.property
+    def schedule_to_start_timeout(self) -> _duration_pb2.Duration:
+        """Longest the job may wait in the queue for each attempt; then it fails with
+        SCHEDULE_TO_START_TIMEOUT. Unset: it waits as long as it takes.
+        """
+
+    @_builtins.property
+    def schedule_to_close_timeout(self) -> _duration_pb2.Duration:
+        """Longest the whole job may take, from Submit to its end, retries included; then it
+        fails with DEADLINE_EXCEEDED. Unset: no limit.
+        """
+
     def __init__(
         self,
         *,
@@ -198,10 +219,13 @@ class JobSpec(_message.Message):
         idempotency_key: _builtins.str = ...,
         retry_policy: Global___RetryPolicy | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        start_to_close_timeout: _duration_pb2.Duration | None = ...,
+        schedule_to_start_timeout: _duration_pb2.Duration | None = ...,
+        schedule_to_close_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "retry_policy", b"retry_policy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "inputs", b"inputs", "kind", b"kind", "labels", b"labels", "params", b"params", "priority", b"priority", "retry_policy", b"retry_policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "inputs", b"inputs", "kind", b"kind", "labels", b"labels", "params", b"params", "priority", b"priority", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -338,6 +362,7 @@ class Job(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant: _builtins.str
     """The owner of the job; one default tenant until authentication exists."""
@@ -369,6 +394,10 @@ class Job(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]: ...
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """When the job fails with DEADLINE_EXCEEDED, from spec.schedule_to_close_timeout."""
+
     def __init__(
         self,
         *,
@@ -387,10 +416,11 @@ class Job(_message.Message):
         worker_id: _builtins.str = ...,
         attempts: _abc.Iterable[Global___Attempt] | None = ...,
         event_seq: _builtins.int = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "result", b"result", "spec", b"spec", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "result", b"result", "spec", b"spec", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "event_seq", b"event_seq", "id", b"id", "progress", b"progress", "progress_message", b"progress_message", "result", b"result", "spec", b"spec", "state", b"state", "tenant", b"tenant", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "event_seq", b"event_seq", "id", b"id", "progress", b"progress", "progress_message", b"progress_message", "result", b"result", "spec", b"spec", "state", b"state", "tenant", b"tenant", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
