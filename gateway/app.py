@@ -111,9 +111,11 @@ class Gateway:
         if self._server is None:
             return
         await self._health.enter_graceful_shutdown()
+        # Running attempts stay as they are in the store; their workers re-attach to the
+        # next gateway and carry on, instead of the jobs being run twice.
+        self._scheduler.stop()
         await self._server.stop(grace)
         self._server = None
-        self._scheduler.stop()
         await self._store.close()
         log.info("gateway stopped")
 
@@ -134,6 +136,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ping-interval", type=float, help="seconds between worker pings")
     parser.add_argument("--ping-misses", type=int, help="missed pings before a worker is dead")
     parser.add_argument("--max-message-bytes", type=int, help="largest message accepted")
+    parser.add_argument("--max-queued", type=int, help="most jobs waiting before Submit is refused")
+    parser.add_argument("--ack-timeout", type=float, help="seconds a worker has to accept a job")
+    parser.add_argument(
+        "--reattach-grace", type=float, help="seconds a lost worker's jobs wait for it to return"
+    )
     parser.add_argument("--port-file", help="write the bound port to this file once serving")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
@@ -145,6 +152,9 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         ping_interval=args.ping_interval,
         ping_misses=args.ping_misses,
         max_message_bytes=args.max_message_bytes,
+        max_queued=args.max_queued,
+        ack_timeout=args.ack_timeout,
+        reattach_grace=args.reattach_grace,
         port_file=args.port_file,
     )
 

@@ -27,6 +27,12 @@ class GatewaySettings:
     """Largest request or worker message accepted; larger ones get RESOURCE_EXHAUSTED."""
     max_batch: int = 1000
     """Most jobs in one SubmitBatch."""
+    max_queued: int = 100_000
+    """Most jobs waiting at once; Submit beyond it gets RESOURCE_EXHAUSTED (backpressure)."""
+    ack_timeout: float = 10.0
+    """Seconds a worker has to accept an Assign before the job goes back to the queue."""
+    reattach_grace: float = 10.0
+    """Seconds the attempts of a worker whose stream broke wait for it to re-attach."""
     default_max_attempts: int = 3
     """Attempts a job gets when its retry policy does not say."""
     port_file: str = ""
@@ -44,6 +50,12 @@ class GatewaySettings:
             raise ValueError("max_message_bytes must be at least 1024")
         if self.max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if self.max_queued < 1:
+            raise ValueError("max_queued must be at least 1")
+        if self.ack_timeout <= 0:
+            raise ValueError("ack_timeout must be positive")
+        if self.reattach_grace < 0:
+            raise ValueError("reattach_grace must not be negative")
         if self.default_max_attempts < 1:
             raise ValueError("default_max_attempts must be at least 1")
 
@@ -57,6 +69,9 @@ class GatewaySettings:
             ("ping_interval", "JOBMESH_PING_INTERVAL", float),
             ("ping_misses", "JOBMESH_PING_MISSES", int),
             ("max_message_bytes", "JOBMESH_MAX_MESSAGE_BYTES", int),
+            ("max_queued", "JOBMESH_MAX_QUEUED", int),
+            ("ack_timeout", "JOBMESH_ACK_TIMEOUT", float),
+            ("reattach_grace", "JOBMESH_REATTACH_GRACE", float),
         ):
             if var in env:
                 values[name] = conv(env[var])

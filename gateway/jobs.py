@@ -6,7 +6,7 @@ import os
 import random
 import time
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from jobmesh.v1 import job_pb2
 
@@ -89,13 +89,13 @@ def retry_delay(job: job_pb2.Job, rng: random.Random) -> float:
     """Seconds before the next attempt: exponential backoff with jitter, per the job's policy."""
     policy = job.spec.retry_policy
     initial = (
-        policy.initial_backoff.ToTimedelta().total_seconds()
+        duration_seconds(policy.initial_backoff)
         if policy.HasField("initial_backoff")
         else DEFAULT_INITIAL_BACKOFF
     )
     multiplier = policy.backoff_multiplier or DEFAULT_BACKOFF_MULTIPLIER
     ceiling = (
-        policy.max_backoff.ToTimedelta().total_seconds()
+        duration_seconds(policy.max_backoff)
         if policy.HasField("max_backoff")
         else DEFAULT_MAX_BACKOFF
     )
@@ -103,3 +103,11 @@ def retry_delay(job: job_pb2.Job, rng: random.Random) -> float:
     # job.attempt is the attempt that just failed; the first retry waits `initial`.
     delay = min(ceiling, initial * multiplier ** max(0, job.attempt - 1))
     return max(0.0, delay * (1 - jitter * rng.random()))
+
+
+def duration_seconds(duration: duration_pb2.Duration) -> float:
+    return duration.seconds + duration.nanos / 1e9
+
+
+def seconds_until(stamp: timestamp_pb2.Timestamp) -> float:
+    return (stamp.ToNanoseconds() - time.time_ns()) / 1e9

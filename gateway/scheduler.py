@@ -1,43 +1,46 @@
-"""The scheduler: priority queues per kind, credits per worker, attempts and retries.
+"""The scheduler: priority queues per kind, credits per worker, attempts, retries, timeouts.
 
-All job state changes happen here, on the event loop, in memory first; each one
-is written to the store in order. Jobs not yet terminal stay in memory, so
-dispatch never waits on the database. A change is published to watchers only
-once the store has committed it.
+All job state changes happen here, on the event loop, in memory first; each one is
+written to the store in order. Jobs not yet terminal stay in memory, so dispatch
+never waits on the database. A change is published to watchers only once the
+store has committed it.
+
+An attempt is fenced by (job id, attempt number) and by the session that owns it:
+anything else a worker says about a job is ignored. When a worker's stream breaks,
+its attempts are orphaned for `reattach_grace`: if the same worker comes back and
+reports them running (or finished), it takes them back; otherwise they are retried.
 """
 
 from __future__ import annotations
 
-import asyncio
-import heapq
-import itertools
 import logging
 import random
-from collections import defaultdict
 from collections.abc import Awaitable, Iterable, Sequence
 
 from gateway.config import GatewaySettings
 from gateway.jobs import (
     S,
+    duration_seconds,
+    is_terminal,
     max_attempts,
     new_job_id,
     next_event,
     now,
     retry_delay,
+    seconds_until,
     state_name,
 )
+from gateway.queues import KindQueues
 from gateway.store import Inserted, JobStore
+from gateway.timers import Timers
 from gateway.workers import AttemptKey, WorkerSession
-from jobmesh.errors import NotFound
+from jobmesh.errors import NotFound, ResourceExhausted
 from jobmesh.v1 import dispatcher_pb2, job_pb2
 
 log = logging.getLogger(__name__)
 
 # A worker answers an Assign it cannot take (no free slot, unknown kind) with this code.
 REJECTED = "REJECTED"
-
-# (-priority, order, job id, attempt): higher priority first, FIFO within one.
-QueueEntry = tuple[int, int, str, int]
 
 
 def _error(code: str, message: str, *, retryable: bool) -> job_pb2.JobError:
@@ -49,13 +52,17 @@ class Scheduler:
         self._settings = settings
         self._store = store
         self._active: dict[str, job_pb2.Job] = {}
-        self._queues: defaultdict[str, list[QueueEntry]] = defaultdict(list)
-        self._order = itertools.count()
+        self._queues = KindQueues()
+        self._queued = 0
+        """Active jobs in state QUEUED, waiting in a queue or for a retry's backoff."""
         self._owner: dict[str, WorkerSession] = {}
+        self._orphans: dict[str, tuple[int, str]] = {}
+        """Job id -> (attempt, worker id) of attempts whose worker's stream broke."""
         self._sessions: dict[str, WorkerSession] = {}
         self._kinds_seen: set[str] = set()
-        self._timers: set[asyncio.TimerHandle] = set()
+        self._timers = Timers()
         self._rng = random.Random()
+        self._stopping = False
 
     # --- start and stop -------------------------------------------------------
 
@@ -64,24 +71,20 @@ class Scheduler:
         jobs = await self._store.unfinished()
         for job in jobs:
             self._active[job.id] = job
+            self._watch_deadline(job)
             if job.state == S.JOB_STATE_QUEUED:
+                self._queued += 1
                 self._enqueue(job)
             else:
-                # Its worker's session ended with the previous gateway.
-                self._attempt_failed(
-                    job,
-                    _error(
-                        "WORKER_LOST", "the gateway restarted during the attempt", retryable=True
-                    ),
-                    backoff=False,
-                )
+                # Its worker may still run it and re-attach to this gateway.
+                self._orphan(job, job.worker_id)
         self._dispatch()
         return len(jobs)
 
     def stop(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
+        """Stops scheduling. Running attempts stay as they are, for workers to re-attach."""
+        self._stopping = True
+        self._timers.cancel_all()
 
     # --- client calls ---------------------------------------------------------
 
@@ -91,15 +94,24 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return self._queued
 
     async def submit(self, tenant: str, specs: Sequence[job_pb2.JobSpec]) -> list[Inserted]:
+        limit = self._settings.max_queued
+        if self._queued + len(specs) > limit:
+            raise ResourceExhausted(
+                f"the queue is full: {self._queued} jobs wait (limit {limit}); retry later"
+            )
         jobs, events = [], []
         for spec in specs:
             job = job_pb2.Job(
                 id=new_job_id(), tenant=tenant, spec=spec, state=S.JOB_STATE_QUEUED, attempt=1
             )
             job.create_time.CopyFrom(now())
+            if spec.HasField("schedule_to_close_timeout"):
+                job.deadline.FromNanoseconds(
+                    job.create_time.ToNanoseconds() + spec.schedule_to_close_timeout.ToNanoseconds()
+                )
             events.append(next_event(job, message="submitted"))
             jobs.append(job)
         inserted = await self._store.insert(jobs, events)
@@ -115,6 +127,8 @@ class Scheduler:
             snapshot.spec.ClearField("inputs")  # the caller has them; Get returns them
             answers.append(Inserted(snapshot))
             self._active[item.job.id] = item.job
+            self._queued += 1
+            self._watch_deadline(item.job)
             self._enqueue(item.job)
         self._dispatch()
         return answers
@@ -131,18 +145,7 @@ class Scheduler:
             # Terminal already (cancel is idempotent), or unknown.
             return await self.get(tenant, job_id)
         error = _error("CANCELLED", reason or "cancelled on request", retryable=False)
-        session = self._owner.get(job_id)
-        if session is not None:
-            session.outbox.put(
-                dispatcher_pb2.SessionResponse(
-                    cancel=[
-                        dispatcher_pb2.Cancel(
-                            job_id=job_id, attempt=job.attempt, reason=error.message
-                        )
-                    ]
-                )
-            )
-            self._close_attempt(job, error)
+        self._stop_attempt(job, error)
         await self._end(job, S.JOB_STATE_CANCELLED, error=error)
         return job
 
@@ -153,31 +156,47 @@ class Scheduler:
         return self._sessions.values()
 
     def attach(self, session: WorkerSession, running: Iterable[AttemptKey]) -> None:
-        # Attempts the worker still runs from before a reconnect hold its slots
-        # until it reports them; the gateway already gave those jobs new attempts.
-        for key in running:
-            session.hold(key, "")
+        for old in [s for s in self._sessions.values() if s.worker_id == session.worker_id]:
+            self.detach(old, "replaced by a new session of the same worker")
         self._sessions[session.session_id] = session
         self._kinds_seen.update(session.kinds)
+        taken_back = 0
+        for key in running:
+            if self._current(*key, session) is not None:
+                taken_back += 1
+            elif key not in session.inflight:
+                # Superseded or ended meanwhile: it holds a slot until the worker stops it.
+                session.hold(key, "")
+                self._send_cancel(session, key, "this attempt was superseded")
         log.info(
-            "worker %s attached (session %s, %d slots, kinds %s)",
+            "worker %s attached (session %s, %d slots, kinds %s, %d running attempts taken back)",
             session.worker_id,
             session.session_id,
             session.slots,
             ",".join(sorted(session.kinds)),
+            taken_back,
         )
         self._dispatch()
 
-    def detach(self, session: WorkerSession, reason: str) -> None:
+    def detach(self, session: WorkerSession, reason: str, *, silent: bool = False) -> None:
+        """Forgets a session. Its attempts wait for the worker to re-attach, unless it went
+        silent (missed pings), in which case they are retried at once."""
         if self._sessions.pop(session.session_id, None) is None:
             return
         log.info("worker %s detached: %s", session.worker_id, reason)
-        error = _error("WORKER_LOST", f"worker {session.worker_id} lost: {reason}", retryable=True)
+        if self._stopping:
+            return
+        lost = _error("WORKER_LOST", f"worker {session.worker_id} lost: {reason}", retryable=True)
         for job_id, attempt in list(session.inflight):
             session.release((job_id, attempt))
-            job = self._current(job_id, attempt, session)
-            if job is not None:
-                self._attempt_failed(job, error, backoff=False)
+            if self._owner.get(job_id) is not session:
+                continue
+            job = self._active[job_id]
+            if silent:
+                self._attempt_failed(job, lost, backoff=False)
+            else:
+                del self._owner[job_id]
+                self._orphan(job, session.worker_id)
         self._dispatch()
 
     def handle(self, session: WorkerSession, request: dispatcher_pb2.SessionRequest) -> None:
@@ -188,14 +207,19 @@ class Scheduler:
         if request.HasField("pong"):
             session.heard(request.pong)
         for accepted in request.accepted:
-            job = self._current(accepted.job_id, accepted.attempt, session)
-            if job is not None and job.state == S.JOB_STATE_ASSIGNED:
-                job.state = S.JOB_STATE_RUNNING
+            key = (accepted.job_id, accepted.attempt)
+            job = self._current(*key, session)
+            if job is None:
+                if key not in session.inflight:
+                    # Accepted after the gateway gave up on it: stop it.
+                    self._send_cancel(session, key, "this attempt was superseded")
+            elif job.state == S.JOB_STATE_ASSIGNED:
+                self._set_state(job, S.JOB_STATE_RUNNING)
                 self._save(job, next_event(job))
         for progress in request.progress:
             job = self._current(progress.job_id, progress.attempt, session)
             if job is not None:
-                job.state = S.JOB_STATE_RUNNING
+                self._set_state(job, S.JOB_STATE_RUNNING)
                 job.progress = min(1.0, max(0.0, progress.fraction))
                 job.progress_message = progress.message
                 self._save(
@@ -222,50 +246,110 @@ class Scheduler:
                 self._attempt_failed(job, failed.error, backoff=True)
         self._dispatch()
 
-    # --- internals ------------------------------------------------------------
+    # --- attempts -------------------------------------------------------------
 
     def _current(self, job_id: str, attempt: int, session: WorkerSession) -> job_pb2.Job | None:
-        """The job if (job_id, attempt) is its live attempt on this session, else None (fencing)."""
+        """The job if (job_id, attempt) is its live attempt on this session, else None.
+
+        An orphaned attempt of the same worker is taken back by the new session here.
+        """
         job = self._active.get(job_id)
-        if job is None or job.attempt != attempt or self._owner.get(job_id) is not session:
+        if job is None or job.attempt != attempt:
             return None
-        return job
+        owner = self._owner.get(job_id)
+        if owner is session:
+            return job
+        if owner is None and self._orphans.get(job_id) == (attempt, session.worker_id):
+            del self._orphans[job_id]
+            self._owner[job_id] = session
+            if (job_id, attempt) not in session.inflight:
+                session.hold((job_id, attempt), job.spec.kind)
+            return job
+        return None
+
+    def _orphan(self, job: job_pb2.Job, worker_id: str) -> None:
+        job_id, attempt = job.id, job.attempt
+        self._orphans[job_id] = (attempt, worker_id)
+        grace = self._settings.reattach_grace
+
+        def expire() -> None:
+            if self._orphans.get(job_id, (0, ""))[0] != attempt:
+                return
+            del self._orphans[job_id]
+            lost = _error(
+                "WORKER_LOST",
+                f"worker {worker_id} did not come back within {grace:g}s",
+                retryable=True,
+            )
+            self._attempt_failed(self._active[job_id], lost, backoff=False)
+            self._dispatch()
+
+        self._timers.after(grace, expire)
+
+    def _set_state(self, job: job_pb2.Job, state: int) -> None:
+        self._queued += (state == S.JOB_STATE_QUEUED) - (job.state == S.JOB_STATE_QUEUED)
+        job.state = state  # type: ignore[assignment]
 
     def _save(self, job: job_pb2.Job, event: job_pb2.JobEvent | None) -> Awaitable[None]:
         return self._store.save(job, event)
 
     def _enqueue(self, job: job_pb2.Job) -> None:
-        entry = (-job.spec.priority, next(self._order), job.id, job.attempt)
-        heapq.heappush(self._queues[job.spec.kind], entry)
+        self._queues.push(job.spec.kind, job.spec.priority, job.id, job.attempt)
+        if job.spec.HasField("schedule_to_start_timeout"):
+            limit = duration_seconds(job.spec.schedule_to_start_timeout)
+            job_id, attempt = job.id, job.attempt
+
+            def expire() -> None:
+                current = self._active.get(job_id)
+                if current is None or current.attempt != attempt:
+                    return
+                if current.state == S.JOB_STATE_QUEUED:
+                    message = f"no worker started the job within {limit:g}s"
+                    error = _error("SCHEDULE_TO_START_TIMEOUT", message, retryable=False)
+                    self._end(current, S.JOB_STATE_FAILED, error=error)
+
+            self._timers.after(limit, expire)
+
+    def _watch_deadline(self, job: job_pb2.Job) -> None:
+        if not job.HasField("deadline"):
+            return
+        job_id = job.id
+        limit = duration_seconds(job.spec.schedule_to_close_timeout)
+
+        def expire() -> None:
+            current = self._active.get(job_id)
+            if current is not None:
+                message = f"the job did not end within {limit:g}s"
+                error = _error("DEADLINE_EXCEEDED", message, retryable=False)
+                self._stop_attempt(current, error)
+                self._end(current, S.JOB_STATE_FAILED, error=error)
+                self._dispatch()
+
+        self._timers.after(seconds_until(job.deadline), expire)
 
     def _requeue_later(self, job: job_pb2.Job, delay: float) -> None:
-        loop = asyncio.get_running_loop()
         job_id, attempt = job.id, job.attempt
 
         def fire() -> None:
-            self._timers.discard(timer)
             current = self._active.get(job_id)
             if current is not None and current.attempt == attempt:
                 self._enqueue(current)
                 self._dispatch()
 
-        timer = loop.call_later(delay, fire)
-        self._timers.add(timer)
+        self._timers.after(delay, fire)
 
     def _dispatch(self) -> None:
-        for kind in list(self._queues):
-            heap = self._queues[kind]
-            while heap:
-                session = self._pick(kind)
-                if session is None:
+        if self._stopping:
+            return
+        for kind in self._queues.kinds():
+            while (session := self._pick(kind)) is not None:
+                popped = self._queues.pop(kind)
+                if popped is None:
                     break
-                _, _, job_id, attempt = heapq.heappop(heap)
-                job = self._active.get(job_id)
-                if job is None or job.attempt != attempt or job.state != S.JOB_STATE_QUEUED:
+                job = self._active.get(popped[0])
+                if job is None or job.attempt != popped[1] or job.state != S.JOB_STATE_QUEUED:
                     continue  # cancelled or superseded while it waited
                 self._assign(job, session)
-            if not heap:
-                del self._queues[kind]
 
     def _pick(self, kind: str) -> WorkerSession | None:
         """The least-loaded session that can take one more job of the kind."""
@@ -276,46 +360,107 @@ class Scheduler:
         return best
 
     def _assign(self, job: job_pb2.Job, session: WorkerSession) -> None:
-        job.state = S.JOB_STATE_ASSIGNED
+        self._set_state(job, S.JOB_STATE_ASSIGNED)
         job.worker_id = session.worker_id
         attempt = job.attempts.add(number=job.attempt, worker_id=session.worker_id)
         attempt.start_time.CopyFrom(now())
         self._owner[job.id] = session
         session.hold((job.id, job.attempt), job.spec.kind)
-        session.outbox.put(
-            dispatcher_pb2.SessionResponse(
-                assign=[
-                    dispatcher_pb2.Assign(
-                        job_id=job.id,
-                        attempt=job.attempt,
-                        kind=job.spec.kind,
-                        inputs=job.spec.inputs,
-                        params=job.spec.params,
-                        tenant=job.tenant,
-                        labels=job.spec.labels,
-                    )
-                ]
-            )
+        assign = dispatcher_pb2.Assign(
+            job_id=job.id,
+            attempt=job.attempt,
+            kind=job.spec.kind,
+            inputs=job.spec.inputs,
+            params=job.spec.params,
+            tenant=job.tenant,
+            labels=job.spec.labels,
         )
+        if job.spec.HasField("start_to_close_timeout"):
+            assign.timeout.CopyFrom(job.spec.start_to_close_timeout)
+            self._watch_attempt_timeout(job)
+        session.outbox.put(dispatcher_pb2.SessionResponse(assign=[assign]))
+        self._watch_ack(job, session)
         self._save(job, next_event(job))
+
+    def _watch_ack(self, job: job_pb2.Job, session: WorkerSession) -> None:
+        """An Assign not accepted in time goes back to the queue; the worker may never
+        have received it."""
+        job_id, attempt, limit = job.id, job.attempt, self._settings.ack_timeout
+
+        def expire() -> None:
+            current = self._active.get(job_id)
+            if (
+                current is None
+                or current.attempt != attempt
+                or current.state != S.JOB_STATE_ASSIGNED
+                or self._owner.get(job_id) is not session
+            ):
+                return
+            session.release((job_id, attempt))
+            error = _error(
+                "ASSIGN_NOT_ACKNOWLEDGED",
+                f"worker {session.worker_id} did not accept the job within {limit:g}s",
+                retryable=True,
+            )
+            self._stop_attempt(current, error)
+            self._attempt_failed(current, error, backoff=False)
+            self._dispatch()
+
+        self._timers.after(limit, expire)
+
+    def _watch_attempt_timeout(self, job: job_pb2.Job) -> None:
+        """A backstop: the worker enforces the attempt's timeout and reports TIMEOUT; this
+        fires only if it cannot (a stuck worker), after a margin for the report to arrive."""
+        job_id, attempt = job.id, job.attempt
+        limit = duration_seconds(job.spec.start_to_close_timeout)
+        margin = self._settings.ping_interval * self._settings.ping_misses + 5.0
+
+        def expire() -> None:
+            current = self._active.get(job_id)
+            if current is None or current.attempt != attempt:
+                return
+            message = f"the attempt did not end within {limit:g}s"
+            error = _error("TIMEOUT", message, retryable=True)
+            self._stop_attempt(current, error)
+            self._attempt_failed(current, error, backoff=True)
+            self._dispatch()
+
+        self._timers.after(limit + margin, expire)
 
     def _unassign(self, job: job_pb2.Job) -> None:
         """Puts back a job its worker refused before starting it; no attempt was used."""
         self._owner.pop(job.id, None)
         if job.attempts and job.attempts[-1].number == job.attempt:
             del job.attempts[-1]
-        job.state = S.JOB_STATE_QUEUED
+        self._set_state(job, S.JOB_STATE_QUEUED)
         job.worker_id = ""
         self._save(job, next_event(job, message="the worker refused the job; queued again"))
         self._enqueue(job)
+
+    def _send_cancel(self, session: WorkerSession, key: AttemptKey, reason: str) -> None:
+        cancel = dispatcher_pb2.Cancel(job_id=key[0], attempt=key[1], reason=reason)
+        session.outbox.put(dispatcher_pb2.SessionResponse(cancel=[cancel]))
+
+    def _stop_attempt(self, job: job_pb2.Job, error: job_pb2.JobError) -> None:
+        """Ends the current attempt from the gateway's side and tells its worker to stop.
+
+        The worker's slot stays held until it reports the attempt ended.
+        """
+        self._orphans.pop(job.id, None)
+        session = self._owner.get(job.id)
+        if session is not None:
+            self._send_cancel(session, (job.id, job.attempt), error.message)
+        if job.state in (S.JOB_STATE_ASSIGNED, S.JOB_STATE_RUNNING):
+            self._close_attempt(job, error)
 
     def _close_attempt(self, job: job_pb2.Job, error: job_pb2.JobError | None) -> None:
         self._owner.pop(job.id, None)
         if job.attempts and job.attempts[-1].number == job.attempt:
             last = job.attempts[-1]
-            last.end_time.CopyFrom(now())
-            if error is not None:
-                last.error.CopyFrom(error)
+            if not last.HasField("end_time"):
+                last.end_time.CopyFrom(now())
+                if error is not None:
+                    last.error.CopyFrom(error)
 
     def _attempt_failed(self, job: job_pb2.Job, error: job_pb2.JobError, *, backoff: bool) -> None:
         self._close_attempt(job, error)
@@ -326,7 +471,7 @@ class Scheduler:
         delay = retry_delay(job, self._rng) if backoff else 0.0
         failed_attempt = job.attempt
         job.attempt += 1
-        job.state = S.JOB_STATE_QUEUED
+        self._set_state(job, S.JOB_STATE_QUEUED)
         job.worker_id = ""
         job.progress = 0.0
         job.progress_message = ""
@@ -340,11 +485,13 @@ class Scheduler:
     def _end(
         self, job: job_pb2.Job, state: int, *, error: job_pb2.JobError | None = None
     ) -> Awaitable[None]:
-        job.state = state  # type: ignore[assignment]
+        assert not is_terminal(job), f"job {job.id} ended twice"
+        self._set_state(job, state)
         if error is not None:
             job.error.CopyFrom(error)
         job.end_time.CopyFrom(now())
         self._active.pop(job.id, None)
         self._owner.pop(job.id, None)
+        self._orphans.pop(job.id, None)
         log.debug("job %s %s", job.id, state_name(state))
         return self._save(job, next_event(job, message=error.message if error else ""))

@@ -75,6 +75,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         reader = asyncio.create_task(self._read(session, requests))
         pinger = asyncio.create_task(self._ping(session))
         reason = "stream ended"
+        silent = False
         try:
             while True:
                 take = asyncio.create_task(session.outbox.take())
@@ -85,7 +86,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                     await context.write(take.result())
                     continue
                 take.cancel()
-                ended = reader if reader in done else pinger
+                silent = pinger in done
+                ended = pinger if silent else reader
                 reason = ended.result() if not ended.cancelled() else "cancelled"
                 break
         except asyncio.CancelledError:
@@ -98,7 +100,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-            self._scheduler.detach(session, reason)
+            self._scheduler.detach(session, reason, silent=silent)
 
     async def _read(
         self, session: WorkerSession, requests: AsyncIterator[dispatcher_pb2.SessionRequest]

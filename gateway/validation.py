@@ -7,6 +7,7 @@ import binascii
 import re
 from collections.abc import Mapping
 
+from gateway.jobs import duration_seconds
 from jobmesh.errors import InvalidArgument
 from jobmesh.v1 import dispatcher_pb2, job_pb2
 
@@ -19,6 +20,7 @@ MAX_LABEL_VALUE = 256
 MAX_IDEMPOTENCY_KEY = 256
 MAX_ATTEMPTS = 100
 MAX_BACKOFF_SECONDS = 86400.0
+MAX_TIMEOUT_SECONDS = 30 * 86400.0
 MAX_JOB_ID = 64
 MAX_SLOTS = 10_000
 DEFAULT_PAGE_SIZE = 50
@@ -56,6 +58,15 @@ def spec(value: job_pb2.JobSpec, field: str = "spec") -> None:
     if len(value.idempotency_key) > MAX_IDEMPOTENCY_KEY:
         raise InvalidArgument(f"longer than {MAX_IDEMPOTENCY_KEY}", f"{field}.idempotency_key")
     _retry_policy(value.retry_policy, f"{field}.retry_policy")
+    timeouts = (
+        ("start_to_close_timeout", value.HasField("start_to_close_timeout")),
+        ("schedule_to_start_timeout", value.HasField("schedule_to_start_timeout")),
+        ("schedule_to_close_timeout", value.HasField("schedule_to_close_timeout")),
+    )
+    for name, is_set in timeouts:
+        seconds = duration_seconds(getattr(value, name))
+        if is_set and not 0 < seconds <= MAX_TIMEOUT_SECONDS:
+            raise InvalidArgument("must be positive and at most 30 days", f"{field}.{name}")
 
 
 def _retry_policy(policy: job_pb2.RetryPolicy, field: str) -> None:
@@ -63,7 +74,7 @@ def _retry_policy(policy: job_pb2.RetryPolicy, field: str) -> None:
         raise InvalidArgument(f"at most {MAX_ATTEMPTS}", f"{field}.max_attempts")
     for name in ("initial_backoff", "max_backoff"):
         if policy.HasField(name):
-            seconds = getattr(policy, name).ToTimedelta().total_seconds()
+            seconds = duration_seconds(getattr(policy, name))
             if not 0 <= seconds <= MAX_BACKOFF_SECONDS:
                 raise InvalidArgument("must be between 0 and 1 day", f"{field}.{name}")
     if policy.backoff_multiplier and not 1 <= policy.backoff_multiplier <= 10:

@@ -10,12 +10,19 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc
 from google.protobuf import timestamp_pb2
 
-from jobmesh.convert import JobState, is_terminal, job_spec, parse_state, state_name
+from jobmesh.convert import (
+    JobState,
+    SpecOptions,
+    is_terminal,
+    job_spec,
+    parse_state,
+    state_name,
+)
 from jobmesh.errors import JobFailed, Unavailable, from_rpc_error
 from jobmesh.settings import ClientSettings
 from jobmesh.v1 import (
@@ -94,21 +101,10 @@ class AsyncClient:
         *,
         params: Mapping[str, Any] | None = None,
         inputs: Mapping[str, bytes] | None = None,
-        priority: int = 0,
-        idempotency_key: str = "",
-        labels: Mapping[str, str] | None = None,
-        max_attempts: int | None = None,
+        **options: Unpack[SpecOptions],
     ) -> Submitted:
-        """Submits a job; returns at once with it QUEUED."""
-        spec = job_spec(
-            kind,
-            params=params,
-            inputs=inputs,
-            priority=priority,
-            idempotency_key=idempotency_key,
-            labels=labels,
-            max_attempts=max_attempts,
-        )
+        """Submits a job; returns at once with it QUEUED. See SpecOptions for the options."""
+        spec = job_spec(kind, params=params, inputs=inputs, **options)
         response = await _unary(self._jobs.Submit(job_service_pb2.SubmitRequest(spec=spec)))
         return Submitted.of(response)
 
@@ -173,21 +169,10 @@ class AsyncClient:
         *,
         params: Mapping[str, Any] | None = None,
         inputs: Mapping[str, bytes] | None = None,
-        priority: int = 0,
-        idempotency_key: str = "",
-        labels: Mapping[str, str] | None = None,
-        max_attempts: int | None = None,
+        **options: Unpack[SpecOptions],
     ) -> AsyncIterator[job_pb2.JobEvent]:
         """Submits a job and streams its events, like `submit` then `watch`, in one call."""
-        spec = job_spec(
-            kind,
-            params=params,
-            inputs=inputs,
-            priority=priority,
-            idempotency_key=idempotency_key,
-            labels=labels,
-            max_attempts=max_attempts,
-        )
+        spec = job_spec(kind, params=params, inputs=inputs, **options)
         call = self._jobs.Run(job_service_pb2.RunRequest(spec=spec))
         last: job_pb2.JobEvent | None = None
         try:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypeAlias
+from datetime import timedelta
+from typing import Any, TypeAlias, TypedDict, Unpack
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from jobmesh.errors import InvalidArgument
 from jobmesh.v1 import job_pb2
@@ -18,31 +19,73 @@ TERMINAL_STATES: frozenset[JobState] = frozenset(
 _STATE_PREFIX = "JOB_STATE_"
 
 
+Seconds: TypeAlias = float | timedelta
+
+
+class SpecOptions(TypedDict, total=False):
+    """How a job runs, besides its kind, params and inputs; unset options take the
+    gateway's defaults."""
+
+    priority: int
+    """Higher runs first (default 0)."""
+    idempotency_key: str
+    """A second submit with the same key returns the first job."""
+    labels: Mapping[str, str]
+    max_attempts: int
+    """Attempts in all, the first included."""
+    start_to_close_timeout: Seconds | None
+    """Longest one attempt may run; it then fails with TIMEOUT and is retried."""
+    schedule_to_start_timeout: Seconds | None
+    """Longest the job may wait in the queue for an attempt; it then fails."""
+    schedule_to_close_timeout: Seconds | None
+    """Longest the whole job may take, retries included; it then fails DEADLINE_EXCEEDED."""
+
+
 def job_spec(
     kind: str,
     *,
     params: Mapping[str, Any] | None = None,
     inputs: Mapping[str, bytes] | None = None,
-    priority: int = 0,
-    idempotency_key: str = "",
-    labels: Mapping[str, str] | None = None,
-    max_attempts: int | None = None,
+    **options: Unpack[SpecOptions],
 ) -> job_pb2.JobSpec:
     """A JobSpec from Python values; `params` must be JSON-like (dicts, lists, str, numbers)."""
     spec = job_pb2.JobSpec(
         kind=kind,
         inputs=dict(inputs or {}),
-        priority=priority,
-        idempotency_key=idempotency_key,
-        labels=dict(labels or {}),
+        priority=options.get("priority", 0),
+        idempotency_key=options.get("idempotency_key", ""),
+        labels=dict(options.get("labels") or {}),
     )
     if params:
         spec.params.CopyFrom(to_struct(params, "params"))
+    max_attempts = options.get("max_attempts")
     if max_attempts is not None:
         if max_attempts < 1:
             raise InvalidArgument("must be at least 1", "max_attempts")
         spec.retry_policy.max_attempts = max_attempts
+    _set_duration(
+        spec.start_to_close_timeout, options.get("start_to_close_timeout"), "start_to_close_timeout"
+    )
+    _set_duration(
+        spec.schedule_to_start_timeout,
+        options.get("schedule_to_start_timeout"),
+        "schedule_to_start_timeout",
+    )
+    _set_duration(
+        spec.schedule_to_close_timeout,
+        options.get("schedule_to_close_timeout"),
+        "schedule_to_close_timeout",
+    )
     return spec
+
+
+def _set_duration(duration: duration_pb2.Duration, value: Seconds | None, field: str) -> None:
+    if value is None:
+        return
+    delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
+    if delta <= timedelta(0):
+        raise InvalidArgument("must be positive", field)
+    duration.FromTimedelta(delta)
 
 
 def to_struct(values: Mapping[str, Any], field: str = "") -> struct_pb2.Struct:

@@ -38,6 +38,14 @@ def positive(text: str) -> int:
     return value
 
 
+def seconds(text: str) -> float:
+    """argparse type of a positive number of seconds."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
 def state(text: str) -> JobState:
     """argparse type of a job state: QUEUED, succeeded, JOB_STATE_FAILED..."""
     try:

@@ -64,6 +64,12 @@ def add_commands(
     p.add_argument(
         "--max-attempts", type=cli_args.positive, help="attempts in all (default: the gateway's)"
     )
+    for flag, what in (
+        ("--start-to-close-timeout", "one attempt may run (then TIMEOUT, retried)"),
+        ("--schedule-to-start-timeout", "the job may wait in the queue for an attempt"),
+        ("--schedule-to-close-timeout", "the whole job may take, retries included"),
+    ):
+        p.add_argument(flag, type=cli_args.seconds, metavar="SECONDS", help=f"longest {what}")
     p.add_argument("--wait", action="store_true", help="show progress until the job ends")
     p.add_argument("--output", type=Path, metavar="DIR", help="with --wait: write outputs here")
     p.set_defaults(func=submit)
@@ -126,6 +132,9 @@ def submit(args: argparse.Namespace) -> int:
             idempotency_key=args.idempotency_key,
             labels=dict(args.labels),
             max_attempts=args.max_attempts,
+            start_to_close_timeout=args.start_to_close_timeout,
+            schedule_to_start_timeout=args.schedule_to_start_timeout,
+            schedule_to_close_timeout=args.schedule_to_close_timeout,
         )
         for warning in submitted.warnings:
             print(f"jobmesh: warning: {warning}", file=sys.stderr)
