@@ -1,0 +1,97 @@
+"""Timeouts, the unacknowledged assignment and the bounded queue, through real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from jobmesh import AsyncClient, ResourceExhausted
+from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc, job_pb2
+from tests.cluster import Cluster
+
+S = job_pb2.JobState
+
+
+async def test_a_job_nobody_starts_in_time_fails_with_a_clear_code(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    async with AsyncClient(gw.address) as client:
+        submitted = await client.submit("echo", schedule_to_start_timeout=0.5)
+        job = await client.wait(submitted.job.id)
+    assert job.state == S.JOB_STATE_FAILED
+    assert job.error.code == "SCHEDULE_TO_START_TIMEOUT"
+    assert not job.attempts
+
+
+async def test_a_job_past_its_deadline_fails_and_its_worker_moves_on(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1", slots=1)
+    async with AsyncClient(gw.address) as client:
+        slow = await client.submit("sleep", params={"seconds": 60}, schedule_to_close_timeout=1)
+        job = await client.wait(slow.job.id)
+        # The worker was told to stop, so its only slot is free for the next job.
+        after = await client.wait((await client.submit("echo")).job.id)
+    assert job.state == S.JOB_STATE_FAILED
+    assert job.error.code == "DEADLINE_EXCEEDED"
+    assert job.attempts[0].error.code == "DEADLINE_EXCEEDED"
+    assert after.state == S.JOB_STATE_SUCCEEDED
+    assert after.worker_id == "w1"
+
+
+async def test_a_full_queue_refuses_submits_until_there_is_room(cluster: Cluster) -> None:
+    gw = cluster.gateway("--max-queued", "3")
+    async with AsyncClient(gw.address) as client:
+        accepted = [await client.submit("echo") for _ in range(3)]
+        with pytest.raises(ResourceExhausted, match="queue is full"):
+            await client.submit("echo")
+        cli = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "jobmesh"),
+            "submit",
+            "echo",
+            env={**os.environ, "JOBMESH_GATEWAY": gw.address},
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await cli.communicate()
+        assert cli.returncode == 3
+        assert "RESOURCE_EXHAUSTED" in stderr.decode()
+        assert "queue is full" in stderr.decode()
+        await client.cancel(accepted[0].job.id)
+        assert (await client.submit("echo")).job.state == S.JOB_STATE_QUEUED
+        jobs, _ = await client.list()
+    assert len(jobs) == 4
+
+
+async def test_an_assignment_never_accepted_goes_back_to_the_queue(cluster: Cluster) -> None:
+    gw = cluster.gateway("--ack-timeout", "0.5")
+    async with grpc.aio.insecure_channel(gw.address) as channel:
+        # A worker that attaches and then never answers anything.
+        stop = asyncio.Event()
+
+        async def requests() -> AsyncIterator[dispatcher_pb2.SessionRequest]:
+            yield dispatcher_pb2.SessionRequest(
+                attach=dispatcher_pb2.Attach(
+                    worker_id="mute", kinds=[dispatcher_pb2.KindCapacity(kind="echo")], slots=1
+                )
+            )
+            await stop.wait()
+
+        mute = dispatcher_pb2_grpc.DispatcherStub(channel).Session(requests())
+        await mute.read()  # the Welcome
+        async with AsyncClient(gw.address) as client:
+            submitted = await client.submit("echo", max_attempts=10)
+            async for event in client.watch(submitted.job.id):
+                if event.error.code == "ASSIGN_NOT_ACKNOWLEDGED":
+                    break
+            stop.set()
+            mute.cancel()
+            cluster.worker(gw, "w1")
+            job = await client.wait(submitted.job.id)
+    assert job.state == S.JOB_STATE_SUCCEEDED
+    assert job.worker_id == "w1"
+    assert job.attempts[0].worker_id == "mute"
+    assert job.attempts[0].error.code == "ASSIGN_NOT_ACKNOWLEDGED"
