@@ -32,7 +32,15 @@ class SpecOptions(TypedDict, total=False):
     """A second submit with the same key returns the first job."""
     labels: Mapping[str, str]
     max_attempts: int
-    """Attempts in all, the first included."""
+    """Attempts in all, the first included (gateway default 3)."""
+    initial_backoff: Seconds | None
+    """Delay before the first retry (default 1 s)."""
+    backoff_multiplier: float
+    """Factor the delay grows by with each retry (default 2)."""
+    max_backoff: Seconds | None
+    """Longest delay between attempts (default 60 s)."""
+    retry_jitter: float
+    """Fraction of each delay drawn at random, 0 to 1 (default 0.2)."""
     start_to_close_timeout: Seconds | None
     """Longest one attempt may run; it then fails with TIMEOUT and is retried."""
     schedule_to_start_timeout: Seconds | None
@@ -63,6 +71,11 @@ def job_spec(
         if max_attempts < 1:
             raise InvalidArgument("must be at least 1", "max_attempts")
         spec.retry_policy.max_attempts = max_attempts
+    policy = spec.retry_policy
+    _set_duration(policy.initial_backoff, options.get("initial_backoff"), "initial_backoff")
+    _set_duration(policy.max_backoff, options.get("max_backoff"), "max_backoff")
+    policy.backoff_multiplier = options.get("backoff_multiplier", 0.0)
+    policy.jitter = options.get("retry_jitter", 0.0)
     _set_duration(
         spec.start_to_close_timeout, options.get("start_to_close_timeout"), "start_to_close_timeout"
     )

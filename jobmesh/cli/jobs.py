@@ -64,6 +64,12 @@ def add_commands(
     p.add_argument(
         "--max-attempts", type=cli_args.positive, help="attempts in all (default: the gateway's)"
     )
+    p.add_argument(
+        "--initial-backoff", type=cli_args.seconds, metavar="SECONDS", help="delay before a retry"
+    )
+    p.add_argument(
+        "--max-backoff", type=cli_args.seconds, metavar="SECONDS", help="longest retry delay"
+    )
     for flag, what in (
         ("--start-to-close-timeout", "one attempt may run (then TIMEOUT, retried)"),
         ("--schedule-to-start-timeout", "the job may wait in the queue for an attempt"),
@@ -132,6 +138,8 @@ def submit(args: argparse.Namespace) -> int:
             idempotency_key=args.idempotency_key,
             labels=dict(args.labels),
             max_attempts=args.max_attempts,
+            initial_backoff=args.initial_backoff,
+            max_backoff=args.max_backoff,
             start_to_close_timeout=args.start_to_close_timeout,
             schedule_to_start_timeout=args.schedule_to_start_timeout,
             schedule_to_close_timeout=args.schedule_to_close_timeout,

@@ -159,3 +159,26 @@ async def test_a_draining_worker_finishes_its_job_while_new_work_goes_elsewhere(
     assert [a.worker_id for a in long_job.attempts] == ["w1"]
     assert short_job.state == S.JOB_STATE_SUCCEEDED
     assert short_job.worker_id == "w2"
+
+
+async def test_retries_follow_the_jobs_backoff_policy(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1")
+    async with AsyncClient(gw.address) as client:
+        submitted = await client.submit(
+            "fail",
+            params={"message": "flaky", "retryable": True},
+            max_attempts=3,
+            initial_backoff=0.2,
+            backoff_multiplier=3,
+            max_backoff=10,
+        )
+        events = [e async for e in client.watch(submitted.job.id)]
+    retries = [e for e in events if e.state == S.JOB_STATE_QUEUED and e.error.code]
+    assert [e.attempt for e in retries] == [2, 3]
+    assert all(e.error.message == "flaky" for e in retries)
+    # Delays of 0.2 s and 0.6 s, each less up to 20 % jitter.
+    delays = [float(e.message.split("retry in ")[1].rstrip("s")) for e in retries]
+    assert 0.1 <= delays[0] <= 0.2
+    assert 0.4 <= delays[1] <= 0.6
+    assert events[-1].state == S.JOB_STATE_FAILED
