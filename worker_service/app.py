@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Mapping
 
-from worker_service.config import WorkerSettings, parse_labels
+from worker_service.config import WorkerSettings, parse_labels, parse_size
 from worker_service.executor import Executor
 from worker_service.pool import PoolError, ProcessPool
 from worker_service.registry import HandlerSpec, load_handlers
@@ -38,6 +38,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--drain-grace", type=float, metavar="S", help="seconds jobs get to end after SIGTERM"
     )
     parser.add_argument(
+        "--cancel-grace",
+        type=float,
+        metavar="S",
+        help="seconds a handler gets to stop after a cancel or its timeout before it is killed",
+    )
+    parser.add_argument(
+        "--max-job-memory",
+        type=_size,
+        metavar="SIZE",
+        help="kill a job whose pool process's RSS exceeds this (512M, 2G or bytes; 0: no limit)",
+    )
+    parser.add_argument(
         "--label", action="append", metavar="KEY=VALUE", help="label sent to the gateway"
     )
     parser.add_argument(
@@ -63,6 +75,8 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
         ),
         worker_id=getattr(args, "worker_id", None),
         drain_grace=getattr(args, "drain_grace", None),
+        cancel_grace=getattr(args, "cancel_grace", None),
+        max_job_memory_bytes=getattr(args, "max_job_memory", None),
         labels=None if labels is None else parse_labels(labels),
         log_level=None if getattr(args, "log_level", None) is None else args.log_level.upper(),
     )
@@ -81,7 +95,9 @@ def run(settings: WorkerSettings) -> int:
         log.error("handlers %s are defined in __main__; pool processes need a module", stray)
         return EXIT_CONFIG
     pool = ProcessPool(
-        settings.slots, [*settings.handlers, *sorted({s.module for s in process_specs})]
+        settings.slots,
+        [*settings.handlers, *sorted({s.module for s in process_specs})],
+        memory_limit=settings.max_job_memory_bytes,
     )
     try:
         pool.start()
@@ -89,7 +105,11 @@ def run(settings: WorkerSettings) -> int:
         log.error("cannot start the process pool: %s", exc)
         return EXIT_CONFIG
     executor = Executor(
-        specs, pool, threads=settings.slots, max_result_bytes=settings.max_message_bytes
+        specs,
+        pool,
+        threads=settings.slots,
+        max_result_bytes=settings.max_message_bytes,
+        cancel_grace=settings.cancel_grace,
     )
     try:
         code = asyncio.run(_serve(settings, specs, pool, executor))
@@ -151,6 +171,13 @@ async def _serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     return EXIT_OK
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _configure_logging(level: str) -> None:

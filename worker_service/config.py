@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jobmesh.settings import DEFAULT_GATEWAY, DEFAULT_MAX_MESSAGE_BYTES, parse_address
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def _default_worker_id() -> str:
@@ -26,6 +29,14 @@ def parse_labels(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
             raise ValueError(f"expected a label as KEY=VALUE, got {item!r}")
         labels[key.strip()] = value.strip()
     return tuple(labels.items())
+
+
+def parse_size(text: str) -> int:
+    """A byte count such as `1048576`, `512M`, `512MiB` or `2G` (binary units); ValueError else."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])I?B?|B)?\s*", text.upper())
+    if match is None:
+        raise ValueError(f"expected a size such as 512M, 2G or a byte count, got {text!r}")
+    return int(float(match[1]) * _SIZE_UNITS[match[2] or ""])
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,12 @@ class WorkerSettings:
     """Seconds in-flight jobs get to finish after SIGTERM."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest message sent to or received from the gateway."""
+    cancel_grace: float = 5.0
+    """Seconds a handler gets to stop by itself after a cancel or its timeout; then a pool
+    handler's process is killed (and replaced) and an async handler is cancelled."""
+    max_job_memory_bytes: int = 0
+    """Largest RSS a pool process may reach running a job; over it the job is killed and
+    fails with MEMORY_LIMIT_EXCEEDED. 0: no limit."""
     close_timeout: float = 5.0
     """Seconds after the drain to deliver the last results and close the stream."""
     log_level: str = "INFO"
@@ -65,6 +82,10 @@ class WorkerSettings:
             raise ValueError("drain_grace must not be negative")
         if self.max_message_bytes < 1024:
             raise ValueError("max_message_bytes must be at least 1024")
+        if self.cancel_grace < 0:
+            raise ValueError("cancel_grace must not be negative")
+        if self.max_job_memory_bytes < 0:
+            raise ValueError("max_job_memory_bytes must not be negative")
         if self.close_timeout < 0:
             raise ValueError("close_timeout must not be negative")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -87,6 +108,10 @@ class WorkerSettings:
             values["worker_id"] = env["JOBMESH_WORKER_ID"]
         if "JOBMESH_DRAIN_GRACE" in env:
             values["drain_grace"] = float(env["JOBMESH_DRAIN_GRACE"])
+        if "JOBMESH_CANCEL_GRACE" in env:
+            values["cancel_grace"] = float(env["JOBMESH_CANCEL_GRACE"])
+        if "JOBMESH_MAX_JOB_MEMORY" in env:
+            values["max_job_memory_bytes"] = parse_size(env["JOBMESH_MAX_JOB_MEMORY"])
         if "JOBMESH_LABELS" in env:
             values["labels"] = parse_labels(env["JOBMESH_LABELS"].split(","))
         if "JOBMESH_MAX_MESSAGE_BYTES" in env:

@@ -1,9 +1,12 @@
 """A process pool that survives its children: one that dies fails only its own job.
 
 `concurrent.futures.ProcessPoolExecutor` marks itself broken when any child dies; here a
-dead child costs its job (WORKER_PROCESS_DIED, retryable) and is replaced. Children start
-with `spawn`, because grpcio and fork() do not mix. Each child owns a duplex pipe and a
-cancel Event; blocking pipe I/O runs in the pool's own threads, never on the event loop.
+dead child costs its job (WORKER_PROCESS_DIED, retryable) and is replaced. The pool also
+kills children on purpose: a job that must stop now (`kill`) or whose child's RSS passes
+the memory limit; that job ends with the reason given, and the child is replaced too.
+Children start with `spawn`, because grpcio and fork() do not mix. Each child owns a duplex
+pipe and a cancel Event; blocking pipe I/O and the memory watch run in the pool's own
+threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from multiprocessing.context import SpawnProcess
 from multiprocessing.synchronize import Event as MpEvent
 from typing import Any
 
+import psutil
+
 from jobmesh.v1 import job_pb2
 from worker_service import outcomes
 from worker_service.outcomes import Outcome
@@ -36,6 +41,8 @@ log = logging.getLogger("worker_service")
 
 # How often an idle wait and a child's parent watch look up from what they wait on.
 _POLL_SECONDS = 0.5
+# How often a busy child's RSS is read against the memory limit.
+WATCH_SECONDS = 0.2
 
 
 class PoolError(Exception):
@@ -47,23 +54,51 @@ class _Child:
     process: SpawnProcess
     conn: Connection
     cancel: MpEvent
+    killed: bool = False
+    """Killed by the pool on purpose; never reused."""
+    ps: psutil.Process | None = None
+
+    def rss(self) -> int:
+        if self.ps is None:
+            self.ps = psutil.Process(self.process.pid)
+        return self.ps.memory_info().rss
+
+
+@dataclass(eq=False)
+class _Job:
+    """One task from `run` to its outcome; guarded by the pool's lock."""
+
+    child: _Child | None = None
+    """The child running it, once one is free."""
+    stop: job_pb2.JobError | None = None
+    """Set when the job was stopped from outside; the job ends with it."""
 
 
 class ProcessPool:
     """`size` spawned children that import `modules` and run sync handlers by kind."""
 
-    def __init__(self, size: int, modules: Sequence[str], *, start_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        size: int,
+        modules: Sequence[str],
+        *,
+        start_timeout: float = 60.0,
+        memory_limit: int = 0,
+        watch_interval: float = WATCH_SECONDS,
+    ) -> None:
         if size < 1:
             raise ValueError("size must be at least 1")
         self._size = size
         self._modules = tuple(dict.fromkeys(modules))
         self._start_timeout = start_timeout
+        self._memory_limit = memory_limit
+        self._watch_interval = watch_interval
         self._mp = multiprocessing.get_context("spawn")
         # One thread per running job plus room for replacing dead children meanwhile.
         self._threads = ThreadPoolExecutor(max_workers=2 * size, thread_name_prefix="jobmesh-pool")
         self._idle: queue.SimpleQueue[_Child] = queue.SimpleQueue()
         self._children: set[_Child] = set()
-        self._busy: dict[AttemptKey, _Child] = {}
+        self._jobs: dict[AttemptKey, _Job] = {}
         self._lock = threading.Lock()
         self._closing = threading.Event()
 
@@ -88,14 +123,34 @@ class ProcessPool:
         """Runs `task` in a free child; `on_progress` is called on the caller's loop."""
         loop = asyncio.get_running_loop()
         report = loop_reporter(on_progress)
-        return await loop.run_in_executor(self._threads, self._exchange, task, cancelled, report)
+        job = _Job()
+        with self._lock:  # known from now on, so `kill` reaches it even before a child is free
+            self._jobs[task.key] = job
+        try:
+            return await loop.run_in_executor(
+                self._threads, self._exchange, task, job, cancelled, report
+            )
+        except asyncio.CancelledError:
+            # The caller gave up (shutdown). A job still waiting for a child must not start.
+            self._stop(job, outcomes.error("WORKER_SHUTDOWN", "the worker is shutting down", True))
+            raise
 
     def notify_cancel(self, key: AttemptKey) -> None:
         """Sets the cancel Event of the child running `key`, if one is."""
         with self._lock:
-            child = self._busy.get(key)
-            if child is not None:
-                child.cancel.set()
+            job = self._jobs.get(key)
+            if job is not None and job.child is not None:
+                job.child.cancel.set()
+
+    def kill(self, key: AttemptKey, error: job_pb2.JobError) -> bool:
+        """Ends the job `key` with `error` now: its child is killed (and replaced), or, if it
+        waits for a child still, it never starts. False if the pool does not run `key`."""
+        with self._lock:
+            job = self._jobs.get(key)
+        if job is None:
+            return False
+        self._stop(job, error)
+        return True
 
     def pids(self) -> list[int]:
         with self._lock:
@@ -106,7 +161,7 @@ class ProcessPool:
         with self._lock:
             self._closing.set()
             children = list(self._children)
-            busy = set(self._busy.values())
+            busy = {job.child for job in self._jobs.values() if job.child is not None}
         for child in children:
             if child in busy:
                 child.process.kill()
@@ -174,50 +229,59 @@ class ProcessPool:
         else:
             _kill(child)
 
-    def _acquire(self) -> _Child | None:
+    def _acquire(self, job: _Job) -> _Child | None:
+        """A live idle child for `job`; None if the pool closes or the job is stopped first."""
         while True:
             try:
                 child = self._idle.get(timeout=_POLL_SECONDS)
             except queue.Empty:
-                if self._closing.is_set():
+                if self._closing.is_set() or job.stop is not None:
                     return None
                 continue
-            if self._closing.is_set():
-                self._idle.put(child)
-                return None
-            if child.process.is_alive():
-                return child
-            self._discard(child)  # died while idle (e.g. the OOM killer); nobody's job
+            if not child.process.is_alive():
+                self._discard(child)  # died while idle (e.g. the OOM killer); nobody's job
+                continue
+            with self._lock:
+                if not (self._closing.is_set() or job.stop is not None):
+                    child.cancel.clear()  # under the lock, so a cancel for this job sticks
+                    job.child = child
+                    return child
+            self._idle.put(child)
+            return None
 
-    def _exchange(self, task: Task, cancelled: threading.Event, report: ProgressFn) -> Outcome:
-        child = self._acquire()
-        if child is None:
-            return outcomes.error("WORKER_SHUTDOWN", "the worker is shutting down", True)
-        with self._lock:
-            self._busy[task.key] = child
-            child.cancel.clear()
+    def _exchange(
+        self, task: Task, job: _Job, cancelled: threading.Event, report: ProgressFn
+    ) -> Outcome:
+        try:
+            child = self._acquire(job)
+            if child is None:
+                return job.stop or outcomes.error(
+                    "WORKER_SHUTDOWN", "the worker is shutting down", True
+                )
             if cancelled.is_set():
                 child.cancel.set()
-        outcome: Outcome | None = None
-        try:
-            child.conn.send(task)
-            while outcome is None:
-                message = child.conn.recv()
-                if message[0] == "progress":
-                    if message[1] == task.key:  # a stray thread of an earlier job may report late
-                        report(message[2], message[3])
-                else:
-                    outcome = _decode(message)
-        except (EOFError, OSError):
-            pass
+            outcome = self._talk(task, job, child, report)
         finally:
             with self._lock:
-                self._busy.pop(task.key, None)
-        if outcome is not None:
+                if self._jobs.get(task.key) is job:
+                    del self._jobs[task.key]
+                killed = job.child is not None and job.child.killed
+                job.child = None  # the child is not this job's any more: `_stop` leaves it be
+        if outcome is not None and not killed:
             self._idle.put(child)
             return outcome
         child.process.join(1.0)
         code = child.process.exitcode
+        self._discard(child)
+        if job.stop is not None:
+            log.info(
+                "pool process %s killed (%s) for job %s attempt %d; replacing it",
+                child.process.pid,
+                job.stop.code,
+                task.job_id,
+                task.attempt,
+            )
+            return job.stop
         log.warning(
             "pool process %s died (exit code %s) running job %s attempt %d",
             child.process.pid,
@@ -225,12 +289,66 @@ class ProcessPool:
             task.job_id,
             task.attempt,
         )
-        self._discard(child)
         return outcomes.error(
             "WORKER_PROCESS_DIED",
             f"the worker's pool process exited with code {code} while running the job",
             True,
         )
+
+    def _talk(self, task: Task, job: _Job, child: _Child, report: ProgressFn) -> Outcome | None:
+        """Sends `task` to `child` and relays its progress; None if the child died."""
+        try:
+            child.conn.send(task)
+            # Without a memory limit there is nothing to look up for: block on the pipe.
+            interval = self._watch_interval if self._memory_limit else None
+            while True:
+                if not child.conn.poll(interval):
+                    self._watch(task, job, child)
+                    continue
+                message = child.conn.recv()
+                if message[0] != "progress":
+                    return _decode(message)
+                if message[1] == task.key:  # a stray thread of an earlier job may report late
+                    report(message[2], message[3])
+        except (EOFError, OSError):
+            return None
+
+    def _watch(self, task: Task, job: _Job, child: _Child) -> None:
+        if not self._memory_limit:
+            return
+        try:
+            rss = child.rss()
+        except psutil.Error:
+            return  # gone: the pipe says so next
+        if rss <= self._memory_limit:
+            return
+        log.warning(
+            "job %s attempt %d: pool process %s uses %s, over the %s limit; killing it",
+            task.job_id,
+            task.attempt,
+            child.process.pid,
+            _mib(rss),
+            _mib(self._memory_limit),
+        )
+        error = outcomes.error(
+            "MEMORY_LIMIT_EXCEEDED",
+            f"the job's process used {_mib(rss)} ({rss} bytes) of memory (RSS), over the "
+            f"limit of {_mib(self._memory_limit)} ({self._memory_limit} bytes)",
+            False,
+        )
+        self._stop(job, error)
+
+    def _stop(self, job: _Job, error: job_pb2.JobError) -> None:
+        """Ends `job` with `error` (unless it has a reason already) and kills its child."""
+        with self._lock:
+            if job.stop is None:
+                job.stop = error
+            child = job.child
+            if child is not None:
+                child.killed = True
+        if child is not None:
+            with contextlib.suppress(Exception):  # exited meanwhile
+                child.process.kill()
 
     def _discard(self, child: _Child) -> None:
         with self._lock:
@@ -262,6 +380,10 @@ def _kill(child: _Child) -> None:
         child.process.kill()
         child.process.join(1.0)
     child.conn.close()
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
 
 
 def _decode(message: tuple[Any, ...]) -> Outcome:

@@ -137,7 +137,7 @@ class Replica:
         for assign in response.assign:  # before cancels: one message may carry both
             self._take(assign)
         for cancel in response.cancel:
-            if self._executor.cancel((cancel.job_id, cancel.attempt)):
+            if self._executor.cancel((cancel.job_id, cancel.attempt), cancel.reason):
                 log.info("job %s attempt %d: cancel requested", cancel.job_id, cancel.attempt)
 
     # Jobs
@@ -176,9 +176,15 @@ class Replica:
             return "the worker is draining"
         if spec is None:
             return f"this worker has no handler for kind {kind!r}"
-        if len(self._running) >= self._settings.slots:
-            return f"all {self._settings.slots} slots are busy"
-        if spec.concurrency and self._per_kind[kind] >= spec.concurrency:
+        if self._busy_slots() >= self._settings.slots:
+            held = self._executor.held()
+            return f"all {self._settings.slots} slots are busy" + (
+                f" ({held} held by handlers that outlived their attempt)" if held else ""
+            )
+        if (
+            spec.concurrency
+            and self._per_kind[kind] + self._executor.held(kind) >= spec.concurrency
+        ):
             return f"kind {kind!r} already runs {spec.concurrency} job(s), its limit"
         return ""
 
@@ -217,7 +223,7 @@ class Replica:
         cpu, rss = self._stats.sample()
         stats = dispatcher_pb2.WorkerStats(
             active_jobs=len(self._running),
-            free_slots=max(0, self._settings.slots - len(self._running)),
+            free_slots=max(0, self._settings.slots - self._busy_slots()),
             cpu_percent=cpu,
             rss_bytes=rss,
             loop_lag_seconds=self._stats.take_loop_lag(),
@@ -225,6 +231,10 @@ class Replica:
             jobs_failed=self.jobs_failed,
         )
         self._send(dispatcher_pb2.SessionRequest(pong=dispatcher_pb2.Pong(seq=seq, stats=stats)))
+
+    def _busy_slots(self) -> int:
+        # A thread handler that ignored its timeout or cancel is reported, but still runs.
+        return len(self._running) + self._executor.held()
 
     def _send(self, message: dispatcher_pb2.SessionRequest) -> None:
         self._session.send(message)

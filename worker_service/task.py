@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf import duration_pb2
+
 from jobmesh.v1 import dispatcher_pb2
 from worker_service.outcomes import params_to_dict
 from worker_service.registry import JobContext
@@ -25,6 +27,8 @@ class Task:
     labels: dict[str, str] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, bytes] = field(default_factory=dict)
+    timeout: float | None = None
+    """Seconds the attempt may run, from its assignment; None: no limit."""
 
     @property
     def key(self) -> AttemptKey:
@@ -40,6 +44,7 @@ class Task:
             labels=dict(assign.labels),
             params=params_to_dict(assign.params),
             inputs=dict(assign.inputs),
+            timeout=_seconds(assign.timeout) if assign.HasField("timeout") else None,
         )
 
     def context(
@@ -56,3 +61,9 @@ class Task:
             report=report,
             is_cancelled=is_cancelled,
         )
+
+
+def _seconds(duration: duration_pb2.Duration) -> float | None:
+    # A zero or negative Duration would fail every attempt at once; read it as "unset".
+    seconds = duration.seconds + duration.nanos / 1e9
+    return seconds if seconds > 0 else None

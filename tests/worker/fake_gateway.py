@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -38,13 +39,17 @@ class FakeSession:
     def send(self, response: dispatcher_pb2.SessionResponse) -> None:
         self._out.put_nowait(response)
 
-    def assign(self, job_id: str, kind: str, attempt: int = 1, **params: Any) -> None:
+    def assign(
+        self, job_id: str, kind: str, attempt: int = 1, timeout: float | None = None, **params: Any
+    ) -> None:
         a = dispatcher_pb2.Assign(job_id=job_id, attempt=attempt, kind=kind, inputs={"in": b"hi"})
         a.params.update(params)
+        if timeout is not None:
+            a.timeout.FromTimedelta(datetime.timedelta(seconds=timeout))
         self.send(dispatcher_pb2.SessionResponse(assign=[a]))
 
-    def cancel(self, job_id: str, attempt: int = 1) -> None:
-        cancel = dispatcher_pb2.Cancel(job_id=job_id, attempt=attempt)
+    def cancel(self, job_id: str, attempt: int = 1, reason: str = "") -> None:
+        cancel = dispatcher_pb2.Cancel(job_id=job_id, attempt=attempt, reason=reason)
         self.send(dispatcher_pb2.SessionResponse(cancel=[cancel]))
 
     def ping(self, seq: int) -> None:
@@ -61,6 +66,17 @@ class FakeSession:
                 item = await self.items.get()
                 if isinstance(item, types):
                     return item
+
+    async def settled(self) -> list[Item]:
+        """Everything the worker sent up to now: a ping's pong comes after all of it."""
+        self.ping(10**9)
+        seen: list[Item] = []
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                item = await self.items.get()
+                if isinstance(item, dispatcher_pb2.Pong) and item.seq == 10**9:
+                    return seen
+                seen.append(item)
 
     async def result_of(self, job_id: str) -> Item:
         """The Completed or Failed of `job_id`."""

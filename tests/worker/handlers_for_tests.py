@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import threading
 import time
@@ -77,4 +78,54 @@ def big(ctx: JobContext) -> Result:
 
 @handler("test.one_at_a_time", concurrency=1)
 def one_at_a_time(ctx: JobContext) -> None:
+    time.sleep(float(ctx.params.get("seconds", 1)))
+
+
+@handler("test.stubborn")
+def stubborn(ctx: JobContext) -> dict[str, object]:
+    """Tells its pid, then ignores cancellation: sleeps, or spins with `spin`."""
+    ctx.progress(0.0, str(os.getpid()))
+    deadline = time.monotonic() + float(ctx.params.get("seconds", 60))
+    if ctx.params.get("spin"):
+        while time.monotonic() < deadline:
+            pass
+    else:
+        time.sleep(max(0.0, deadline - time.monotonic()))
+    return {"pid": os.getpid()}
+
+
+@handler("test.stubborn_thread", executor="thread")
+def stubborn_thread(ctx: JobContext) -> None:
+    ctx.progress(0.0, "started")
+    time.sleep(float(ctx.params.get("seconds", 2)))
+
+
+@handler("test.stubborn_async")
+async def stubborn_async(ctx: JobContext) -> None:
+    ctx.progress(0.0, "started")
+    await asyncio.sleep(float(ctx.params.get("seconds", 60)))
+
+
+@handler("test.hog")
+def hog(ctx: JobContext) -> dict[str, object]:
+    """Allocates (and touches) 16 MiB at a time up to `mib` MiB, then holds it for a while."""
+    ctx.progress(0.0, str(os.getpid()))
+    chunks = []
+    for _ in range(int(ctx.params.get("mib", 1024)) // 16):
+        chunks.append(b"\x01" * (16 << 20))
+        time.sleep(0.01)
+    time.sleep(float(ctx.params.get("hold", 1)))
+    return {"mib": 16 * len(chunks)}
+
+
+@handler("test.segfault")
+def segfault(ctx: JobContext) -> None:
+    ctypes.string_at(0)
+
+
+@handler("test.count")
+def count(ctx: JobContext) -> None:
+    """Appends a line to the file `path` each time it starts, then sleeps `seconds`."""
+    with open(ctx.params["path"], "a") as f:
+        f.write(f"{ctx.job_id} {ctx.attempt}\n")
     time.sleep(float(ctx.params.get("seconds", 1)))

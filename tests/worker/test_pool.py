@@ -127,6 +127,75 @@ async def test_a_cancel_that_arrives_before_dispatch_is_not_lost(pool: ProcessPo
     assert e.code == "CANCELLED"
 
 
+async def test_a_segfault_fails_only_its_job(pool: ProcessPool) -> None:
+    e = error(await run(pool, task("test.segfault")))
+    assert (e.code, e.retryable) == ("WORKER_PROCESS_DIED", True)
+    assert f"code {-signal.SIGSEGV}" in e.message
+    await _until(lambda: len(pool.pids()) == 2)
+    assert "pid" in metadata(await run(pool, task("test.pid", "next")))
+
+
+async def test_kill_ends_a_job_that_ignores_its_cancel_flag(pool: ProcessPool) -> None:
+    started = asyncio.Event()
+    pids: list[int] = []
+
+    def on_progress(fraction: float, message: str) -> None:
+        pids.append(int(message))
+        started.set()
+
+    t = task("test.stubborn", "spinning", spin=True)
+    cancelled = threading.Event()
+    running = asyncio.ensure_future(pool.run(t, cancelled, on_progress))
+    await asyncio.wait_for(started.wait(), 30)
+    cancelled.set()
+    pool.notify_cancel(t.key)  # ignored by this handler
+    reason = job_pb2.JobError(code="TIMEOUT", message="too long", retryable=True)
+    assert pool.kill(t.key, reason)
+    assert error(await asyncio.wait_for(running, 30)) == reason
+    assert not pool.kill(t.key, reason)  # over: nothing to kill
+    await _until(lambda: len(pool.pids()) == 2 and pids[0] not in pool.pids())
+    for i in range(3):
+        assert "pid" in metadata(await run(pool, task("test.pid", f"after-{i}")))
+
+
+async def test_a_job_killed_while_it_waits_for_a_process_never_starts(pool: ProcessPool) -> None:
+    started = [asyncio.Event(), asyncio.Event()]
+    busy = [
+        asyncio.ensure_future(
+            pool.run(task("test.stubborn", f"busy{i}"), threading.Event(), _sets(event))
+        )
+        for i, event in enumerate(started)
+    ]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 30)
+    waiting = asyncio.ensure_future(run(pool, task("test.pid", "waiting")))
+    await asyncio.sleep(0.2)
+    reason = job_pb2.JobError(code="CANCELLED", message="no longer wanted")
+    assert pool.kill(("waiting", 1), reason)
+    assert error(await asyncio.wait_for(waiting, 30)) == reason
+    for i, running in enumerate(busy):
+        assert pool.kill((f"busy{i}", 1), reason)
+        assert error(await asyncio.wait_for(running, 30)) == reason
+    await _until(lambda: len(pool.pids()) == 2)
+    assert "pid" in metadata(await run(pool, task("test.pid", "next")))
+
+
+async def test_a_job_over_the_memory_limit_is_killed_and_its_process_replaced() -> None:
+    limited = ProcessPool(1, [HANDLERS], memory_limit=150 << 20)
+    limited.start()
+    try:
+        first = limited.pids()
+        e = error(await run(limited, task("test.hog", "hog", mib=1024)))
+        assert (e.code, e.retryable) == ("MEMORY_LIMIT_EXCEEDED", False)
+        assert "limit of 150.0 MiB" in e.message
+        assert metadata(await run(limited, task("test.hog", "small", mib=32, hold=0))) == {
+            "mib": 32
+        }
+        assert len(limited.pids()) == 1
+        assert limited.pids() != first
+    finally:
+        limited.close()
+
+
 def test_a_handler_module_that_does_not_import_stops_the_start() -> None:
     bad = ProcessPool(1, ["tests.worker.no_such_module"], start_timeout=30)
     with pytest.raises(PoolError, match="no_such_module"):
@@ -142,6 +211,10 @@ def test_children_exit_when_the_pool_closes() -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _sets(event: asyncio.Event) -> Callable[[float, str], None]:
+    return lambda fraction, message: event.set()
 
 
 async def _until(condition: Callable[[], bool]) -> None:

@@ -265,3 +265,158 @@ async def test_pool_processes_exit_when_the_worker_is_killed(
 async def test_a_handler_module_that_does_not_import_exits_2(start_worker: StartWorker) -> None:
     proc = await start_worker("--handlers", "tests.worker.no_such_module")
     assert await exit_code(proc) == 2
+
+
+# Stopping jobs by force, and the pool after.
+
+
+async def pids_serve(session: FakeSession, n: int = 3) -> set[int]:
+    """Runs `n` test.pid jobs one after the other; returns the pool pids that ran them."""
+    pids: set[int] = set()
+    for i in range(n):
+        session.assign(f"pid{i}", "test.pid")
+        done = await session.result_of(f"pid{i}")
+        assert isinstance(done, d.Completed), done
+        pids.add(int(json_format.MessageToDict(done.result.metadata)["pid"]))
+    return pids
+
+
+async def pid_of_running(session: FakeSession) -> int:
+    """The pool pid a stubborn or hog job reports first."""
+    item = await session.next(d.Progress)
+    assert isinstance(item, d.Progress)
+    return int(item.message)
+
+
+async def failure(session: FakeSession, job_id: str) -> d.Failed:
+    item = await session.result_of(job_id)
+    assert isinstance(item, d.Failed), item
+    return item
+
+
+async def test_a_pool_handler_that_ignores_its_timeout_is_killed_and_the_next_job_runs(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    session = await attached(gateway, start_worker, "--cancel-grace", "0.5")
+    session.assign("t1", "test.stubborn", timeout=0.5)
+    pid = await pid_of_running(session)
+    failed = await failure(session, "t1")
+    assert (failed.error.code, failed.error.retryable) == ("TIMEOUT", True)
+    assert "0.5 s limit" in failed.error.message
+    assert pid not in await pids_serve(session)
+    session.ping(1)
+    pong = await session.next(d.Pong)
+    assert isinstance(pong, d.Pong)
+    assert (pong.stats.active_jobs, pong.stats.free_slots) == (0, 2)
+
+
+async def test_cancel_kills_a_pool_handler_that_ignores_it(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    session = await attached(gateway, start_worker, "--cancel-grace", "0.5")
+    session.assign("c1", "test.stubborn")
+    pid = await pid_of_running(session)
+    session.cancel("c1", reason="not needed any more")
+    failed = await failure(session, "c1")
+    assert (failed.error.code, failed.error.retryable) == ("CANCELLED", False)
+    assert failed.error.message.startswith("not needed any more")
+    assert pid not in await pids_serve(session)
+
+
+async def test_a_job_over_the_memory_limit_fails_and_the_worker_keeps_serving(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    session = await attached(gateway, start_worker, "--max-job-memory", "150M")
+    session.assign("hog", "test.hog", mib=1024)
+    pid = await pid_of_running(session)
+    failed = await failure(session, "hog")
+    assert (failed.error.code, failed.error.retryable) == ("MEMORY_LIMIT_EXCEEDED", False)
+    assert "150.0 MiB" in failed.error.message
+    session.assign("small", "test.hog", mib=32, hold=0)
+    assert isinstance(await session.result_of("small"), d.Completed)
+    assert pid not in await pids_serve(session)
+
+
+async def test_a_segfault_fails_its_job_and_the_worker_keeps_serving(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    session = await attached(gateway, start_worker)
+    session.assign("sig", "test.segfault")
+    failed = await failure(session, "sig")
+    assert (failed.error.code, failed.error.retryable) == ("WORKER_PROCESS_DIED", True)
+    assert len(await pids_serve(session, 4)) >= 1
+
+
+# Re-attach.
+
+
+async def test_results_from_while_disconnected_arrive_once_after_reattach(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    await start_worker(slots=3)
+    session = await gateway.session()
+    session.assign("long", "test.block", seconds=2.5)
+    session.assign("a", "sleep", seconds=0.3)
+    session.assign("b", "test.stubborn", seconds=0.3, timeout=0.1)  # a timeout while away
+    await session.next(d.Progress)
+    gateway.refuse = True
+    session.end()
+    await asyncio.sleep(1.5)  # "a" and "b" end while no stream is up
+    gateway.refuse = False
+    again = await gateway.session()
+    assert [(r.job_id, r.attempt) for r in again.attach.running] == [("long", 1)]
+    results: list[tuple[str, str]] = []
+    while ("long", "Completed") not in results:
+        results += [
+            (item.job_id, type(item).__name__)
+            for item in await again.settled()
+            if isinstance(item, d.Completed | d.Failed)
+        ]
+    assert sorted(results) == [("a", "Completed"), ("b", "Failed"), ("long", "Completed")]
+
+
+async def test_an_assign_sent_again_after_reattach_does_not_start_the_job_twice(
+    gateway: FakeGateway, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    starts = tmp_path / "starts"
+    session = await attached(gateway, start_worker)
+    session.assign("once", "test.count", path=str(starts), seconds=1.5)
+    assert await session.next(d.Accepted) == d.Accepted(job_id="once", attempt=1)
+    await until(starts.exists)
+    session.end()
+    again = await gateway.session()
+    assert [(r.job_id, r.attempt) for r in again.attach.running] == [("once", 1)]
+    again.assign("once", "test.count", path=str(starts), seconds=1.5)
+    assert await again.next(d.Accepted, d.Failed) == d.Accepted(job_id="once", attempt=1)
+    assert isinstance(await again.result_of("once"), d.Completed)
+    assert not [i for i in await again.settled() if isinstance(i, d.Completed | d.Failed)]
+    assert starts.read_text() == "once 1\n"
+
+
+async def test_a_thread_handler_that_outlives_its_timeout_keeps_its_slot_until_it_returns(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    await start_worker("--cancel-grace", "0.2", slots=1)
+    session = await gateway.session()
+    session.assign("th", "test.stubborn_thread", timeout=0.2, seconds=3)
+    failed = await failure(session, "th")
+    assert (failed.error.code, failed.error.retryable) == ("TIMEOUT", True)
+    session.ping(1)
+    pong = await session.next(d.Pong)
+    assert isinstance(pong, d.Pong)
+    assert (pong.stats.active_jobs, pong.stats.free_slots) == (0, 0)
+    session.assign("e1", "echo")
+    rejected = await failure(session, "e1")
+    assert rejected.error.code == "REJECTED"
+    assert "held" in rejected.error.message
+
+    async def echo_runs() -> bool:
+        session.assign("e2", "echo")
+        return isinstance(await session.result_of("e2"), d.Completed)
+
+    for _ in range(50):  # the thread sleeps 3 s in all; then its slot is free again
+        if await echo_runs():
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise AssertionError("the slot never came back")
