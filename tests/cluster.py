@@ -124,7 +124,10 @@ class Cluster:
         self.db = tmp_path / "jobmesh.db"
         self._n = 0
 
-    def gateway(self, *extra: str, db: Path | None = None, ping_interval: float = 0.5) -> Gateway:
+    def gateway(
+        self, *extra: str, db: Path | None = None, port: int = 0, ping_interval: float = 0.5
+    ) -> Gateway:
+        """A gateway on `port` (0: a free one), e.g. the port of a killed one to replace it."""
         self._n += 1
         gw = Gateway(
             args=[
@@ -132,7 +135,7 @@ class Cluster:
                 "-m",
                 "gateway",
                 "--listen",
-                "127.0.0.1:0",
+                f"127.0.0.1:{port}",
                 "--db",
                 str(db or self.db),
                 "--ping-interval",

@@ -1,19 +1,241 @@
-"""The `jobmesh` command against a scripted gateway: output, files written, exit codes."""
+"""The `jobmesh` command, run as a user runs it, against real gateway and worker processes:
+what it prints, the files it writes, its exit codes."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
 import pytest
 
-from jobmesh import InvalidArgument, JobFailed, NotFound, ResourceExhausted, Unavailable
+from jobmesh import Client, InvalidArgument, JobFailed, NotFound, ResourceExhausted, Unavailable
 from jobmesh.cli import describe, exit_code, main
-from jobmesh.v1 import admin_service_pb2, job_pb2
-from tests.client.fake_gateway import FakeGateway
+from jobmesh.v1 import job_pb2
+from tests.cluster import Cluster
+
+JOBMESH = Path(sys.executable).parent / "jobmesh"
+
+
+def jobmesh(gateway: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Runs the installed `jobmesh` command with $JOBMESH_GATEWAY pointing at `gateway`."""
+    env = {**os.environ, "JOBMESH_GATEWAY": gateway}
+    return subprocess.run(
+        [str(JOBMESH), *argv], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_submit_echo_waits_and_writes_its_outputs(cluster: Cluster, tmp_path: Path) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1")
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"\xff\xd8jpeg bytes")
+    out = tmp_path / "out"
+    done = jobmesh(
+        gw.address, "submit", "echo", "-p", "text=hi", "--input", str(photo), "--wait",
+        "--output", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    [job_id] = done.stdout.split()
+    assert "SUCCEEDED attempt 1 on w1 outputs: photo.jpg (12 B)" in done.stderr
+    assert f"jobmesh: wrote {out / 'photo.jpg'} (12 B)" in done.stderr
+    assert [p.name for p in out.iterdir()] == ["photo.jpg"]
+    assert (out / "photo.jpg").read_bytes() == photo.read_bytes()
+    shown = json.loads(jobmesh(gw.address, "get", job_id, "--json").stdout)
+    assert shown["result"]["metadata"] == {"text": "hi"}
+
+
+def test_submit_sleep_waits_showing_progress(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1")
+    done = jobmesh(gw.address, "submit", "sleep", "-p", "seconds=0.5", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert "progress 50%" in done.stderr
+    assert done.stderr.splitlines()[-1].endswith("SUCCEEDED attempt 1 on w1")
+
+    done = jobmesh(gw.address, "submit", "sleep", "-p", "seconds=0.5", "--wait", "--json")
+    assert done.returncode == 0, done.stderr
+    [submitted, *events] = [json.loads(line) for line in done.stdout.splitlines()]
+    assert submitted["job"]["state"] == "JOB_STATE_QUEUED"
+    assert [int(e["seq"]) for e in events] == list(range(1, len(events) + 1))
+    progress = [e["progress"] for e in events if e["type"] == "JOB_EVENT_TYPE_PROGRESS"]
+    assert progress == pytest.approx([i / 10 for i in range(1, 11)])
+    assert events[-1]["state"] == "JOB_STATE_SUCCEEDED"
+    assert events[-1]["result"]["metadata"] == {"slept": 0.5}
+
+
+def test_submit_fail_waits_and_exits_1_with_the_error(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1")
+    done = jobmesh(gw.address, "submit", "fail", "-p", "message=boom", "--wait")
+    assert done.returncode == 1
+    [job_id] = done.stdout.split()
+    assert done.stderr.endswith(f"jobmesh: job {job_id} FAILED: [FAILED_ON_PURPOSE] boom\n")
+
+
+def test_an_output_name_that_could_escape_is_not_written(cluster: Cluster, tmp_path: Path) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1", "--handlers", "tests.client.handlers")
+    out = tmp_path / "out"
+    done = jobmesh(gw.address, "submit", "escaping-outputs", "--wait", "--output", str(out))
+    assert done.returncode == 2
+    assert done.stderr.endswith(
+        "jobmesh: INVALID_ARGUMENT: --output: refusing to write output named '../evil'\n"
+    )
+    # Not even the harmless output: a bad name leaves no partial result.
+    assert not out.exists()
+    assert not (tmp_path / "evil").exists()
+
+
+def test_watch_follows_a_job_and_exits_by_how_it_ended(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1")
+    running = jobmesh(gw.address, "submit", "sleep", "-p", "seconds=1").stdout.strip()
+    live = jobmesh(gw.address, "watch", running)
+    assert live.returncode == 0, live.stderr
+    assert "progress 100%" in live.stderr
+    assert live.stderr.splitlines()[-1].endswith("SUCCEEDED attempt 1 on w1")
+
+    failed = jobmesh(gw.address, "submit", "fail", "-p", "message=boom", "--wait").stdout.strip()
+    watched = jobmesh(gw.address, "watch", failed)
+    assert watched.returncode == 1
+    assert watched.stderr.endswith(f"jobmesh: job {failed} FAILED: [FAILED_ON_PURPOSE] boom\n")
+
+    last = int(json.loads(jobmesh(gw.address, "get", running, "--json").stdout)["eventSeq"])
+    tail = jobmesh(gw.address, "watch", running, "--after-seq", str(last - 2), "--json")
+    assert tail.returncode == 0
+    events = [json.loads(line) for line in tail.stdout.splitlines()]
+    assert [int(e["seq"]) for e in events] == [last - 1, last]
+    assert events[-1]["state"] == "JOB_STATE_SUCCEEDED"
+    # Past the last event there is nothing to show, but the exit code still tells the outcome.
+    assert jobmesh(gw.address, "watch", running, "--after-seq", str(last)).returncode == 0
+    assert jobmesh(gw.address, "watch", failed, "--after-seq", "99").returncode == 1
+
+
+def test_get_shows_the_job_its_attempts_and_outputs_as_sizes(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1")
+    with Client(gw.address) as client:
+        job_id = client.submit(
+            "echo", inputs={"big.bin": b"\0" * 2048}, labels={"team": "web"}
+        ).job.id
+        client.wait(job_id)
+    shown = jobmesh(gw.address, "get", job_id)
+    assert shown.returncode == 0
+    rows = {
+        line.split()[0]: line.split()[1:] for line in shown.stdout.splitlines() if line[:1].strip()
+    }
+    assert rows["job"] == [job_id]
+    assert rows["state"] == ["SUCCEEDED", "(attempt", "1)"]
+    assert rows["labels"] == ["team=web"]
+    assert rows["outputs"] == ["big.bin", "(2.0", "KiB)"]
+    assert rows["attempts"][:3] == ["#", "worker", "started"]
+    assert "\0" not in shown.stdout
+
+    as_json = json.loads(jobmesh(gw.address, "get", job_id, "--json").stdout)
+    assert as_json["state"] == "JOB_STATE_SUCCEEDED"
+    assert [a["workerId"] for a in as_json["attempts"]] == ["w1"]
+
+
+def test_cancel_ends_a_running_job_and_is_idempotent(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1", slots=1)
+    job_id = jobmesh(gw.address, "submit", "sleep", "-p", "seconds=60").stdout.strip()
+    with Client(gw.address) as client:
+        for event in client.watch(job_id):
+            if event.state == job_pb2.JOB_STATE_RUNNING:
+                break
+    cancelled = jobmesh(gw.address, "cancel", job_id, "--reason", "not needed")
+    assert cancelled.returncode == 0
+    assert cancelled.stdout == f"{job_id} CANCELLED\n"
+    watched = jobmesh(gw.address, "watch", job_id)
+    assert watched.returncode == 1
+    assert watched.stderr.endswith(f"jobmesh: job {job_id} CANCELLED: [CANCELLED] not needed\n")
+    again = jobmesh(gw.address, "cancel", job_id)
+    assert (again.returncode, again.stdout) == (0, f"{job_id} CANCELLED\n")
+    # The worker's only slot is free again.
+    assert jobmesh(gw.address, "submit", "echo", "--wait").returncode == 0
+
+
+def test_list_pages_up_to_the_limit_and_tells_how_to_go_on(cluster: Cluster) -> None:
+    gw = cluster.gateway()  # no worker: the jobs stay queued
+    web = []
+    for _ in range(3):
+        submitted = jobmesh(gw.address, "submit", "echo", "--label", "team=web")
+        assert submitted.stderr.startswith("jobmesh: warning: no worker serving kind 'echo'")
+        web.append(submitted.stdout.strip())
+    jobmesh(gw.address, "submit", "echo", "--label", "team=ops")
+
+    first = jobmesh(gw.address, "list", "--label", "team=web", "--limit", "2")
+    assert first.returncode == 0
+    [header, *rows] = [line.split() for line in first.stdout.splitlines()]
+    assert header == ["ID", "KIND", "STATE", "ATTEMPT", "PROGRESS", "PRIORITY", "CREATED", "LABELS"]
+    assert [(r[0], r[1], r[2], r[-1]) for r in rows] == [
+        (web[2], "echo", "QUEUED", "team=web"),
+        (web[1], "echo", "QUEUED", "team=web"),
+    ]
+    prefix = "jobmesh: more with --page-token "
+    assert first.stderr.startswith(prefix)
+    token = first.stderr.removeprefix(prefix).strip()
+
+    rest = jobmesh(gw.address, "list", "--label", "team=web", "--page-token", token, "--json")
+    assert rest.returncode == 0
+    page = json.loads(rest.stdout)
+    assert [j["id"] for j in page["jobs"]] == [web[0]]
+    assert "nextPageToken" not in page
+
+
+def test_workers_shows_the_attached_replicas(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1", slots=2)
+    shown = jobmesh(gw.address, "workers")
+    assert shown.returncode == 0
+    [header, row] = shown.stdout.splitlines()
+    assert header.split()[:4] == ["ID", "STATE", "KINDS", "SLOTS"]
+    assert row.split()[:6] == ["w1", "ACTIVE", "echo,", "fail,", "sleep", "2"]
+
+    [worker] = json.loads(jobmesh(gw.address, "workers", "--json").stdout)["workers"]
+    assert worker["workerId"] == "w1"
+    assert worker["slots"] == 2
+    assert {k["kind"] for k in worker["kinds"]} == {"echo", "fail", "sleep"}
+
+
+def test_failed_calls_print_one_line_and_exit_by_their_code(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    for argv in (["get", "nope"], ["watch", "nope"], ["cancel", "nope"]):
+        done = jobmesh(gw.address, *argv)
+        assert (done.returncode, done.stderr) == (3, "jobmesh: NOT_FOUND: job 'nope' not found\n")
+    bad_kind = jobmesh(gw.address, "submit", "no such kind")
+    assert bad_kind.returncode == 2
+    assert bad_kind.stderr.startswith(
+        "jobmesh: INVALID_ARGUMENT: spec.kind: 'no such kind' is not a kind"
+    )
+    assert len(bad_kind.stderr.splitlines()) == 1
+    empty = jobmesh(gw.address, "submit", "")
+    assert (empty.returncode, empty.stderr) == (
+        2,
+        "jobmesh: INVALID_ARGUMENT: spec.kind: must not be empty\n",
+    )
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    unreachable = jobmesh(closed, "list")
+    assert unreachable.returncode == 3
+    assert unreachable.stderr.startswith("jobmesh: UNAVAILABLE: ")
+    assert len(unreachable.stderr.splitlines()) == 1
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["submit", "echo", "--output", "dir"]) == 2
+    assert "--output: needs --wait" in capsys.readouterr().err
+    for argv in (["submit", "echo", "-p", "novalue"], ["get"], ["list", "--state", "done"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
 
 
 @pytest.mark.parametrize(
@@ -37,125 +259,3 @@ def test_an_unexpected_status_is_exit_code_3() -> None:
     error.code = grpc.StatusCode.PERMISSION_DENIED
     assert exit_code(error) == 3
     assert describe(error) == "PERMISSION_DENIED: x"
-
-
-def test_submit_wait_shows_progress_and_writes_the_outputs(
-    gateway: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    source = tmp_path / "photo.jpg"
-    source.write_bytes(b"jpeg bytes")
-    out = tmp_path / "out"
-    argv = ["submit", "echo", "-p", "n=3", "--input", str(source), "--wait", "--output", str(out)]
-    assert main([*argv, "--gateway", gateway]) == 0
-    captured = capsys.readouterr()
-    assert captured.out == "job-1\n"
-    assert "#5 SUCCEEDED attempt 1 on w1 outputs: photo.jpg (10 B)" in captured.err
-    assert "no worker serves it yet" in captured.err
-    assert (out / "photo.jpg").read_bytes() == b"jpeg bytes"
-
-
-def test_a_job_that_fails_exits_1_with_its_error(
-    gateway: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["submit", "fail", "--wait", "--gateway", gateway]) == 1
-    assert capsys.readouterr().err.endswith("jobmesh: job job-1 FAILED: [HANDLER_ERROR] boom\n")
-
-
-def test_an_output_name_that_could_escape_is_not_written(
-    fake: FakeGateway, gateway: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "out"
-    argv = ["submit", "echo", "--input", f"../evil={__file__}", "--input", f"ok={__file__}"]
-    assert main([*argv, "--wait", "--output", str(out), "--gateway", gateway]) == 2
-    assert "refusing to write output named '../evil'" in capsys.readouterr().err
-    assert not out.exists()
-
-
-def test_watch_json_prints_one_event_per_line(
-    fake: FakeGateway, gateway: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    job = fake.add(job_pb2.JobSpec(kind="echo", inputs={"a": b"xyz"}))
-    assert main(["watch", job.id, "--after-seq", "2", "--json", "--gateway", gateway]) == 0
-    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [e["seq"] for e in events] == ["3", "4", "5"]
-    assert events[-1]["result"]["outputs"] == {"a": "eHl6"}
-
-
-def test_watch_of_an_ended_job_exits_by_how_it_ended(
-    fake: FakeGateway, gateway: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    job = fake.add(job_pb2.JobSpec(kind="fail"))
-    assert main(["watch", job.id, "--after-seq", "5", "--gateway", gateway]) == 1
-    assert "FAILED: [HANDLER_ERROR] boom" in capsys.readouterr().err
-
-
-def test_get_shows_outputs_as_names_and_sizes(
-    fake: FakeGateway, gateway: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    job = fake.add(job_pb2.JobSpec(kind="echo", inputs={"big.bin": b"\0" * 2048}))
-    assert main(["get", job.id, "--gateway", gateway]) == 0
-    out = capsys.readouterr().out
-    assert "SUCCEEDED (attempt 1)" in out
-    assert "outputs   big.bin (2.0 KiB)" in out
-    assert main(["get", job.id, "--json", "--gateway", gateway]) == 0
-    assert json.loads(capsys.readouterr().out)["state"] == "JOB_STATE_SUCCEEDED"
-
-
-def test_list_pages_up_to_the_limit_and_tells_how_to_go_on(
-    fake: FakeGateway, gateway: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    for _ in range(3):
-        fake.add(job_pb2.JobSpec(kind="echo", labels={"team": "web"}))
-    assert main(["list", "--limit", "2", "--gateway", gateway]) == 0
-    captured = capsys.readouterr()
-    rows = captured.out.splitlines()
-    assert rows[0].split() == [
-        "ID", "KIND", "STATE", "ATTEMPT", "PROGRESS", "PRIORITY", "CREATED", "LABELS"
-    ]  # fmt: skip
-    assert [r.split()[0] for r in rows[1:]] == ["job-3", "job-2"]
-    assert "--page-token 2" in captured.err
-    assert main(["list", "--page-token", "2", "--json", "--gateway", gateway]) == 0
-    assert [j["id"] for j in json.loads(capsys.readouterr().out)["jobs"]] == ["job-1"]
-
-
-def test_workers_shows_a_table(
-    fake: FakeGateway, gateway: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    busy = admin_service_pb2.Worker(worker_id="embedded-0", slots=4, active_jobs=1)
-    busy.kinds.add(kind="echo")
-    busy.kinds.add(kind="sleep", max_concurrency=2)
-    busy.stats.rss_bytes = 50 * 1024 * 1024
-    busy.stats.cpu_percent = 12.4
-    busy.last_pong_time.FromSeconds(int(time.time()) - 90)
-    new = admin_service_pb2.Worker(worker_id="embedded-1", slots=1)
-    fake.workers += [busy, new]
-    assert main(["workers", "--gateway", gateway]) == 0
-    rows = [row.split() for row in capsys.readouterr().out.splitlines()[1:]]
-    assert rows[0][:-2] == [
-        "embedded-0", "UNSPECIFIED", "echo,", "sleep(2)", "4", "1", "12", "50.0", "MiB"
-    ]  # fmt: skip
-    assert rows[0][-2].startswith("1m3")
-    assert rows[1] == ["embedded-1", "UNSPECIFIED", "1", "0", "-", "-", "never"]
-
-
-def test_failed_calls_print_their_code_and_exit_by_it(
-    gateway: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["get", "nope", "--gateway", gateway]) == 3
-    assert capsys.readouterr().err == "jobmesh: NOT_FOUND: no job nope\n"
-    assert main(["submit", "", "--gateway", gateway]) == 2
-    assert capsys.readouterr().err == "jobmesh: INVALID_ARGUMENT: spec.kind: must not be empty\n"
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        closed = f"127.0.0.1:{s.getsockname()[1]}"
-    assert main(["list", "--gateway", closed]) == 3
-    assert capsys.readouterr().err.startswith("jobmesh: UNAVAILABLE: ")
-
-
-def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["submit", "echo", "--output", "dir"]) == 2
-    assert "--output: needs --wait" in capsys.readouterr().err
-    for argv in (["submit", "echo", "-p", "novalue"], ["get"], ["list", "--state", "done"]):
-        with pytest.raises(SystemExit) as exited:
-            main(argv)
-        assert exited.value.code == 2

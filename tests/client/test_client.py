@@ -1,93 +1,164 @@
-"""AsyncClient and Client against a scripted gateway: resumed watches, results, errors."""
+"""AsyncClient and Client against real gateway and worker processes: resumed watches across a
+killed gateway, results, typed errors, paging."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
 import pytest
 
-from jobmesh import AsyncClient, Client, InvalidArgument, JobFailed, NotFound, job_spec
+from jobmesh import (
+    AsyncClient,
+    Client,
+    InvalidArgument,
+    JobFailed,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    job_spec,
+)
 from jobmesh.v1 import job_pb2
-from tests.client.fake_gateway import FakeGateway
+from tests.cluster import Cluster, Gateway, until
 
 S = job_pb2.JobState
+PROGRESS = job_pb2.JOB_EVENT_TYPE_PROGRESS
 
 
-async def test_watch_resumes_after_a_broken_stream_and_loses_no_event(
-    fake: FakeGateway, gateway: str
-) -> None:
-    job = fake.add(job_pb2.JobSpec(kind="echo"))
-    fake.break_watches = [2, 0, 1]  # two events, then a refused resume, then one more
-    async with AsyncClient(gateway) as client:
-        events = [e async for e in client.watch(job.id)]
-    assert [e.seq for e in events] == [1, 2, 3, 4, 5]
+async def _collect(events: AsyncIterator[job_pb2.JobEvent], into: list[job_pb2.JobEvent]) -> None:
+    async for event in events:
+        into.append(event)
+
+
+async def _replace(cluster: Cluster, gw: Gateway, events: list[job_pb2.JobEvent]) -> int:
+    """Kills the gateway and starts another on the same file and port, with a worker; returns
+    how many events had arrived when the gateway died."""
+    gw.kill()
+    seen = len(events)
+    # Started in threads, so the client keeps trying to resume while the gateway is down.
+    gw2 = await asyncio.to_thread(cluster.gateway, port=gw.port)
+    await asyncio.to_thread(cluster.worker, gw2, "w2", slots=1)
+    return seen
+
+
+async def test_watch_resumes_across_a_killed_gateway_and_loses_no_event(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1", slots=1)
+    async with AsyncClient(gw.address) as client:
+        job_id = (await client.submit("sleep", params={"seconds": 2})).job.id
+        events: list[job_pb2.JobEvent] = []
+        watching = asyncio.create_task(_collect(client.watch(job_id), events))
+        await until(lambda: any(e.type == PROGRESS for e in events))  # the job is running
+        seen = await _replace(cluster, gw, events)
+        async with asyncio.timeout(60):
+            await watching
+        replay = [e async for e in client.watch(job_id)]
+    assert events[seen - 1].state == S.JOB_STATE_RUNNING  # the gateway died mid-job
     assert events[-1].state == S.JOB_STATE_SUCCEEDED
-    assert [r.after_seq for r in fake.watch_requests] == [0, 2, 2, 3]
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert events == replay
 
 
-async def test_watch_past_the_terminal_event_ends_at_once(fake: FakeGateway, gateway: str) -> None:
-    job = fake.add(job_pb2.JobSpec(kind="echo"))
-    async with AsyncClient(gateway) as client:
-        assert [e async for e in client.watch(job.id, after_seq=5)] == []
+async def test_run_continues_with_watch_across_a_killed_gateway(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1", slots=1)
+    async with AsyncClient(gw.address) as client:
+        events: list[job_pb2.JobEvent] = []
+        running = asyncio.create_task(_collect(client.run("sleep", params={"seconds": 2}), events))
+        await until(lambda: any(e.type == PROGRESS for e in events))
+        seen = await _replace(cluster, gw, events)
+        async with asyncio.timeout(60):
+            await running
+        replay = [e async for e in client.watch(events[0].job_id)]
+    assert events[seen - 1].state == S.JOB_STATE_RUNNING
+    assert events[-1].state == S.JOB_STATE_SUCCEEDED
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert events == replay
 
 
-async def test_run_continues_with_watch_when_its_stream_breaks(
-    fake: FakeGateway, gateway: str
+async def test_wait_returns_the_ended_job_and_check_raises_unless_it_succeeded(
+    cluster: Cluster,
 ) -> None:
-    fake.break_watches = [3]
-    async with AsyncClient(gateway) as client:
-        events = [e async for e in client.run("echo", inputs={"in": b"data"})]
-    assert [e.seq for e in events] == [1, 2, 3, 4, 5]
-    assert events[-1].result.outputs["in"] == b"data"
-    assert [r.after_seq for r in fake.watch_requests] == [3]
-
-
-async def test_wait_returns_the_ended_job_and_check_raises_for_a_failure(
-    fake: FakeGateway, gateway: str
-) -> None:
-    async with AsyncClient(gateway) as client:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1")
+    async with AsyncClient(gw.address) as client:
         ok = await client.submit("echo", params={"n": 3}, inputs={"a": b"1"})
-        assert ok.warnings == ("no worker serves it yet",)
         job = await client.wait(ok.job.id, check=True)
         assert job.state == S.JOB_STATE_SUCCEEDED
-        assert job.result.outputs == {"a": b"1"}
-        failed = await client.submit("fail")
+        assert dict(job.result.outputs) == {"a": b"1"}
+
+        failed = await client.submit("fail", params={"message": "boom"})
         assert (await client.wait(failed.job.id)).state == S.JOB_STATE_FAILED
-        with pytest.raises(JobFailed, match=r"FAILED: \[HANDLER_ERROR\] boom"):
+        with pytest.raises(JobFailed, match=r"FAILED: \[FAILED_ON_PURPOSE\] boom"):
             await client.wait(failed.job.id, check=True)
 
+        stranded = await client.submit("nobody-serves-this")
+        assert stranded.warnings  # the caller hears that no worker serves the kind
+        await client.cancel(stranded.job.id, "typo")
+        with pytest.raises(JobFailed, match=r"CANCELLED: \[CANCELLED\] typo"):
+            await client.wait(stranded.job.id, check=True)
 
-async def test_failed_calls_raise_typed_errors(gateway: str) -> None:
-    async with AsyncClient(gateway) as client:
-        with pytest.raises(NotFound, match="no job nope"):
+
+async def test_failed_calls_raise_typed_errors(cluster: Cluster) -> None:
+    gw = cluster.gateway("--max-message-bytes", "1024")
+    async with AsyncClient(gw.address) as client:
+        with pytest.raises(NotFound, match="job 'nope' not found"):
             await client.get("nope")
-        with pytest.raises(InvalidArgument, match=r"spec\.kind"):
+        with pytest.raises(NotFound):
+            await client.cancel("nope")
+        with pytest.raises(NotFound):
+            [e async for e in client.watch("nope")]
+        with pytest.raises(InvalidArgument, match=r"spec\.kind: must not be empty"):
             await client.submit("")
+        with pytest.raises(InvalidArgument, match=r"page_token"):
+            await client.list(page_token="garbage")
+        with pytest.raises(ResourceExhausted):
+            await client.submit("echo", inputs={"big": b"\0" * 4096})
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    async with AsyncClient(closed) as client:
+        with pytest.raises(Unavailable):
+            await client.get("nope")
 
 
-async def test_list_all_walks_every_page(fake: FakeGateway, gateway: str) -> None:
-    for _ in range(5):
-        fake.add(job_pb2.JobSpec(kind="echo"))
-    async with AsyncClient(gateway) as client:
-        first, token = await client.list(page_size=2)
-        everything = [j.id async for j in client.list_all(page_size=2)]
-    assert [j.id for j in first] == ["job-5", "job-4"]
+async def test_list_all_walks_every_page(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    async with AsyncClient(gw.address) as client:
+        ids = [(await client.submit("echo", params={"i": i})).job.id for i in range(7)]
+        first, token = await client.list(page_size=3)
+        everything = [j.id async for j in client.list_all(page_size=3)]
+    newest_first = ids[::-1]
+    assert [j.id for j in first] == newest_first[:3]
     assert token
-    assert everything == ["job-5", "job-4", "job-3", "job-2", "job-1"]
+    assert everything == newest_first
 
 
-def test_the_blocking_client_runs_the_same_calls(fake: FakeGateway, gateway: str) -> None:
-    with Client(gateway) as client:
-        [a, b] = client.submit_batch([job_spec("echo"), job_spec("fail")])
-        assert client.wait(a.job.id).state == S.JOB_STATE_SUCCEEDED
-        fake.break_watches = [1]
-        assert [e.seq for e in client.watch(b.job.id)] == [1, 2, 3, 4, 5]
+def test_the_blocking_client_runs_the_same_calls(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1")
+    with Client(gw.address) as client:
+        [a, b] = client.submit_batch(
+            [job_spec("echo", inputs={"in": b"data"}), job_spec("fail", params={"message": "no"})]
+        )
+        assert client.wait(a.job.id).result.outputs["in"] == b"data"
+        events = list(client.watch(b.job.id))
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        assert events[-1].state == S.JOB_STATE_FAILED
         # Leaving a watch early closes its stream.
         for event in client.watch(a.job.id):
             assert event.seq == 1
             break
-        assert client.cancel(a.job.id, "no longer needed").error.message == "no longer needed"
+        ran = list(client.run("echo", params={"text": "hi"}))
+        assert ran[-1].state == S.JOB_STATE_SUCCEEDED
+        # Cancelling an ended job changes nothing.
+        assert client.cancel(a.job.id, "no longer needed").state == S.JOB_STATE_SUCCEEDED
         jobs, token = client.list()
-        assert [j.id for j in jobs] == [b.job.id, a.job.id]
+        assert [j.id for j in jobs] == [ran[0].job_id, b.job.id, a.job.id]
         assert token == ""
-        assert client.list_workers() == []
-        with pytest.raises(JobFailed):
+        assert [w.worker_id for w in client.list_workers()] == ["w1"]
+        with pytest.raises(JobFailed, match="no"):
             client.wait(b.job.id, check=True)
+        with pytest.raises(NotFound):
+            client.get("nope")
