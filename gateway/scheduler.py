@@ -17,6 +17,7 @@ import logging
 import random
 from collections.abc import Awaitable, Iterable, Sequence
 
+from gateway import validation
 from gateway.config import GatewaySettings
 from gateway.jobs import (
     S,
@@ -34,7 +35,7 @@ from gateway.queues import KindQueues
 from gateway.store import Inserted, JobStore
 from gateway.timers import Timers
 from gateway.workers import AttemptKey, WorkerSession
-from jobmesh.errors import NotFound, ResourceExhausted
+from jobmesh.errors import InvalidArgument, NotFound, ResourceExhausted
 from jobmesh.v1 import dispatcher_pb2, job_pb2
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,15 @@ class Scheduler:
             key = (completed.job_id, completed.attempt)
             job = self._current(*key, session)
             session.release(key)
-            if job is not None:
+            if job is None:
+                continue
+            try:
+                validation.payload_names(completed.result.outputs, "output", "outputs")
+            except InvalidArgument as e:
+                # Clients write outputs to files by name; a name like '../x' must not reach them.
+                bad = _error("INVALID_RESULT", e.message, retryable=False)
+                self._attempt_failed(job, bad, backoff=False)
+            else:
                 self._close_attempt(job, None)
                 job.result.CopyFrom(completed.result)
                 job.progress = 1.0
@@ -241,6 +250,9 @@ class Scheduler:
             if job is None:
                 continue
             if failed.error.code == REJECTED:
+                # Its slots are busier than the gateway knew (a handler that outlived its
+                # attempt): send it nothing more until it reports in again.
+                session.paused = True
                 self._unassign(job)
             else:
                 self._attempt_failed(job, failed.error, backoff=True)
@@ -494,4 +506,4 @@ class Scheduler:
         self._owner.pop(job.id, None)
         self._orphans.pop(job.id, None)
         log.debug("job %s %s", job.id, state_name(state))
-        return self._save(job, next_event(job, message=error.message if error else ""))
+        return self._save(job, next_event(job))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from gateway.jobs import duration_seconds
 from jobmesh.errors import InvalidArgument
@@ -49,11 +49,15 @@ def labels(values: Mapping[str, str], field: str) -> None:
             raise InvalidArgument(f"value of {key!r} is longer than {MAX_LABEL_VALUE}", field)
 
 
+def payload_names(names: Iterable[str], what: str, field: str) -> None:
+    for name in names:
+        if not PAYLOAD_NAME.fullmatch(name) or name in {".", ".."}:
+            raise InvalidArgument(f"{name[:70]!r} is not an {what} name", field)
+
+
 def spec(value: job_pb2.JobSpec, field: str = "spec") -> None:
     kind(value.kind, f"{field}.kind")
-    for name in value.inputs:
-        if not PAYLOAD_NAME.fullmatch(name) or name in {".", ".."}:
-            raise InvalidArgument(f"{name[:70]!r} is not an input name", f"{field}.inputs")
+    payload_names(value.inputs, "input", f"{field}.inputs")
     labels(value.labels, f"{field}.labels")
     if len(value.idempotency_key) > MAX_IDEMPOTENCY_KEY:
         raise InvalidArgument(f"longer than {MAX_IDEMPOTENCY_KEY}", f"{field}.idempotency_key")

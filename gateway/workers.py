@@ -32,6 +32,8 @@ class WorkerSession:
     """Attempts handed to the worker and not yet ended -> their kind. They hold its slots."""
     per_kind: Counter[str] = field(default_factory=Counter)
     draining: bool = False
+    paused: bool = False
+    """The worker refused a job for want of a slot; it gets no more until its next pong."""
     connect_time: timestamp_pb2.Timestamp = field(default_factory=now)
     last_pong_time: timestamp_pb2.Timestamp | None = None
     last_heard: float = field(default_factory=time.monotonic)
@@ -43,7 +45,9 @@ class WorkerSession:
         return len(self.inflight) / self.slots
 
     def can_take(self, kind: str) -> bool:
-        if self.draining or len(self.inflight) >= self.slots or kind not in self.kinds:
+        if self.draining or self.paused or len(self.inflight) >= self.slots:
+            return False
+        if kind not in self.kinds:
             return False
         limit = self.kinds[kind]
         return limit == 0 or self.per_kind[kind] < limit
@@ -63,6 +67,7 @@ class WorkerSession:
     def heard(self, pong: dispatcher_pb2.Pong) -> None:
         self.last_heard = time.monotonic()
         self.last_pong_time = now()
+        self.paused = False
         self.stats.CopyFrom(pong.stats)
 
     def to_proto(self) -> admin_service_pb2.Worker:

@@ -74,8 +74,10 @@ def job_spec(
     policy = spec.retry_policy
     _set_duration(policy.initial_backoff, options.get("initial_backoff"), "initial_backoff")
     _set_duration(policy.max_backoff, options.get("max_backoff"), "max_backoff")
-    policy.backoff_multiplier = options.get("backoff_multiplier", 0.0)
-    policy.jitter = options.get("retry_jitter", 0.0)
+    if "backoff_multiplier" in options:
+        policy.backoff_multiplier = options["backoff_multiplier"]
+    if "retry_jitter" in options:
+        policy.jitter = options["retry_jitter"]
     _set_duration(
         spec.start_to_close_timeout, options.get("start_to_close_timeout"), "start_to_close_timeout"
     )

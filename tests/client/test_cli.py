@@ -77,16 +77,19 @@ def test_submit_fail_waits_and_exits_1_with_the_error(cluster: Cluster) -> None:
     assert done.stderr.endswith(f"jobmesh: job {job_id} FAILED: [FAILED_ON_PURPOSE] boom\n")
 
 
-def test_an_output_name_that_could_escape_is_not_written(cluster: Cluster, tmp_path: Path) -> None:
+def test_a_job_with_an_output_name_that_could_escape_fails(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     gw = cluster.gateway()
     cluster.worker(gw, "w1", "--handlers", "tests.client.handlers")
     out = tmp_path / "out"
     done = jobmesh(gw.address, "submit", "escaping-outputs", "--wait", "--output", str(out))
-    assert done.returncode == 2
+    assert done.returncode == 1
+    [job_id] = done.stdout.split()
     assert done.stderr.endswith(
-        "jobmesh: INVALID_ARGUMENT: --output: refusing to write output named '../evil'\n"
+        f"jobmesh: job {job_id} FAILED: [INVALID_RESULT] outputs: '../evil' is not an output name\n"
     )
-    # Not even the harmless output: a bad name leaves no partial result.
+    # Nothing is written, not even the harmless output.
     assert not out.exists()
     assert not (tmp_path / "evil").exists()
 

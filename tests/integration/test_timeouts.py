@@ -95,3 +95,19 @@ async def test_an_assignment_never_accepted_goes_back_to_the_queue(cluster: Clus
     assert job.worker_id == "w1"
     assert job.attempts[0].worker_id == "mute"
     assert job.attempts[0].error.code == "ASSIGN_NOT_ACKNOWLEDGED"
+
+
+async def test_an_attempt_over_its_time_is_stopped_and_retried(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1", "--cancel-grace", "0.5", slots=1)
+    async with AsyncClient(gw.address) as client:
+        slow = await client.submit(
+            "sleep", params={"seconds": 60}, start_to_close_timeout=0.5, max_attempts=2
+        )
+        job = await client.wait(slow.job.id)
+        after = await client.wait((await client.submit("echo")).job.id)
+    assert job.state == S.JOB_STATE_FAILED
+    assert job.error.code == "TIMEOUT"
+    assert job.error.retryable
+    assert [a.error.code for a in job.attempts] == ["TIMEOUT", "TIMEOUT"]
+    assert after.state == S.JOB_STATE_SUCCEEDED

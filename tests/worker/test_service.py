@@ -355,7 +355,7 @@ async def test_results_from_while_disconnected_arrive_once_after_reattach(
 ) -> None:
     await start_worker(slots=3)
     session = await gateway.session()
-    session.assign("long", "test.block", seconds=2.5)
+    session.assign("long", "test.block", seconds=6)
     session.assign("a", "sleep", seconds=0.3)
     session.assign("b", "test.stubborn", seconds=0.3, timeout=0.1)  # a timeout while away
     await session.next(d.Progress)
