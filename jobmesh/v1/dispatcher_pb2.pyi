@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from jobmesh.v1 import job_pb2 as _job_pb2
 import builtins as _builtins
 import sys
@@ -20,6 +21,35 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ParamType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ParamTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ParamType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PARAM_TYPE_UNSPECIFIED: _ParamType.ValueType  # 0
+    PARAM_TYPE_STRING: _ParamType.ValueType  # 1
+    PARAM_TYPE_NUMBER: _ParamType.ValueType  # 2
+    """Any number."""
+    PARAM_TYPE_INTEGER: _ParamType.ValueType  # 3
+    """A number without a fractional part."""
+    PARAM_TYPE_BOOLEAN: _ParamType.ValueType  # 4
+    PARAM_TYPE_LIST: _ParamType.ValueType  # 5
+    PARAM_TYPE_OBJECT: _ParamType.ValueType  # 6
+
+class ParamType(_ParamType, metaclass=_ParamTypeEnumTypeWrapper): ...
+
+PARAM_TYPE_UNSPECIFIED: ParamType.ValueType  # 0
+PARAM_TYPE_STRING: ParamType.ValueType  # 1
+PARAM_TYPE_NUMBER: ParamType.ValueType  # 2
+"""Any number."""
+PARAM_TYPE_INTEGER: ParamType.ValueType  # 3
+"""A number without a fractional part."""
+PARAM_TYPE_BOOLEAN: ParamType.ValueType  # 4
+PARAM_TYPE_LIST: ParamType.ValueType  # 5
+PARAM_TYPE_OBJECT: ParamType.ValueType  # 6
+Global___ParamType: _TypeAlias = ParamType  # noqa: Y015
 
 @_typing.final
 class SessionRequest(_message.Message):
@@ -109,22 +139,100 @@ class KindCapacity(_message.Message):
 
     KIND_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    PARAMS_SCHEMA_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     max_concurrency: _builtins.int
     """At most this many jobs of the kind at once; 0 means up to `slots`."""
+    @_builtins.property
+    def params_schema(self) -> Global___ParamsSchema:
+        """The params the kind takes, when it declares them: the gateway then refuses, at
+        Submit, a job of the kind with an unknown or ill-typed param.
+        """
+
     def __init__(
         self,
         *,
         kind: _builtins.str = ...,
         max_concurrency: _builtins.int = ...,
+        params_schema: Global___ParamsSchema | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params_schema", b"params_schema"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "max_concurrency", b"max_concurrency"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "max_concurrency", b"max_concurrency", "params_schema", b"params_schema"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KindCapacity: _TypeAlias = KindCapacity  # noqa: Y015
+
+@_typing.final
+class ParamsSchema(_message.Message):
+    """What a kind's params look like."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARAMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def params(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParamSpec]: ...
+    def __init__(
+        self,
+        *,
+        params: _abc.Iterable[Global___ParamSpec] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParamsSchema: _TypeAlias = ParamsSchema  # noqa: Y015
+
+@_typing.final
+class ParamSpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    CHOICES_FIELD_NUMBER: _builtins.int
+    MINIMUM_FIELD_NUMBER: _builtins.int
+    MAXIMUM_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    type: Global___ParamType.ValueType
+    required: _builtins.bool
+    minimum: _builtins.float
+    """For numbers and integers: inclusive bounds, when set."""
+    maximum: _builtins.float
+    description: _builtins.str
+    @_builtins.property
+    def choices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """For strings: the allowed values, if only some are."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: Global___ParamType.ValueType = ...,
+        required: _builtins.bool = ...,
+        choices: _abc.Iterable[_builtins.str] | None = ...,
+        minimum: _builtins.float | None = ...,
+        maximum: _builtins.float | None = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "maximum", b"maximum", "minimum", b"minimum"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "choices", b"choices", "description", b"description", "maximum", b"maximum", "minimum", b"minimum", "name", b"name", "required", b"required", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__maximum: _TypeAlias = _typing.Literal["maximum"]  # noqa: Y015
+    _WhichOneofArgType__maximum: _TypeAlias = _typing.Literal["_maximum", b"_maximum"]  # noqa: Y015
+    _WhichOneofReturnType__minimum: _TypeAlias = _typing.Literal["minimum"]  # noqa: Y015
+    _WhichOneofArgType__minimum: _TypeAlias = _typing.Literal["_minimum", b"_minimum"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__maximum) -> _WhichOneofReturnType__maximum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__minimum) -> _WhichOneofReturnType__minimum | None: ...
+
+Global___ParamSpec: _TypeAlias = ParamSpec  # noqa: Y015
 
 @_typing.final
 class AttemptRef(_message.Message):
