@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from gateway import validation
+from gateway import params, validation
 from gateway.jobs import TERMINAL_STATES, S, ts_seconds
 from gateway.scheduler import Scheduler
 from gateway.store import Inserted, JobFilter, JobStore
@@ -43,12 +43,18 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             job=item.job, existing=item.existing, warnings=warnings
         )
 
+    def _check(self, spec: job_pb2.JobSpec, field: str = "spec") -> None:
+        validation.spec(spec, field)
+        schema = self._scheduler.params_schema(spec.kind)
+        if schema is not None:
+            params.check(spec.kind, spec.params, schema, f"{field}.params")
+
     async def Submit(
         self,
         request: job_service_pb2.SubmitRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> job_service_pb2.SubmitResponse:
-        validation.spec(request.spec)
+        self._check(request.spec)
         [item] = await self._scheduler.submit(tenant_of(context), [request.spec])
         return self._response(item)
 
@@ -62,7 +68,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         if len(request.specs) > self._max_batch:
             raise InvalidArgument(f"at most {self._max_batch} specs in one batch", "specs")
         for i, spec in enumerate(request.specs):
-            validation.spec(spec, f"specs[{i}]")
+            self._check(spec, f"specs[{i}]")
         items = await self._scheduler.submit(tenant_of(context), request.specs)
         return job_service_pb2.SubmitBatchResponse(results=[self._response(i) for i in items])
 
@@ -90,7 +96,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         request: job_service_pb2.RunRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> AsyncIterator[job_service_pb2.RunResponse]:
-        validation.spec(request.spec)
+        self._check(request.spec)
         tenant = tenant_of(context)
         [item] = await self._scheduler.submit(tenant, [request.spec])
         async for event in self._events(tenant, item.job.id, 0):

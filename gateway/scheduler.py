@@ -61,6 +61,8 @@ class Scheduler:
         """Job id -> (attempt, worker id) of attempts whose worker's stream broke."""
         self._sessions: dict[str, WorkerSession] = {}
         self._kinds_seen: set[str] = set()
+        self._schemas: dict[str, dispatcher_pb2.ParamsSchema] = {}
+        """Params schema of each kind, as the latest worker serving it declared."""
         self._timers = Timers()
         self._rng = random.Random()
         self._stopping = False
@@ -92,6 +94,10 @@ class Scheduler:
     def serves(self, kind: str) -> bool:
         """Whether any worker has attached serving the kind since the gateway started."""
         return kind in self._kinds_seen
+
+    def params_schema(self, kind: str) -> dispatcher_pb2.ParamsSchema | None:
+        """The kind's params schema, if a worker serving it declared one."""
+        return self._schemas.get(kind)
 
     @property
     def queued(self) -> int:
@@ -156,11 +162,17 @@ class Scheduler:
     def sessions(self) -> Iterable[WorkerSession]:
         return self._sessions.values()
 
-    def attach(self, session: WorkerSession, running: Iterable[AttemptKey]) -> None:
+    def attach(
+        self,
+        session: WorkerSession,
+        running: Iterable[AttemptKey],
+        schemas: Iterable[tuple[str, dispatcher_pb2.ParamsSchema]] = (),
+    ) -> None:
         for old in [s for s in self._sessions.values() if s.worker_id == session.worker_id]:
             self.detach(old, "replaced by a new session of the same worker")
         self._sessions[session.session_id] = session
         self._kinds_seen.update(session.kinds)
+        self._schemas.update(schemas)
         taken_back = 0
         for key in running:
             if self._current(*key, session) is not None:

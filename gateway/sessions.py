@@ -71,7 +71,11 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 )
             )
         )
-        self._scheduler.attach(session, ((r.job_id, r.attempt) for r in attach.running))
+        self._scheduler.attach(
+            session,
+            ((r.job_id, r.attempt) for r in attach.running),
+            ((k.kind, k.params_schema) for k in attach.kinds if k.HasField("params_schema")),
+        )
         reader = asyncio.create_task(self._read(session, requests))
         pinger = asyncio.create_task(self._ping(session))
         reason = "stream ended"
