@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -16,6 +17,8 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 
 from gateway.admin_service import AdminService
+from gateway.blob_service import BlobService
+from gateway.blobs import BlobStore
 from gateway.config import GatewaySettings
 from gateway.interceptors import ErrorInterceptor
 from gateway.job_service import JobService
@@ -26,6 +29,8 @@ from gateway.watchers import EventHub
 from jobmesh.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
+    blob_service_pb2,
+    blob_service_pb2_grpc,
     dispatcher_pb2,
     dispatcher_pb2_grpc,
     job_service_pb2,
@@ -38,6 +43,7 @@ SERVICE_NAMES = (
     job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
     dispatcher_pb2.DESCRIPTOR.services_by_name["Dispatcher"].full_name,
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    blob_service_pb2.DESCRIPTOR.services_by_name["BlobService"].full_name,
 )
 
 
@@ -49,7 +55,16 @@ class Gateway:
         self.port = 0
         self._hub = EventHub()
         self._store = SqliteStore(settings.db)
-        self._scheduler = Scheduler(settings, self._store)
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        if settings.blob_dir:
+            blob_dir = Path(settings.blob_dir)
+        elif settings.db == ":memory:":
+            self._scratch = tempfile.TemporaryDirectory(prefix="jobmesh-blobs-")
+            blob_dir = Path(self._scratch.name)
+        else:
+            blob_dir = Path(settings.db + ".blobs")
+        self._blobs = BlobStore(blob_dir, settings.max_blob_bytes)
+        self._scheduler = Scheduler(settings, self._store, self._blobs)
         self._health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
 
@@ -69,7 +84,13 @@ class Gateway:
             ],
         )
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
-            JobService(self._scheduler, self._store, self._hub, max_batch=self.settings.max_batch),
+            JobService(
+                self._scheduler,
+                self._store,
+                self._hub,
+                self._blobs,
+                max_batch=self.settings.max_batch,
+            ),
             server,
         )
         dispatcher_pb2_grpc.add_DispatcherServicer_to_server(
@@ -78,6 +99,7 @@ class Gateway:
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminService(self._scheduler), server
         )
+        blob_service_pb2_grpc.add_BlobServiceServicer_to_server(BlobService(self._blobs), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (
@@ -117,6 +139,8 @@ class Gateway:
         await self._server.stop(grace)
         self._server = None
         await self._store.close()
+        if self._scratch is not None:
+            self._scratch.cleanup()
         log.info("gateway stopped")
 
     async def wait_closed(self) -> None:
@@ -141,6 +165,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reattach-grace", type=float, help="seconds a lost worker's jobs wait for it to return"
     )
+    parser.add_argument("--blob-dir", help="directory of uploaded payloads (default: DB.blobs)")
+    parser.add_argument("--max-blob-bytes", type=int, help="largest payload one upload may carry")
     parser.add_argument("--port-file", help="write the bound port to this file once serving")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
@@ -155,6 +181,8 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         max_queued=args.max_queued,
         ack_timeout=args.ack_timeout,
         reattach_grace=args.reattach_grace,
+        blob_dir=args.blob_dir,
+        max_blob_bytes=args.max_blob_bytes,
         port_file=args.port_file,
     )
 

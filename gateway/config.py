@@ -35,6 +35,10 @@ class GatewaySettings:
     """Seconds the attempts of a worker whose stream broke wait for it to re-attach."""
     default_max_attempts: int = 3
     """Attempts a job gets when its retry policy does not say."""
+    blob_dir: str = ""
+    """Directory of uploaded payloads; default: `<db>.blobs` beside the database."""
+    max_blob_bytes: int = 4 << 30
+    """Largest payload one upload may carry."""
     port_file: str = ""
     """If set, the bound port is written here once the gateway serves (for tests and scripts)."""
 
@@ -56,6 +60,8 @@ class GatewaySettings:
             raise ValueError("ack_timeout must be positive")
         if self.reattach_grace < 0:
             raise ValueError("reattach_grace must not be negative")
+        if self.max_blob_bytes < 1:
+            raise ValueError("max_blob_bytes must be positive")
         if self.default_max_attempts < 1:
             raise ValueError("default_max_attempts must be at least 1")
 
@@ -72,6 +78,8 @@ class GatewaySettings:
             ("max_queued", "JOBMESH_MAX_QUEUED", int),
             ("ack_timeout", "JOBMESH_ACK_TIMEOUT", float),
             ("reattach_grace", "JOBMESH_REATTACH_GRACE", float),
+            ("blob_dir", "JOBMESH_BLOB_DIR", str),
+            ("max_blob_bytes", "JOBMESH_MAX_BLOB_BYTES", int),
         ):
             if var in env:
                 values[name] = conv(env[var])

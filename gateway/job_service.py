@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gateway import params, validation
+from gateway.blobs import BlobStore
 from gateway.jobs import TERMINAL_STATES, S, ts_seconds
 from gateway.scheduler import Scheduler
 from gateway.store import Inserted, JobFilter, JobStore
@@ -24,9 +25,16 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str:  # type: ignore[type-ar
 
 class JobService(job_service_pb2_grpc.JobServiceServicer):
     def __init__(
-        self, scheduler: Scheduler, store: JobStore, hub: EventHub, *, max_batch: int
+        self,
+        scheduler: Scheduler,
+        store: JobStore,
+        hub: EventHub,
+        blobs: BlobStore,
+        *,
+        max_batch: int,
     ) -> None:
         self._scheduler = scheduler
+        self._blobs = blobs
         self._store = store
         self._hub = hub
         self._max_batch = max_batch
@@ -45,6 +53,8 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
 
     def _check(self, spec: job_pb2.JobSpec, field: str = "spec") -> None:
         validation.spec(spec, field)
+        for name, ref in spec.input_blobs.items():
+            self._blobs.check(ref, f"{field}.input_blobs.{name}")
         schema = self._scheduler.params_schema(spec.kind)
         if schema is not None:
             params.check(spec.kind, spec.params, schema, f"{field}.params")

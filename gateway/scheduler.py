@@ -18,6 +18,7 @@ import random
 from collections.abc import Awaitable, Iterable, Sequence
 
 from gateway import validation
+from gateway.blobs import BlobStore
 from gateway.config import GatewaySettings
 from gateway.jobs import (
     S,
@@ -49,9 +50,10 @@ def _error(code: str, message: str, *, retryable: bool) -> job_pb2.JobError:
 
 
 class Scheduler:
-    def __init__(self, settings: GatewaySettings, store: JobStore) -> None:
+    def __init__(self, settings: GatewaySettings, store: JobStore, blobs: BlobStore) -> None:
         self._settings = settings
         self._store = store
+        self._blobs = blobs
         self._active: dict[str, job_pb2.Job] = {}
         self._queues = KindQueues()
         self._queued = 0
@@ -245,7 +247,7 @@ class Scheduler:
             if job is None:
                 continue
             try:
-                validation.payload_names(completed.result.outputs, "output", "outputs")
+                self._check_result(completed.result)
             except InvalidArgument as e:
                 # Clients write outputs to files by name; a name like '../x' must not reach them.
                 bad = _error("INVALID_RESULT", e.message, retryable=False)
@@ -271,6 +273,11 @@ class Scheduler:
         self._dispatch()
 
     # --- attempts -------------------------------------------------------------
+
+    def _check_result(self, result: job_pb2.JobResult) -> None:
+        validation.payload_names([*result.outputs, *result.output_blobs], "output", "outputs")
+        for name, ref in result.output_blobs.items():
+            self._blobs.check(ref, f"output_blobs.{name}")
 
     def _current(self, job_id: str, attempt: int, session: WorkerSession) -> job_pb2.Job | None:
         """The job if (job_id, attempt) is its live attempt on this session, else None.
@@ -398,6 +405,7 @@ class Scheduler:
             params=job.spec.params,
             tenant=job.tenant,
             labels=job.spec.labels,
+            input_blobs=job.spec.input_blobs,
         )
         if job.spec.HasField("start_to_close_timeout"):
             assign.timeout.CopyFrom(job.spec.start_to_close_timeout)

@@ -58,6 +58,10 @@ def payload_names(names: Iterable[str], what: str, field: str) -> None:
 def spec(value: job_pb2.JobSpec, field: str = "spec") -> None:
     kind(value.kind, f"{field}.kind")
     payload_names(value.inputs, "input", f"{field}.inputs")
+    payload_names(value.input_blobs, "input", f"{field}.input_blobs")
+    both = set(value.inputs) & set(value.input_blobs)
+    if both:
+        raise InvalidArgument(f"{sorted(both)[0]!r} is also in inputs", f"{field}.input_blobs")
     labels(value.labels, f"{field}.labels")
     if len(value.idempotency_key) > MAX_IDEMPOTENCY_KEY:
         raise InvalidArgument(f"longer than {MAX_IDEMPOTENCY_KEY}", f"{field}.idempotency_key")

@@ -92,6 +92,9 @@ class Client:
     list = _blocking(AsyncClient.list)
     list_all = _iterating(AsyncClient.list_all)
     list_workers = _blocking(AsyncClient.list_workers)
+    upload = _blocking(AsyncClient.upload)
+    download = _blocking(AsyncClient.download)
+    outputs = _blocking(AsyncClient.outputs)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Runs `coro` on the client's loop and waits for it; an interrupt cancels it."""

@@ -9,12 +9,15 @@ import random
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar, Unpack
+from typing import Any, BinaryIO, TypeVar, Unpack
 
 import grpc
 from google.protobuf import timestamp_pb2
 
+from jobmesh import blobs
+from jobmesh.blobs import Payload
 from jobmesh.convert import (
     JobState,
     SpecOptions,
@@ -28,6 +31,7 @@ from jobmesh.settings import ClientSettings
 from jobmesh.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
+    blob_service_pb2_grpc,
     job_pb2,
     job_service_pb2,
     job_service_pb2_grpc,
@@ -80,6 +84,7 @@ class AsyncClient:
         )
         self._jobs = job_service_pb2_grpc.JobServiceStub(self._channel)
         self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
+        self._blobs = blob_service_pb2_grpc.BlobServiceStub(self._channel)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -100,16 +105,50 @@ class AsyncClient:
         kind: str,
         *,
         params: Mapping[str, Any] | None = None,
-        inputs: Mapping[str, bytes] | None = None,
+        inputs: Mapping[str, Payload] | None = None,
         **options: Unpack[SpecOptions],
     ) -> Submitted:
-        """Submits a job; returns at once with it QUEUED. See SpecOptions for the options."""
-        spec = job_spec(kind, params=params, inputs=inputs, **options)
+        """Submits a job; returns at once with it QUEUED. See SpecOptions for the options.
+
+        An input is bytes or a file's path; large ones are uploaded in chunks first.
+        """
+        spec = await self._spec(kind, params, inputs, options)
         response = await _unary(self._jobs.Submit(job_service_pb2.SubmitRequest(spec=spec)))
         return Submitted.of(response)
 
+    async def _spec(
+        self,
+        kind: str,
+        params: Mapping[str, Any] | None,
+        inputs: Mapping[str, Payload] | None,
+        options: SpecOptions,
+    ) -> job_pb2.JobSpec:
+        inline = {k: v for k, v in (inputs or {}).items() if isinstance(v, bytes)}
+        files = {k: Path(v) for k, v in (inputs or {}).items() if not isinstance(v, bytes)}
+        spec = job_spec(kind, params=params, inputs=inline, **options)
+        await self._offload(spec, files)
+        return spec
+
+    async def _offload(self, spec: job_pb2.JobSpec, files: Mapping[str, Path]) -> None:
+        await blobs.offload(self._blobs, spec, files, self.settings.inline_limit)
+
+    async def upload(self, source: Payload) -> job_pb2.BlobRef:
+        """Uploads bytes or a file in chunks; a job can then name it in `input_blobs`."""
+        return await blobs.upload(self._blobs, source)
+
+    async def download(self, blob_id: str, sink: BinaryIO | None = None) -> bytes:
+        """A blob's content, or with `sink` written there chunk by chunk (returns b'')."""
+        return await blobs.download(self._blobs, blob_id, sink)
+
+    async def outputs(self, job: job_pb2.Job) -> dict[str, bytes]:
+        """All of a finished job's outputs, downloading those kept as blobs."""
+        return {**job.result.outputs, **await blobs.fetch(self._blobs, job.result.output_blobs)}
+
     async def submit_batch(self, specs: Iterable[job_pb2.JobSpec]) -> builtins.list[Submitted]:
-        """Submits many jobs (see `job_spec`): all are accepted or none is."""
+        """Submits many jobs (see `job_spec`): all are accepted or none is. Inputs over the
+        inline limit are uploaded first."""
+        specs = builtins.list(specs)
+        await asyncio.gather(*(self._offload(spec, {}) for spec in specs))
         request = job_service_pb2.SubmitBatchRequest(specs=specs)
         response = await _unary(self._jobs.SubmitBatch(request))
         return [Submitted.of(r) for r in response.results]
@@ -168,11 +207,11 @@ class AsyncClient:
         kind: str,
         *,
         params: Mapping[str, Any] | None = None,
-        inputs: Mapping[str, bytes] | None = None,
+        inputs: Mapping[str, Payload] | None = None,
         **options: Unpack[SpecOptions],
     ) -> AsyncIterator[job_pb2.JobEvent]:
         """Submits a job and streams its events, like `submit` then `watch`, in one call."""
-        spec = job_spec(kind, params=params, inputs=inputs, **options)
+        spec = await self._spec(kind, params, inputs, options)
         call = self._jobs.Run(job_service_pb2.RunRequest(spec=spec))
         last: job_pb2.JobEvent | None = None
         try:

@@ -25,11 +25,15 @@ class ClientSettings:
     """The gateway's HOST:PORT."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest message the client sends or receives."""
+    inline_limit: int = 1 << 20
+    """Inputs larger than this are uploaded in chunks before Submit instead of inlined."""
 
     def __post_init__(self) -> None:
         parse_address(self.gateway)
         if self.max_message_bytes <= 0:
             raise ValueError("max_message_bytes must be positive")
+        if not 0 <= self.inline_limit < self.max_message_bytes:
+            raise ValueError("inline_limit must be between 0 and max_message_bytes")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ClientSettings:

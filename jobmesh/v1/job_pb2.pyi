@@ -161,6 +161,27 @@ class JobSpec(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class InputBlobsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___BlobRef: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___BlobRef | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     KIND_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
@@ -171,6 +192,7 @@ class JobSpec(_message.Message):
     START_TO_CLOSE_TIMEOUT_FIELD_NUMBER: _builtins.int
     SCHEDULE_TO_START_TIMEOUT_FIELD_NUMBER: _builtins.int
     SCHEDULE_TO_CLOSE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    INPUT_BLOBS_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """The handler that runs the job, e.g. "echo" or "image.thumbnail"."""
     priority: _builtins.int
@@ -179,7 +201,7 @@ class JobSpec(_message.Message):
     """A second Submit with the same key (per tenant) returns the first job."""
     @_builtins.property
     def inputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]:
-        """Named binary inputs."""
+        """Named binary inputs, carried in the message (up to the gateway's message limit)."""
 
     @_builtins.property
     def params(self) -> _struct_pb2.Struct:
@@ -209,6 +231,12 @@ class JobSpec(_message.Message):
         fails with DEADLINE_EXCEEDED. Unset: no limit.
         """
 
+    @_builtins.property
+    def input_blobs(self) -> _containers.MessageMap[_builtins.str, Global___BlobRef]:
+        """Named inputs uploaded beforehand with BlobService.Upload, for large payloads; the
+        handler sees them among its inputs. A name is in `inputs` or here, not both.
+        """
+
     def __init__(
         self,
         *,
@@ -222,14 +250,40 @@ class JobSpec(_message.Message):
         start_to_close_timeout: _duration_pb2.Duration | None = ...,
         schedule_to_start_timeout: _duration_pb2.Duration | None = ...,
         schedule_to_close_timeout: _duration_pb2.Duration | None = ...,
+        input_blobs: _abc.Mapping[_builtins.str, Global___BlobRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "inputs", b"inputs", "kind", b"kind", "labels", b"labels", "params", b"params", "priority", b"priority", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "input_blobs", b"input_blobs", "inputs", b"inputs", "kind", b"kind", "labels", b"labels", "params", b"params", "priority", b"priority", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class BlobRef(_message.Message):
+    """A payload kept by the gateway, uploaded and downloaded in chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The lowercase hex SHA-256 of the content."""
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlobRef: _TypeAlias = BlobRef  # noqa: Y015
 
 @_typing.final
 class JobError(_message.Message):
@@ -285,21 +339,48 @@ class JobResult(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class OutputBlobsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___BlobRef: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___BlobRef | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     OUTPUTS_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    OUTPUT_BLOBS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def outputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]: ...
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct: ...
+    @_builtins.property
+    def output_blobs(self) -> _containers.MessageMap[_builtins.str, Global___BlobRef]:
+        """Large outputs, kept by the gateway: fetch them with BlobService.Download."""
+
     def __init__(
         self,
         *,
         outputs: _abc.Mapping[_builtins.str, _builtins.bytes] | None = ...,
         metadata: _struct_pb2.Struct | None = ...,
+        output_blobs: _abc.Mapping[_builtins.str, Global___BlobRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "outputs", b"outputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "output_blobs", b"output_blobs", "outputs", b"outputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
