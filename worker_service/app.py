@@ -8,9 +8,18 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
 
-from worker_service.config import WorkerSettings, parse_labels, parse_size
+from worker_service.config import (
+    WorkerSettings,
+    merge_limits,
+    parse_kind_limits,
+    parse_labels,
+    parse_products,
+    parse_size,
+)
 from worker_service.executor import Executor
 from worker_service.pool import PoolError, ProcessPool
 from worker_service.registry import HandlerSpec, load_handlers
@@ -24,7 +33,13 @@ EXIT_CONFIG = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The worker's flags; unset ones leave the environment's (or default) values alone."""
+    """The worker's flags; unset ones leave the config file's, environment's or default
+    values alone."""
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="worker TOML config file (default $JOBMESH_WORKER_CONFIG); env and flags override it",
+    )
     parser.add_argument("--gateway", metavar="HOST:PORT", help="gateway to dial")
     parser.add_argument("--slots", type=int, metavar="N", help="jobs run at once")
     parser.add_argument(
@@ -53,6 +68,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--label", action="append", metavar="KEY=VALUE", help="label sent to the gateway"
     )
     parser.add_argument(
+        "--products",
+        type=parse_products,
+        metavar="LIST",
+        help="built-in products to serve, comma-separated: builtin, images (empty: none)",
+    )
+    parser.add_argument(
+        "--kind-concurrency",
+        action="append",
+        metavar="KIND=N",
+        help="at most N jobs of KIND at once on this replica (repeatable)",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        metavar="N",
+        help="largest image (width x height) the image kinds decode or produce",
+    )
+    parser.add_argument(
         "--log-level",
         metavar="LEVEL",
         # Absent unless given, so JOBMESH_LOG_LEVEL (or a wrapping CLI's default) applies.
@@ -65,7 +98,9 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     """The environment's settings with the flags that were given laid over them."""
     handlers = getattr(args, "handlers", None)
     labels = getattr(args, "label", None)
-    return WorkerSettings.from_env().with_overrides(
+    settings = WorkerSettings.from_env(config_file=getattr(args, "config", None))
+    limits = getattr(args, "kind_concurrency", None)
+    return settings.with_overrides(
         gateway=getattr(args, "gateway", None),
         slots=getattr(args, "slots", None),
         handlers=(
@@ -79,6 +114,13 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
         max_job_memory_bytes=getattr(args, "max_job_memory", None),
         labels=None if labels is None else parse_labels(labels),
         log_level=None if getattr(args, "log_level", None) is None else args.log_level.upper(),
+        products=getattr(args, "products", None),
+        kind_concurrency=(
+            None
+            if limits is None
+            else merge_limits(settings.kind_concurrency, parse_kind_limits(limits))
+        ),
+        max_image_pixels=getattr(args, "max_image_pixels", None),
     )
 
 
@@ -86,10 +128,12 @@ def run(settings: WorkerSettings) -> int:
     """Runs a worker replica until it has drained; returns the exit code."""
     _configure_logging(settings.log_level)
     try:
-        specs = load_handlers(settings.handlers)
+        specs = load_handlers(settings.handlers, settings.products)
     except Exception as exc:  # an import error in a user's module, a duplicate kind...
         log.error("cannot load handlers: %s: %s", type(exc).__name__, exc)
         return EXIT_CONFIG
+    specs = with_kind_limits(specs, settings.kind_concurrency)
+    initializer, initargs = _pool_initializer(settings)
     process_specs = [s for s in specs.values() if s.executor == "process"]
     if stray := sorted(s.kind for s in process_specs if s.module == "__main__"):
         log.error("handlers %s are defined in __main__; pool processes need a module", stray)
@@ -98,6 +142,8 @@ def run(settings: WorkerSettings) -> int:
         settings.slots,
         [*settings.handlers, *sorted({s.module for s in process_specs})],
         memory_limit=settings.max_job_memory_bytes,
+        initializer=initializer,
+        initargs=initargs,
     )
     try:
         pool.start()
@@ -123,6 +169,31 @@ def run(settings: WorkerSettings) -> int:
         os._exit(code)
     log.info("worker %s stopped", settings.worker_id)
     return code
+
+
+def with_kind_limits(
+    specs: Mapping[str, HandlerSpec], limits: tuple[tuple[str, int], ...]
+) -> dict[str, HandlerSpec]:
+    """The specs with the configured per-kind concurrency laid over the handlers' own."""
+    by_kind = dict(limits)
+    if unserved := sorted(set(by_kind) - set(specs)):
+        log.warning("concurrency set for kinds this worker does not serve: %s", unserved)
+    return {
+        kind: replace(spec, concurrency=by_kind.get(kind, spec.concurrency))
+        for kind, spec in specs.items()
+    }
+
+
+def _pool_initializer(
+    settings: WorkerSettings,
+) -> tuple[Callable[..., object] | None, tuple[Any, ...]]:
+    """What each pool process runs before its first job: the image limits, when served."""
+    if "images" not in settings.products:
+        return None, ()
+    from worker_service.handlers import images
+
+    images.configure(settings.max_image_pixels)  # for thread handlers in this process
+    return images.configure, (settings.max_image_pixels,)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 from jobmesh.v1 import job_pb2
 from worker_service import outcomes
 from worker_service.outcomes import Outcome
+from worker_service.params import params_problem
 from worker_service.pool import ProcessPool
 from worker_service.progress import ProgressFn, loop_reporter
 from worker_service.registry import HandlerSpec
@@ -129,6 +130,9 @@ class Executor:
             spec = self._specs.get(task.kind)
             if spec is None:
                 return outcomes.error("UNKNOWN_KIND", f"no handler for kind {task.kind!r}", False)
+            # The gateway checks too; this covers a job submitted before the schema changed.
+            if spec.params is not None and (problem := params_problem(spec.params, task.params)):
+                return outcomes.error("INVALID_PARAMS", problem, False)
             outcome = await self._watch(spec, attempt, on_progress)
         finally:
             if timer is not None:

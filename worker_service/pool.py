@@ -20,7 +20,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -75,7 +75,11 @@ class _Job:
 
 
 class ProcessPool:
-    """`size` spawned children that import `modules` and run sync handlers by kind."""
+    """`size` spawned children that import `modules` and run sync handlers by kind.
+
+    Each child calls `initializer(*initargs)`, if given, once its handlers are loaded
+    (a module-level function, so the child can import it).
+    """
 
     def __init__(
         self,
@@ -85,11 +89,15 @@ class ProcessPool:
         start_timeout: float = 60.0,
         memory_limit: int = 0,
         watch_interval: float = WATCH_SECONDS,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
     ) -> None:
         if size < 1:
             raise ValueError("size must be at least 1")
         self._size = size
         self._modules = tuple(dict.fromkeys(modules))
+        self._initializer = initializer
+        self._initargs = initargs
         self._start_timeout = start_timeout
         self._memory_limit = memory_limit
         self._watch_interval = watch_interval
@@ -196,7 +204,15 @@ class ProcessPool:
         cancel = self._mp.Event()
         process = self._mp.Process(
             target=_child_main,
-            args=(child_end, cancel, self._modules, os.getpid(), log.getEffectiveLevel()),
+            args=(
+                child_end,
+                cancel,
+                self._modules,
+                os.getpid(),
+                log.getEffectiveLevel(),
+                self._initializer,
+                self._initargs,
+            ),
             name="jobmesh-pool",
             # Daemonic, so an abrupt exit of the worker takes its children along.
             daemon=True,
@@ -397,7 +413,13 @@ def _decode(message: tuple[Any, ...]) -> Outcome:
 
 
 def _child_main(
-    conn: Connection, cancel: MpEvent, modules: Sequence[str], parent_pid: int, log_level: int
+    conn: Connection,
+    cancel: MpEvent,
+    modules: Sequence[str],
+    parent_pid: int,
+    log_level: int,
+    initializer: Callable[..., object] | None,
+    initargs: tuple[Any, ...],
 ) -> None:
     # Ctrl-C reaches the whole process group; the parent decides how the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -406,7 +428,10 @@ def _child_main(
     )
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     try:
-        load_handlers(modules)
+        # The parent names the modules of the products it serves; builtin is cheap to add.
+        load_handlers(modules, products=("builtin",))
+        if initializer is not None:
+            initializer(*initargs)
     except BaseException as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return

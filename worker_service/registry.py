@@ -9,13 +9,19 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from worker_service.params import Param, check_schema
+
 ExecutorName = Literal["process", "thread", "async"]
 EXECUTORS: tuple[ExecutorName, ...] = ("process", "thread", "async")
-BUILTIN_MODULES = ("worker_service.handlers.builtin",)
+PRODUCTS: dict[str, tuple[str, ...]] = {
+    "builtin": ("worker_service.handlers.builtin",),
+    "images": ("worker_service.handlers.images",),
+}
+"""The built-in products, each a set of kinds, and the modules that hold them."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -115,6 +121,8 @@ class HandlerSpec:
     """Where it runs: a pool child process, a thread, or the worker's event loop."""
     concurrency: int = 0
     """At most this many at once on one replica; 0 means up to the replica's slots."""
+    params: tuple[Param, ...] | None = None
+    """The params the kind takes; None: any (no schema is declared)."""
 
     @property
     def module(self) -> str:
@@ -128,12 +136,18 @@ class Registry:
         self._specs: dict[str, HandlerSpec] = {}
 
     def handler(
-        self, kind: str, *, executor: ExecutorName | None = None, concurrency: int = 0
+        self,
+        kind: str,
+        *,
+        executor: ExecutorName | None = None,
+        concurrency: int = 0,
+        params: Sequence[Param] | None = None,
     ) -> Callable[[F], F]:
         """Registers the decorated function for `kind` and returns it unchanged."""
+        schema = None if params is None else _schema(kind, params)
 
         def register(fn: F) -> F:
-            self.add(_spec(kind, fn, executor, concurrency))
+            self.add(_spec(kind, fn, executor, concurrency, schema))
             return fn
 
         return register
@@ -159,30 +173,58 @@ _DEFAULT = Registry()
 
 
 def handler(
-    kind: str, *, executor: ExecutorName | None = None, concurrency: int = 0
+    kind: str,
+    *,
+    executor: ExecutorName | None = None,
+    concurrency: int = 0,
+    params: Sequence[Param] | None = None,
 ) -> Callable[[F], F]:
     """Makes the decorated function the handler of jobs of `kind`.
 
     A plain function runs in the worker's process pool unless `executor="thread"`;
     an `async def` runs on the worker's event loop. `concurrency` caps how many jobs of
-    the kind one replica runs at once.
+    the kind one replica runs at once. `params` declares every param the kind takes
+    (`Param`s; an empty list: none): jobs with others, or ill-typed ones, are refused.
     """
-    return _DEFAULT.handler(kind, executor=executor, concurrency=concurrency)
+    return _DEFAULT.handler(kind, executor=executor, concurrency=concurrency, params=params)
 
 
 def default_registry() -> Registry:
     return _DEFAULT
 
 
-def load_handlers(modules: Iterable[str] = ()) -> dict[str, HandlerSpec]:
-    """Imports the built-in and the given handler modules; returns every handler known."""
-    for name in (*BUILTIN_MODULES, *modules):
+def load_handlers(
+    modules: Iterable[str] = (), products: Iterable[str] = tuple(PRODUCTS)
+) -> dict[str, HandlerSpec]:
+    """Imports the given products' and handler modules; returns the handlers they serve.
+
+    Kinds of a product left out are not returned even if their module was imported
+    (by another module, say).
+    """
+    enabled = set(products)
+    if unknown := enabled - set(PRODUCTS):
+        raise ValueError(f"unknown products: {', '.join(sorted(unknown))}")
+    for name in (*(m for p in PRODUCTS if p in enabled for m in PRODUCTS[p]), *modules):
         importlib.import_module(name)
-    return _DEFAULT.specs()
+    left_out = {m for p, ms in PRODUCTS.items() if p not in enabled for m in ms}
+    return {k: s for k, s in _DEFAULT.specs().items() if s.module not in left_out}
+
+
+def _schema(kind: str, params: Sequence[Param]) -> tuple[Param, ...]:
+    if isinstance(params, str | bytes | Mapping):
+        raise TypeError(f"@handler({kind!r}): params must be a list of Param")
+    try:
+        return check_schema(params)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"@handler({kind!r}): {exc}") from None
 
 
 def _spec(
-    kind: str, fn: Callable[..., Any], executor: ExecutorName | None, concurrency: int
+    kind: str,
+    fn: Callable[..., Any],
+    executor: ExecutorName | None,
+    concurrency: int,
+    params: tuple[Param, ...] | None = None,
 ) -> HandlerSpec:
     if not isinstance(kind, str) or not kind:
         raise ValueError("a handler's kind must be a non-empty string")
@@ -205,7 +247,7 @@ def _spec(
             f"@handler({kind!r}): a process-pool handler must be defined at module level, "
             "so pool processes can import it"
         )
-    return HandlerSpec(kind=kind, fn=fn, executor=chosen, concurrency=concurrency)
+    return HandlerSpec(kind=kind, fn=fn, executor=chosen, concurrency=concurrency, params=params)
 
 
 def _identity(fn: Callable[..., Any]) -> str:

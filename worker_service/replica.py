@@ -19,6 +19,7 @@ from worker_service import outcomes
 from worker_service.config import WorkerSettings
 from worker_service.executor import Executor
 from worker_service.outcomes import Outcome
+from worker_service.params import schema_proto
 from worker_service.progress import ProgressThrottle
 from worker_service.registry import HandlerSpec
 from worker_service.session import Session
@@ -114,10 +115,7 @@ class Replica:
     def attach(self) -> dispatcher_pb2.Attach:
         return dispatcher_pb2.Attach(
             worker_id=self._settings.worker_id,
-            kinds=[
-                dispatcher_pb2.KindCapacity(kind=spec.kind, max_concurrency=spec.concurrency)
-                for spec in sorted(self._specs.values(), key=lambda s: s.kind)
-            ],
+            kinds=[_capacity(spec) for spec in sorted(self._specs.values(), key=lambda s: s.kind)],
             slots=self._settings.slots,
             labels=dict(self._settings.labels),
             version=jobmesh_version(),
@@ -238,6 +236,14 @@ class Replica:
 
     def _send(self, message: dispatcher_pb2.SessionRequest) -> None:
         self._session.send(message)
+
+
+def _capacity(spec: HandlerSpec) -> dispatcher_pb2.KindCapacity:
+    capacity = dispatcher_pb2.KindCapacity(kind=spec.kind, max_concurrency=spec.concurrency)
+    if spec.params is not None:
+        # Set even when empty: a kind that takes no params says so.
+        capacity.params_schema.CopyFrom(schema_proto(spec.params))
+    return capacity
 
 
 def _accepted(key: AttemptKey) -> dispatcher_pb2.Accepted:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import datetime
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -16,6 +16,9 @@ from google.protobuf import duration_pb2
 from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 
 TIMEOUT = 30.0
+
+StartWorker = Callable[..., Awaitable[asyncio.subprocess.Process]]
+"""Starts `python -m worker_service` dialing the fake gateway (see conftest.py)."""
 
 Item = (
     dispatcher_pb2.Accepted
@@ -40,9 +43,20 @@ class FakeSession:
         self._out.put_nowait(response)
 
     def assign(
-        self, job_id: str, kind: str, attempt: int = 1, timeout: float | None = None, **params: Any
+        self,
+        job_id: str,
+        kind: str,
+        attempt: int = 1,
+        timeout: float | None = None,
+        inputs: dict[str, bytes] | None = None,
+        **params: Any,
     ) -> None:
-        a = dispatcher_pb2.Assign(job_id=job_id, attempt=attempt, kind=kind, inputs={"in": b"hi"})
+        a = dispatcher_pb2.Assign(
+            job_id=job_id,
+            attempt=attempt,
+            kind=kind,
+            inputs={"in": b"hi"} if inputs is None else inputs,
+        )
         a.params.update(params)
         if timeout is not None:
             a.timeout.FromTimedelta(datetime.timedelta(seconds=timeout))

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 
-from worker_service import HandlerError, JobCancelled, JobContext, Result, handler
+from worker_service import HandlerError, JobCancelled, JobContext, Param, Result, handler
 
 
 @handler("test.pid")
@@ -129,3 +129,12 @@ def count(ctx: JobContext) -> None:
     with open(ctx.params["path"], "a") as f:
         f.write(f"{ctx.job_id} {ctx.attempt}\n")
     time.sleep(float(ctx.params.get("seconds", 1)))
+
+
+@handler(
+    "test.typed",
+    executor="thread",
+    params=[Param("n", "integer", required=True, minimum=0), Param("tag", "string")],
+)
+def typed(ctx: JobContext) -> dict[str, object]:
+    return {"n": ctx.params["n"]}

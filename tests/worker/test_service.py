@@ -3,60 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import psutil
-import pytest
 from google.protobuf import json_format
 
 from jobmesh.v1 import dispatcher_pb2 as d
-from tests.worker.fake_gateway import FakeGateway, FakeSession, until
-
-ROOT = Path(__file__).resolve().parents[2]
-HANDLERS = "tests.worker.handlers_for_tests"
-
-StartWorker = Callable[..., Awaitable[asyncio.subprocess.Process]]
-
-
-@pytest.fixture
-async def gateway() -> AsyncIterator[FakeGateway]:
-    gw = FakeGateway()
-    await gw.start()
-    yield gw
-    await gw.stop()
-
-
-@pytest.fixture
-async def start_worker(tmp_path: Path, gateway: FakeGateway) -> AsyncIterator[StartWorker]:
-    procs: list[tuple[asyncio.subprocess.Process, Path]] = []
-
-    async def start(*extra: str, slots: int = 2) -> asyncio.subprocess.Process:
-        log = tmp_path / f"worker{len(procs)}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JOBMESH_")}
-        env["PYTHONPATH"] = str(ROOT)
-        with log.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                *(sys.executable, "-m", "worker_service", "--gateway", gateway.address),
-                *("--worker-id", "w1", "--slots", str(slots), "--handlers", HANDLERS),
-                *("--label", "zone=a", "--log-level", "debug", *extra),
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=out,
-            )
-        procs.append((proc, log))
-        return proc
-
-    yield start
-    for proc, log in procs:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        print(f"===== {log.name}\n{log.read_text(errors='replace')[-6000:]}")
+from tests.worker.fake_gateway import FakeGateway, FakeSession, StartWorker, until
 
 
 async def attached(gateway: FakeGateway, start_worker: StartWorker, *extra: str) -> FakeSession:

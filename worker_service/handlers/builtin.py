@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from worker_service.params import Param
 from worker_service.registry import HandlerError, JobCancelled, JobContext, Result, handler
 
 MAX_SLEEP_SECONDS = 3600.0
@@ -18,7 +19,18 @@ async def echo(ctx: JobContext) -> Result:
     return Result(outputs=dict(ctx.inputs), metadata=dict(ctx.params))
 
 
-@handler("sleep")
+@handler(
+    "sleep",
+    params=[
+        Param(
+            "seconds",
+            "number",
+            minimum=0,
+            maximum=MAX_SLEEP_SECONDS,
+            description="how long to sleep (default 1)",
+        )
+    ],
+)
 def sleep(ctx: JobContext) -> dict[str, Any]:
     """Sleeps `seconds` (default 1), reporting progress every tenth; stops when cancelled."""
     seconds = ctx.params.get("seconds", 1.0)
@@ -44,7 +56,13 @@ def sleep(ctx: JobContext) -> dict[str, Any]:
     return {"slept": seconds}
 
 
-@handler("fail")
+@handler(
+    "fail",
+    params=[
+        Param("message", "string", description="the error's message"),
+        Param("retryable", "boolean", description="whether the gateway retries (default false)"),
+    ],
+)
 def fail(ctx: JobContext) -> None:
     """Fails with FAILED_ON_PURPOSE; params `message` and `retryable` shape the error."""
     message = ctx.params.get("message", "failed on purpose")
