@@ -32,7 +32,10 @@ def check(
 ) -> None:
     """Raises InvalidArgument naming the first param that is unknown, missing or ill-typed."""
     specs = {p.name: p for p in schema.params}
+    given = {n for n, v in params.fields.items() if v.WhichOneof("kind") != "null_value"}
     for name, value in params.fields.items():
+        if name not in given:
+            continue  # null means "not given", as the worker reads it
         spec = specs.get(name)
         where = f"{field}.{name}"
         if spec is None:
@@ -40,7 +43,7 @@ def check(
             raise InvalidArgument(f"{kind} takes no param {name!r} (it takes: {known})", where)
         _check_value(spec, value, where)
     for spec in schema.params:
-        if spec.required and spec.name not in params.fields:
+        if spec.required and spec.name not in given:
             raise InvalidArgument(f"{kind} needs this param", f"{field}.{spec.name}")
 
 

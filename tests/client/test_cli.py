@@ -194,7 +194,7 @@ def test_list_pages_up_to_the_limit_and_tells_how_to_go_on(cluster: Cluster) -> 
 
 def test_workers_shows_the_attached_replicas(cluster: Cluster) -> None:
     gw = cluster.gateway()
-    cluster.worker(gw, "w1", slots=2)
+    cluster.worker(gw, "w1", "--products", "builtin", slots=2)
     shown = jobmesh(gw.address, "workers")
     assert shown.returncode == 0
     [header, row] = shown.stdout.splitlines()

@@ -62,3 +62,9 @@ def test_a_param_that_does_not_fit_is_named(
         params.check("image.x", struct(**values), SCHEMA, "spec.params")
     assert raised.value.field == field
     assert message in raised.value.message
+
+
+def test_null_is_not_given() -> None:
+    params.check("image.x", struct(scale=1, size=None), SCHEMA, "spec.params")
+    with pytest.raises(InvalidArgument, match="needs this param"):
+        params.check("image.x", struct(scale=None), SCHEMA, "spec.params")

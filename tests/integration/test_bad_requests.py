@@ -72,3 +72,18 @@ async def test_a_kind_no_worker_serves_waits_in_the_queue(cluster: Cluster) -> N
         assert cancelled.error.message == "typo in kind"
         again = await client.cancel(submitted.job.id)
         assert again.state == job_pb2.JOB_STATE_CANCELLED
+
+
+async def test_params_a_kind_does_not_take_are_refused_at_submit(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1", "--products", "builtin,images")
+    async with AsyncClient(gw.address) as client:
+        with pytest.raises(InvalidArgument, match=r"spec\.params\.seconds: must be a number"):
+            await client.submit("sleep", params={"seconds": "long"})
+        with pytest.raises(InvalidArgument, match=r"spec\.params\.colour: image\.thumbnail takes"):
+            await client.submit("image.thumbnail", params={"colour": "red"})
+        with pytest.raises(InvalidArgument, match=r"spec\.params\.size: must be at most 10000"):
+            await client.submit("image.thumbnail", params={"size": 10**6})
+        # echo declares no schema: anything goes.
+        job = await client.wait((await client.submit("echo", params={"any": [1, 2]})).job.id)
+    assert job.state == job_pb2.JOB_STATE_SUCCEEDED
