@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 
+from jobmesh.errors import JobmeshError
 from jobmesh.v1 import dispatcher_pb2, job_pb2
 from worker_service import outcomes
 from worker_service.config import WorkerSettings
 from worker_service.executor import Executor
 from worker_service.outcomes import Outcome
 from worker_service.params import schema_proto
+from worker_service.payloads import Payloads
 from worker_service.progress import ProgressThrottle
 from worker_service.registry import HandlerSpec
 from worker_service.session import Session
@@ -55,6 +58,7 @@ class Replica:
         self._settings = settings
         self._specs = dict(specs)
         self._executor = executor
+        self._payloads = Payloads(settings)
         self._stats = stats
         self._session = Session(settings, self)
         self._running: dict[AttemptKey, _Running] = {}
@@ -94,6 +98,7 @@ class Replica:
             await asyncio.gather(
                 probe, *(r.task for r in self._running.values()), return_exceptions=True
             )
+            await self._payloads.close()
 
     async def _drain(self) -> None:
         grace = self._settings.drain_grace
@@ -160,13 +165,26 @@ class Replica:
             if key in self._running:
                 self._progress.report(key, fraction, message)
 
-        outcome = self._executor.run(task, on_progress)  # cancellable from here on
+        if assign.input_blobs:
+            outcome = self._with_blobs(task, dict(assign.input_blobs), on_progress)
+        else:
+            outcome = self._executor.run(task, on_progress)  # cancellable from here on
         self._per_kind[assign.kind] += 1
         self._idle.clear()
         self._running[key] = _Running(
             assign.kind,
             asyncio.create_task(self._run_job(task, outcome), name=f"job-{key[0]}-{key[1]}"),
         )
+
+    async def _with_blobs(
+        self,
+        task: Task,
+        refs: dict[str, job_pb2.BlobRef],
+        on_progress: Callable[[float, str], None],
+    ) -> Outcome:
+        fetched = await self._payloads.fetch(refs)
+        task = dataclasses.replace(task, inputs={**task.inputs, **fetched})
+        return await self._executor.run(task, on_progress)
 
     def _refusal(self, kind: str) -> str:
         spec = self._specs.get(kind)
@@ -187,13 +205,19 @@ class Replica:
         return ""
 
     async def _run_job(self, task: Task, running: Awaitable[Outcome]) -> None:
+        key = task.key
         try:
             outcome = await running
+            if isinstance(outcome, job_pb2.JobResult):
+                await self._payloads.offload(outcome)
         except asyncio.CancelledError:
             self._finish(
                 task, outcomes.error("WORKER_SHUTDOWN", "the worker stopped during the job", True)
             )
             raise
+        except JobmeshError as exc:  # a blob transfer failed
+            log.warning("job %s attempt %d: payload transfer failed: %s", *key, exc)
+            outcome = outcomes.error("PAYLOAD_TRANSFER_FAILED", exc.message, True)
         except Exception as exc:
             log.exception("job %s attempt %d: the worker failed running it", *task.key)
             outcome = outcomes.error("WORKER_ERROR", f"{type(exc).__name__}: {exc}", True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from pathlib import Path
 
 import grpc
 import pytest
@@ -62,3 +63,22 @@ async def test_blob_limits_and_bad_uploads_are_refused(cluster: Cluster) -> None
             assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert message in (raised.value.details() or "")
     assert not list((cluster.db.parent / "jobmesh.db.blobs").glob("**/.upload-*"))
+
+
+async def test_a_large_input_and_output_travel_as_blobs_end_to_end(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    gw = cluster.gateway("--max-message-bytes", str(4 * MiB))
+    cluster.worker(gw, "w1")
+    data = os.urandom(24 * MiB)  # six times the message limit
+    source = tmp_path / "big.bin"
+    source.write_bytes(data)
+    async with AsyncClient(gw.address) as client:
+        submitted = await client.submit("echo", inputs={"big": source, "small": b"hi"})
+        job = await client.wait(submitted.job.id)
+        outputs = await client.outputs(job)
+    assert job.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert "big" in job.spec.input_blobs
+    assert set(job.result.output_blobs) == {"big"}
+    assert job.result.outputs["small"] == b"hi"
+    assert outputs["big"] == data
