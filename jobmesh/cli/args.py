@@ -89,15 +89,18 @@ def input_file(text: str) -> tuple[str, Path]:
     return file.name, file
 
 
-def read_inputs(files: list[tuple[str, Path]]) -> dict[str, bytes]:
-    inputs: dict[str, bytes] = {}
+def read_inputs(files: list[tuple[str, Path]]) -> dict[str, Path]:
+    """The input files by name, each checked to be readable; the SDK streams them."""
+    inputs: dict[str, Path] = {}
     for name, path in files:
         if name in inputs:
             raise InvalidArgument(f"two inputs are named {name!r}", "--input")
         try:
-            inputs[name] = path.read_bytes()
+            with path.open("rb"):
+                pass
         except OSError as e:
             raise InvalidArgument(f"cannot read {str(path)!r}: {e.strerror}", "--input") from None
+        inputs[name] = path
     return inputs
 
 

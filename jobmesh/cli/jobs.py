@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 
 from jobmesh.blocking import Client
@@ -159,8 +158,8 @@ def submit(args: argparse.Namespace) -> int:
         if not args.wait:
             return 0
         end = _follow(client, job.id, 0, args.json)
-    if args.output is not None and end.state == job_pb2.JOB_STATE_SUCCEEDED:
-        _write_outputs(args.output, end.result.outputs)
+        if args.output is not None and end.state == job_pb2.JOB_STATE_SUCCEEDED:
+            _write_outputs(client, args.output, end.result)
     return _outcome(end)
 
 
@@ -249,10 +248,17 @@ def _outcome(end: job_pb2.JobEvent) -> int:
     return 0
 
 
-def _write_outputs(directory: Path, outputs: Mapping[str, bytes]) -> None:
+def _write_outputs(client: Client, directory: Path, result: job_pb2.JobResult) -> None:
     # Every name is checked before anything is written, so a bad one leaves no partial result.
-    paths = {name: cli_args.output_path(directory, name) for name in outputs}
+    names = [*result.outputs, *result.output_blobs]
+    paths = {name: cli_args.output_path(directory, name) for name in names}
     directory.mkdir(parents=True, exist_ok=True)
     for name, path in sorted(paths.items()):
-        path.write_bytes(outputs[name])
-        print(f"jobmesh: wrote {path} ({size(len(outputs[name]))})", file=sys.stderr)
+        if name in result.outputs:
+            path.write_bytes(result.outputs[name])
+            written = len(result.outputs[name])
+        else:
+            with path.open("wb") as sink:  # large outputs stream to disk
+                client.download(result.output_blobs[name].id, sink)
+            written = result.output_blobs[name].size
+        print(f"jobmesh: wrote {path} ({size(written)})", file=sys.stderr)

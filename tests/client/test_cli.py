@@ -262,3 +262,25 @@ def test_an_unexpected_status_is_exit_code_3() -> None:
     error.code = grpc.StatusCode.PERMISSION_DENIED
     assert exit_code(error) == 3
     assert describe(error) == "PERMISSION_DENIED: x"
+
+
+def test_submit_streams_a_large_file_up_and_its_output_down(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    gw = cluster.gateway("--max-message-bytes", str(1 << 21))
+    cluster.worker(gw, "w1")
+    data = os.urandom(5 << 20)  # over twice the gateway's message limit
+    (tmp_path / "big.bin").write_bytes(data)
+    out = tmp_path / "out"
+    done = jobmesh(
+        gw.address,
+        "submit",
+        "echo",
+        "--input",
+        str(tmp_path / "big.bin"),
+        "--wait",
+        "--output",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    assert (out / "big.bin").read_bytes() == data

@@ -54,7 +54,7 @@ def test_inputs_are_named_after_the_file_unless_named(tmp_path: Path) -> None:
 def test_reading_inputs_refuses_duplicates_and_missing_files(tmp_path: Path) -> None:
     f = tmp_path / "in.txt"
     f.write_bytes(b"hello")
-    assert args.read_inputs([("in.txt", f)]) == {"in.txt": b"hello"}
+    assert args.read_inputs([("in.txt", f)]) == {"in.txt": f}
     with pytest.raises(InvalidArgument, match="two inputs are named 'x'"):
         args.read_inputs([("x", f), ("x", f)])
     with pytest.raises(InvalidArgument, match="cannot read"):
