@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from jobmesh.v1 import job_pb2 as jobmesh_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjobmesh/v1/dispatcher.proto\x12\njobmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x14jobmesh/v1/job.proto\"\x9a\x02\n\x0eSessionRequest\x12\"\n\x06\x61ttach\x18\x01 \x01(\x0b\x32\x12.jobmesh.v1.Attach\x12&\n\x08\x61\x63\x63\x65pted\x18\x02 \x03(\x0b\x32\x14.jobmesh.v1.Accepted\x12&\n\x08progress\x18\x03 \x03(\x0b\x32\x14.jobmesh.v1.Progress\x12(\n\tcompleted\x18\x04 \x03(\x0b\x32\x15.jobmesh.v1.Completed\x12\"\n\x06\x66\x61iled\x18\x05 \x03(\x0b\x32\x12.jobmesh.v1.Failed\x12\x1e\n\x04pong\x18\x06 \x01(\x0b\x32\x10.jobmesh.v1.Pong\x12&\n\x08\x64raining\x18\x07 \x01(\x0b\x32\x14.jobmesh.v1.Draining\"\x9f\x01\n\x0fSessionResponse\x12$\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.jobmesh.v1.Welcome\x12\"\n\x06\x61ssign\x18\x02 \x03(\x0b\x32\x12.jobmesh.v1.Assign\x12\"\n\x06\x63\x61ncel\x18\x03 \x03(\x0b\x32\x12.jobmesh.v1.Cancel\x12\x1e\n\x04ping\x18\x04 \x01(\x0b\x32\x10.jobmesh.v1.Ping\"f\n\x0cKindCapacity\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\x02 \x01(\r\x12/\n\rparams_schema\x18\x03 \x01(\x0b\x32\x18.jobmesh.v1.ParamsSchema\"5\n\x0cParamsSchema\x12%\n\x06params\x18\x01 \x03(\x0b\x32\x15.jobmesh.v1.ParamSpec\"\xba\x01\n\tParamSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04type\x18\x02 \x01(\x0e\x32\x15.jobmesh.v1.ParamType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x0f\n\x07\x63hoices\x18\x04 \x03(\t\x12\x14\n\x07minimum\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\tB\n\n\x08_minimumB\n\n\x08_maximum\"-\n\nAttemptRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"\xec\x01\n\x06\x41ttach\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\'\n\x05kinds\x18\x02 \x03(\x0b\x32\x18.jobmesh.v1.KindCapacity\x12\r\n\x05slots\x18\x03 \x01(\r\x12.\n\x06labels\x18\x04 \x03(\x0b\x32\x1e.jobmesh.v1.Attach.LabelsEntry\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\'\n\x07running\x18\x06 \x03(\x0b\x32\x16.jobmesh.v1.AttemptRef\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x30\n\rping_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xdb\x03\n\x06\x41ssign\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12.\n\x06inputs\x18\x04 \x03(\x0b\x32\x1e.jobmesh.v1.Assign.InputsEntry\x12\'\n\x06params\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12.\n\x06labels\x18\x07 \x03(\x0b\x32\x1e.jobmesh.v1.Assign.LabelsEntry\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x37\n\x0binput_blobs\x18\t \x03(\x0b\x32\".jobmesh.v1.Assign.InputBlobsEntry\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x46\n\x0fInputBlobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.jobmesh.v1.BlobRef:\x02\x38\x01\"9\n\x06\x43\x61ncel\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"+\n\x08\x41\x63\x63\x65pted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"N\n\x08Progress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"S\n\tCompleted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12%\n\x06result\x18\x03 \x01(\x0b\x32\x15.jobmesh.v1.JobResult\"N\n\x06\x46\x61iled\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.jobmesh.v1.JobError\"\x13\n\x04Ping\x12\x0b\n\x03seq\x18\x01 \x01(\x04\";\n\x04Pong\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.jobmesh.v1.WorkerStats\"\xa0\x01\n\x0bWorkerStats\x12\x13\n\x0b\x61\x63tive_jobs\x18\x01 \x01(\r\x12\x12\n\nfree_slots\x18\x02 \x01(\r\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x11\n\trss_bytes\x18\x04 \x01(\x04\x12\x18\n\x10loop_lag_seconds\x18\x05 \x01(\x01\x12\x11\n\tjobs_done\x18\x06 \x01(\x04\x12\x13\n\x0bjobs_failed\x18\x07 \x01(\x04\"\n\n\x08\x44raining*\xb1\x01\n\tParamType\x12\x1a\n\x16PARAM_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11PARAM_TYPE_STRING\x10\x01\x12\x15\n\x11PARAM_TYPE_NUMBER\x10\x02\x12\x16\n\x12PARAM_TYPE_INTEGER\x10\x03\x12\x16\n\x12PARAM_TYPE_BOOLEAN\x10\x04\x12\x13\n\x0fPARAM_TYPE_LIST\x10\x05\x12\x15\n\x11PARAM_TYPE_OBJECT\x10\x06\x32T\n\nDispatcher\x12\x46\n\x07Session\x12\x1a.jobmesh.v1.SessionRequest\x1a\x1b.jobmesh.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjobmesh/v1/dispatcher.proto\x12\njobmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x14jobmesh/v1/job.proto\"\x9a\x02\n\x0eSessionRequest\x12\"\n\x06\x61ttach\x18\x01 \x01(\x0b\x32\x12.jobmesh.v1.Attach\x12&\n\x08\x61\x63\x63\x65pted\x18\x02 \x03(\x0b\x32\x14.jobmesh.v1.Accepted\x12&\n\x08progress\x18\x03 \x03(\x0b\x32\x14.jobmesh.v1.Progress\x12(\n\tcompleted\x18\x04 \x03(\x0b\x32\x15.jobmesh.v1.Completed\x12\"\n\x06\x66\x61iled\x18\x05 \x03(\x0b\x32\x12.jobmesh.v1.Failed\x12\x1e\n\x04pong\x18\x06 \x01(\x0b\x32\x10.jobmesh.v1.Pong\x12&\n\x08\x64raining\x18\x07 \x01(\x0b\x32\x14.jobmesh.v1.Draining\"\x9f\x01\n\x0fSessionResponse\x12$\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.jobmesh.v1.Welcome\x12\"\n\x06\x61ssign\x18\x02 \x03(\x0b\x32\x12.jobmesh.v1.Assign\x12\"\n\x06\x63\x61ncel\x18\x03 \x03(\x0b\x32\x12.jobmesh.v1.Cancel\x12\x1e\n\x04ping\x18\x04 \x01(\x0b\x32\x10.jobmesh.v1.Ping\"f\n\x0cKindCapacity\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\x02 \x01(\r\x12/\n\rparams_schema\x18\x03 \x01(\x0b\x32\x18.jobmesh.v1.ParamsSchema\"5\n\x0cParamsSchema\x12%\n\x06params\x18\x01 \x03(\x0b\x32\x15.jobmesh.v1.ParamSpec\"\xba\x01\n\tParamSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04type\x18\x02 \x01(\x0e\x32\x15.jobmesh.v1.ParamType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x0f\n\x07\x63hoices\x18\x04 \x03(\t\x12\x14\n\x07minimum\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\tB\n\n\x08_minimumB\n\n\x08_maximum\"-\n\nAttemptRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"\xec\x01\n\x06\x41ttach\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\'\n\x05kinds\x18\x02 \x03(\x0b\x32\x18.jobmesh.v1.KindCapacity\x12\r\n\x05slots\x18\x03 \x01(\r\x12.\n\x06labels\x18\x04 \x03(\x0b\x32\x1e.jobmesh.v1.Attach.LabelsEntry\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\'\n\x07running\x18\x06 \x03(\x0b\x32\x16.jobmesh.v1.AttemptRef\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x30\n\rping_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xcd\x04\n\x06\x41ssign\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12.\n\x06inputs\x18\x04 \x03(\x0b\x32\x1e.jobmesh.v1.Assign.InputsEntry\x12\'\n\x06params\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12.\n\x06labels\x18\x07 \x03(\x0b\x32\x1e.jobmesh.v1.Assign.LabelsEntry\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x37\n\x0binput_blobs\x18\t \x03(\x0b\x32\".jobmesh.v1.Assign.InputBlobsEntry\x12;\n\rtrace_context\x18\n \x03(\x0b\x32$.jobmesh.v1.Assign.TraceContextEntry\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x46\n\x0fInputBlobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.jobmesh.v1.BlobRef:\x02\x38\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x06\x43\x61ncel\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"+\n\x08\x41\x63\x63\x65pted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"N\n\x08Progress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"S\n\tCompleted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12%\n\x06result\x18\x03 \x01(\x0b\x32\x15.jobmesh.v1.JobResult\"N\n\x06\x46\x61iled\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.jobmesh.v1.JobError\"\x13\n\x04Ping\x12\x0b\n\x03seq\x18\x01 \x01(\x04\";\n\x04Pong\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.jobmesh.v1.WorkerStats\"\xa0\x01\n\x0bWorkerStats\x12\x13\n\x0b\x61\x63tive_jobs\x18\x01 \x01(\r\x12\x12\n\nfree_slots\x18\x02 \x01(\r\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x11\n\trss_bytes\x18\x04 \x01(\x04\x12\x18\n\x10loop_lag_seconds\x18\x05 \x01(\x01\x12\x11\n\tjobs_done\x18\x06 \x01(\x04\x12\x13\n\x0bjobs_failed\x18\x07 \x01(\x04\"\n\n\x08\x44raining*\xb1\x01\n\tParamType\x12\x1a\n\x16PARAM_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11PARAM_TYPE_STRING\x10\x01\x12\x15\n\x11PARAM_TYPE_NUMBER\x10\x02\x12\x16\n\x12PARAM_TYPE_INTEGER\x10\x03\x12\x16\n\x12PARAM_TYPE_BOOLEAN\x10\x04\x12\x13\n\x0fPARAM_TYPE_LIST\x10\x05\x12\x15\n\x11PARAM_TYPE_OBJECT\x10\x06\x32T\n\nDispatcher\x12\x46\n\x07Session\x12\x1a.jobmesh.v1.SessionRequest\x1a\x1b.jobmesh.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,8 +42,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ASSIGN_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_ASSIGN_INPUTBLOBSENTRY']._loaded_options = None
   _globals['_ASSIGN_INPUTBLOBSENTRY']._serialized_options = b'8\001'
-  _globals['_PARAMTYPE']._serialized_start=2374
-  _globals['_PARAMTYPE']._serialized_end=2551
+  _globals['_ASSIGN_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_ASSIGN_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_PARAMTYPE']._serialized_start=2488
+  _globals['_PARAMTYPE']._serialized_end=2665
   _globals['_SESSIONREQUEST']._serialized_start=128
   _globals['_SESSIONREQUEST']._serialized_end=410
   _globals['_SESSIONRESPONSE']._serialized_start=413
@@ -63,31 +65,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WELCOME']._serialized_start=1208
   _globals['_WELCOME']._serialized_end=1287
   _globals['_ASSIGN']._serialized_start=1290
-  _globals['_ASSIGN']._serialized_end=1765
-  _globals['_ASSIGN_INPUTSENTRY']._serialized_start=1601
-  _globals['_ASSIGN_INPUTSENTRY']._serialized_end=1646
+  _globals['_ASSIGN']._serialized_end=1879
+  _globals['_ASSIGN_INPUTSENTRY']._serialized_start=1662
+  _globals['_ASSIGN_INPUTSENTRY']._serialized_end=1707
   _globals['_ASSIGN_LABELSENTRY']._serialized_start=1161
   _globals['_ASSIGN_LABELSENTRY']._serialized_end=1206
-  _globals['_ASSIGN_INPUTBLOBSENTRY']._serialized_start=1695
-  _globals['_ASSIGN_INPUTBLOBSENTRY']._serialized_end=1765
-  _globals['_CANCEL']._serialized_start=1767
-  _globals['_CANCEL']._serialized_end=1824
-  _globals['_ACCEPTED']._serialized_start=1826
-  _globals['_ACCEPTED']._serialized_end=1869
-  _globals['_PROGRESS']._serialized_start=1871
-  _globals['_PROGRESS']._serialized_end=1949
-  _globals['_COMPLETED']._serialized_start=1951
-  _globals['_COMPLETED']._serialized_end=2034
-  _globals['_FAILED']._serialized_start=2036
-  _globals['_FAILED']._serialized_end=2114
-  _globals['_PING']._serialized_start=2116
-  _globals['_PING']._serialized_end=2135
-  _globals['_PONG']._serialized_start=2137
-  _globals['_PONG']._serialized_end=2196
-  _globals['_WORKERSTATS']._serialized_start=2199
-  _globals['_WORKERSTATS']._serialized_end=2359
-  _globals['_DRAINING']._serialized_start=2361
-  _globals['_DRAINING']._serialized_end=2371
-  _globals['_DISPATCHER']._serialized_start=2553
-  _globals['_DISPATCHER']._serialized_end=2637
+  _globals['_ASSIGN_INPUTBLOBSENTRY']._serialized_start=1756
+  _globals['_ASSIGN_INPUTBLOBSENTRY']._serialized_end=1826
+  _globals['_ASSIGN_TRACECONTEXTENTRY']._serialized_start=1828
+  _globals['_ASSIGN_TRACECONTEXTENTRY']._serialized_end=1879
+  _globals['_CANCEL']._serialized_start=1881
+  _globals['_CANCEL']._serialized_end=1938
+  _globals['_ACCEPTED']._serialized_start=1940
+  _globals['_ACCEPTED']._serialized_end=1983
+  _globals['_PROGRESS']._serialized_start=1985
+  _globals['_PROGRESS']._serialized_end=2063
+  _globals['_COMPLETED']._serialized_start=2065
+  _globals['_COMPLETED']._serialized_end=2148
+  _globals['_FAILED']._serialized_start=2150
+  _globals['_FAILED']._serialized_end=2228
+  _globals['_PING']._serialized_start=2230
+  _globals['_PING']._serialized_end=2249
+  _globals['_PONG']._serialized_start=2251
+  _globals['_PONG']._serialized_end=2310
+  _globals['_WORKERSTATS']._serialized_start=2313
+  _globals['_WORKERSTATS']._serialized_end=2473
+  _globals['_DRAINING']._serialized_start=2475
+  _globals['_DRAINING']._serialized_end=2485
+  _globals['_DISPATCHER']._serialized_start=2667
+  _globals['_DISPATCHER']._serialized_end=2751
 # @@protoc_insertion_point(module_scope)
