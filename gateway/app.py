@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from gateway.admin_service import AdminService
 from gateway.blob_service import BlobService
@@ -26,6 +27,7 @@ from gateway.scheduler import Scheduler
 from gateway.sessions import Dispatcher
 from gateway.store.sqlite import SqliteStore
 from gateway.watchers import EventHub
+from jobmesh import telemetry
 from jobmesh.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -69,11 +71,17 @@ class Gateway:
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
+        telemetry.setup("jobmesh-gateway")
         await self._store.open(self._hub.publish)
         recovered = await self._scheduler.recover()
         limit = self.settings.max_message_bytes
+        # The worker sessions live as long as the workers: no span for them.
+        not_sessions = filters.negate(filters.service_name(SERVICE_NAMES[1]))
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=[
+                aio_server_interceptor(filter_=not_sessions),  # type: ignore[no-untyped-call]
+                ErrorInterceptor(),
+            ],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -141,6 +149,7 @@ class Gateway:
         await self._store.close()
         if self._scratch is not None:
             self._scratch.cleanup()
+        telemetry.flush()
         log.info("gateway stopped")
 
     async def wait_closed(self) -> None:

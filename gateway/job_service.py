@@ -12,6 +12,7 @@ from gateway.jobs import TERMINAL_STATES, S, ts_seconds
 from gateway.scheduler import Scheduler
 from gateway.store import Inserted, JobFilter, JobStore
 from gateway.watchers import EventHub
+from jobmesh import telemetry
 from jobmesh.errors import InvalidArgument
 from jobmesh.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
@@ -65,7 +66,9 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> job_service_pb2.SubmitResponse:
         self._check(request.spec)
-        [item] = await self._scheduler.submit(tenant_of(context), [request.spec])
+        [item] = await self._scheduler.submit(
+            tenant_of(context), [request.spec], telemetry.inject()
+        )
         return self._response(item)
 
     async def SubmitBatch(
@@ -79,7 +82,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             raise InvalidArgument(f"at most {self._max_batch} specs in one batch", "specs")
         for i, spec in enumerate(request.specs):
             self._check(spec, f"specs[{i}]")
-        items = await self._scheduler.submit(tenant_of(context), request.specs)
+        items = await self._scheduler.submit(tenant_of(context), request.specs, telemetry.inject())
         return job_service_pb2.SubmitBatchResponse(results=[self._response(i) for i in items])
 
     async def Get(
@@ -108,7 +111,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     ) -> AsyncIterator[job_service_pb2.RunResponse]:
         self._check(request.spec)
         tenant = tenant_of(context)
-        [item] = await self._scheduler.submit(tenant, [request.spec])
+        [item] = await self._scheduler.submit(tenant, [request.spec], telemetry.inject())
         async for event in self._events(tenant, item.job.id, 0):
             yield job_service_pb2.RunResponse(event=event)
 

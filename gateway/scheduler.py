@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 
 from gateway import validation
 from gateway.blobs import BlobStore
@@ -35,6 +35,7 @@ from gateway.jobs import (
 from gateway.queues import KindQueues
 from gateway.store import Inserted, JobStore
 from gateway.timers import Timers
+from gateway.tracing import JobTracer
 from gateway.workers import AttemptKey, WorkerSession
 from jobmesh.errors import InvalidArgument, NotFound, ResourceExhausted
 from jobmesh.v1 import dispatcher_pb2, job_pb2
@@ -67,6 +68,7 @@ class Scheduler:
         """Params schema of each kind, as the latest worker serving it declared."""
         self._timers = Timers()
         self._rng = random.Random()
+        self._tracer = JobTracer()
         self._stopping = False
 
     # --- start and stop -------------------------------------------------------
@@ -105,7 +107,12 @@ class Scheduler:
     def queued(self) -> int:
         return self._queued
 
-    async def submit(self, tenant: str, specs: Sequence[job_pb2.JobSpec]) -> list[Inserted]:
+    async def submit(
+        self,
+        tenant: str,
+        specs: Sequence[job_pb2.JobSpec],
+        trace_context: Mapping[str, str] | None = None,
+    ) -> list[Inserted]:
         limit = self._settings.max_queued
         if self._queued + len(specs) > limit:
             raise ResourceExhausted(
@@ -117,6 +124,7 @@ class Scheduler:
                 id=new_job_id(), tenant=tenant, spec=spec, state=S.JOB_STATE_QUEUED, attempt=1
             )
             job.create_time.CopyFrom(now())
+            job.trace_context.update(trace_context or {})
             if spec.HasField("schedule_to_close_timeout"):
                 job.deadline.FromNanoseconds(
                     job.create_time.ToNanoseconds() + spec.schedule_to_close_timeout.ToNanoseconds()
@@ -237,6 +245,7 @@ class Scheduler:
                 self._set_state(job, S.JOB_STATE_RUNNING)
                 job.progress = min(1.0, max(0.0, progress.fraction))
                 job.progress_message = progress.message
+                self._tracer.progress(job, job.progress, progress.message)
                 self._save(
                     job, next_event(job, job_pb2.JOB_EVENT_TYPE_PROGRESS, message=progress.message)
                 )
@@ -326,6 +335,7 @@ class Scheduler:
 
     def _enqueue(self, job: job_pb2.Job) -> None:
         self._queues.push(job.spec.kind, job.spec.priority, job.id, job.attempt)
+        self._tracer.queued(job)
         if job.spec.HasField("schedule_to_start_timeout"):
             limit = duration_seconds(job.spec.schedule_to_start_timeout)
             job_id, attempt = job.id, job.attempt
@@ -407,6 +417,7 @@ class Scheduler:
             labels=job.spec.labels,
             input_blobs=job.spec.input_blobs,
         )
+        assign.trace_context.update(self._tracer.assigned(job))
         if job.spec.HasField("start_to_close_timeout"):
             assign.timeout.CopyFrom(job.spec.start_to_close_timeout)
             self._watch_attempt_timeout(job)
@@ -462,6 +473,7 @@ class Scheduler:
     def _unassign(self, job: job_pb2.Job) -> None:
         """Puts back a job its worker refused before starting it; no attempt was used."""
         self._owner.pop(job.id, None)
+        self._tracer.attempt_ended(job, _error(REJECTED, "the worker refused it", retryable=True))
         if job.attempts and job.attempts[-1].number == job.attempt:
             del job.attempts[-1]
         self._set_state(job, S.JOB_STATE_QUEUED)
@@ -487,6 +499,7 @@ class Scheduler:
 
     def _close_attempt(self, job: job_pb2.Job, error: job_pb2.JobError | None) -> None:
         self._owner.pop(job.id, None)
+        self._tracer.attempt_ended(job, error)
         if job.attempts and job.attempts[-1].number == job.attempt:
             last = job.attempts[-1]
             if not last.HasField("end_time"):
@@ -525,5 +538,6 @@ class Scheduler:
         self._active.pop(job.id, None)
         self._owner.pop(job.id, None)
         self._orphans.pop(job.id, None)
+        self._tracer.forget(job.id)
         log.debug("job %s %s", job.id, state_name(state))
         return self._save(job, next_event(job))
