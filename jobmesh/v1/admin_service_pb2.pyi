@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -154,3 +155,196 @@ class Worker(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Worker: _TypeAlias = Worker  # noqa: Y015
+
+@_typing.final
+class WatchStatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration:
+        """Time between updates, from 0.1 s to 60 s; anything else is INVALID_ARGUMENT."""
+
+    def __init__(
+        self,
+        *,
+        interval: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchStatsRequest: _TypeAlias = WatchStatsRequest  # noqa: Y015
+
+@_typing.final
+class WatchStatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def stats(self) -> Global___ClusterStats: ...
+    def __init__(
+        self,
+        *,
+        stats: Global___ClusterStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchStatsResponse: _TypeAlias = WatchStatsResponse  # noqa: Y015
+
+@_typing.final
+class ClusterStats(_message.Message):
+    """What one gateway knows of its cluster at one moment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    RATES_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    RECENT_JOBS_FIELD_NUMBER: _builtins.int
+    SUCCESS_RATE_FIELD_NUMBER: _builtins.int
+    MEAN_PROCESSING_TIME_FIELD_NUMBER: _builtins.int
+    recent_jobs: _builtins.int
+    """How many jobs the next two are over: the latest (up to 100) that SUCCEEDED or FAILED."""
+    success_rate: _builtins.float
+    """The fraction of those jobs that SUCCEEDED, from 0 to 1."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def period(self) -> _duration_pb2.Duration:
+        """The time `rates` cover: since the stream's previous update (zero in its first)."""
+
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Worker]:
+        """The attached worker replicas, as ListWorkers returns them."""
+
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedCompositeFieldContainer[Global___KindStats]:
+        """The kinds with jobs queued or running, by name."""
+
+    @_builtins.property
+    def rates(self) -> Global___JobRates:
+        """Jobs per second over `period`."""
+
+    @_builtins.property
+    def totals(self) -> Global___JobCounts:
+        """Jobs since the gateway started."""
+
+    @_builtins.property
+    def mean_processing_time(self) -> _duration_pb2.Duration:
+        """Mean time from assignment to the end, of those jobs that were assigned to a worker."""
+
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        period: _duration_pb2.Duration | None = ...,
+        workers: _abc.Iterable[Global___Worker] | None = ...,
+        kinds: _abc.Iterable[Global___KindStats] | None = ...,
+        rates: Global___JobRates | None = ...,
+        totals: Global___JobCounts | None = ...,
+        recent_jobs: _builtins.int = ...,
+        success_rate: _builtins.float = ...,
+        mean_processing_time: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mean_processing_time", b"mean_processing_time", "period", b"period", "rates", b"rates", "time", b"time", "totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kinds", b"kinds", "mean_processing_time", b"mean_processing_time", "period", b"period", "rates", b"rates", "recent_jobs", b"recent_jobs", "success_rate", b"success_rate", "time", b"time", "totals", b"totals", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterStats: _TypeAlias = ClusterStats  # noqa: Y015
+
+@_typing.final
+class KindStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    queued: _builtins.int
+    """Jobs QUEUED: waiting for a worker, or for a retry's backoff."""
+    running: _builtins.int
+    """Jobs ASSIGNED to a worker or RUNNING."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        queued: _builtins.int = ...,
+        running: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "queued", b"queued", "running", b"running"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KindStats: _TypeAlias = KindStats  # noqa: Y015
+
+@_typing.final
+class JobRates(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBMITTED_PER_SECOND_FIELD_NUMBER: _builtins.int
+    COMPLETED_PER_SECOND_FIELD_NUMBER: _builtins.int
+    FAILED_PER_SECOND_FIELD_NUMBER: _builtins.int
+    CANCELLED_PER_SECOND_FIELD_NUMBER: _builtins.int
+    submitted_per_second: _builtins.float
+    completed_per_second: _builtins.float
+    """SUCCEEDED."""
+    failed_per_second: _builtins.float
+    cancelled_per_second: _builtins.float
+    def __init__(
+        self,
+        *,
+        submitted_per_second: _builtins.float = ...,
+        completed_per_second: _builtins.float = ...,
+        failed_per_second: _builtins.float = ...,
+        cancelled_per_second: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_per_second", b"cancelled_per_second", "completed_per_second", b"completed_per_second", "failed_per_second", b"failed_per_second", "submitted_per_second", b"submitted_per_second"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobRates: _TypeAlias = JobRates  # noqa: Y015
+
+@_typing.final
+class JobCounts(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBMITTED_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    submitted: _builtins.int
+    completed: _builtins.int
+    """SUCCEEDED."""
+    failed: _builtins.int
+    cancelled: _builtins.int
+    def __init__(
+        self,
+        *,
+        submitted: _builtins.int = ...,
+        completed: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        cancelled: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "submitted", b"submitted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobCounts: _TypeAlias = JobCounts  # noqa: Y015

@@ -40,6 +40,11 @@ class AdminServiceStub:
                 request_serializer=jobmesh_dot_v1_dot_admin__service__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=jobmesh_dot_v1_dot_admin__service__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.WatchStats = channel.unary_stream(
+                '/jobmesh.v1.AdminService/WatchStats',
+                request_serializer=jobmesh_dot_v1_dot_admin__service__pb2.WatchStatsRequest.SerializeToString,
+                response_deserializer=jobmesh_dot_v1_dot_admin__service__pb2.WatchStatsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -52,6 +57,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchStats(self, request, context):
+        """Cluster stats at once, then every `interval` until the caller cancels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +71,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=jobmesh_dot_v1_dot_admin__service__pb2.ListWorkersRequest.FromString,
                     response_serializer=jobmesh_dot_v1_dot_admin__service__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'WatchStats': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchStats,
+                    request_deserializer=jobmesh_dot_v1_dot_admin__service__pb2.WatchStatsRequest.FromString,
+                    response_serializer=jobmesh_dot_v1_dot_admin__service__pb2.WatchStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +106,33 @@ class AdminService:
             '/jobmesh.v1.AdminService/ListWorkers',
             jobmesh_dot_v1_dot_admin__service__pb2.ListWorkersRequest.SerializeToString,
             jobmesh_dot_v1_dot_admin__service__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jobmesh.v1.AdminService/WatchStats',
+            jobmesh_dot_v1_dot_admin__service__pb2.WatchStatsRequest.SerializeToString,
+            jobmesh_dot_v1_dot_admin__service__pb2.WatchStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

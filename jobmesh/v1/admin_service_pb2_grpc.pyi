@@ -34,6 +34,8 @@ class AdminServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
     ListWorkers: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListWorkersRequest, _admin_service_pb2.ListWorkersResponse]
+    WatchStats: _grpc.UnaryStreamMultiCallable[_admin_service_pb2.WatchStatsRequest, _admin_service_pb2.WatchStatsResponse]
+    """Cluster stats at once, then every `interval` until the caller cancels."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -41,6 +43,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListWorkers: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListWorkersRequest, _admin_service_pb2.ListWorkersResponse]  # type: ignore[assignment]
+    WatchStats: _aio.UnaryStreamMultiCallable[_admin_service_pb2.WatchStatsRequest, _admin_service_pb2.WatchStatsResponse]  # type: ignore[assignment]
+    """Cluster stats at once, then every `interval` until the caller cancels."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """What operators call on the gateway."""
@@ -51,5 +55,13 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.ListWorkersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.ListWorkersResponse, _abc.Awaitable[_admin_service_pb2.ListWorkersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchStats(
+        self,
+        request: _admin_service_pb2.WatchStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_service_pb2.WatchStatsResponse], _abc.AsyncIterator[_admin_service_pb2.WatchStatsResponse]]:
+        """Cluster stats at once, then every `interval` until the caller cancels."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
