@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any, BinaryIO, TypeVar, Unpack
 
 import grpc
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from google.protobuf import timestamp_pb2
 
 from jobmesh import blobs
@@ -77,6 +78,8 @@ class AsyncClient:
         self.settings = settings
         self._channel = grpc.aio.insecure_channel(
             settings.gateway,
+            # Carries the caller's trace context to the gateway (W3C traceparent).
+            interceptors=aio_client_interceptors(),  # type: ignore[no-untyped-call]
             options=[
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.max_receive_message_length", settings.max_message_bytes),

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from jobmesh import telemetry
 from worker_service.config import (
     WorkerSettings,
     merge_limits,
@@ -157,11 +158,13 @@ def run(settings: WorkerSettings) -> int:
         max_result_bytes=settings.max_message_bytes,
         cancel_grace=settings.cancel_grace,
     )
+    telemetry.setup("jobmesh-worker")
     try:
         code = asyncio.run(_serve(settings, specs, pool, executor))
     finally:
         executor.close()
         pool.close()
+        telemetry.shutdown()  # sends the spans still buffered
     if executor.busy_threads:
         # A thread handler is stuck; the interpreter would wait for it forever at exit.
         log.warning("%d thread handler(s) still running; exiting anyway", executor.busy_threads)

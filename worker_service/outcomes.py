@@ -12,6 +12,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
+from jobmesh import telemetry
 from jobmesh.v1 import job_pb2
 from worker_service.registry import HandlerError, JobContext, Result
 
@@ -67,7 +68,8 @@ def to_error(exc: BaseException, ctx: JobContext) -> job_pb2.JobError:
 def run_sync(fn: Callable[[JobContext], Any], ctx: JobContext) -> Outcome:
     """Calls a sync handler; never raises for what the handler does."""
     try:
-        return to_result(fn(ctx))
+        with telemetry.attached(ctx.trace_context):
+            return to_result(fn(ctx))
     except (Exception, SystemExit) as exc:  # sys.exit() in a handler fails only its job
         return to_error(exc, ctx)
 
@@ -75,6 +77,7 @@ def run_sync(fn: Callable[[JobContext], Any], ctx: JobContext) -> Outcome:
 async def run_async(fn: Callable[[JobContext], Awaitable[Any]], ctx: JobContext) -> Outcome:
     """Awaits an async handler; never raises for what the handler does."""
     try:
-        return to_result(await fn(ctx))
+        with telemetry.attached(ctx.trace_context):
+            return to_result(await fn(ctx))
     except (Exception, SystemExit) as exc:
         return to_error(exc, ctx)

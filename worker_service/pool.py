@@ -30,6 +30,7 @@ from typing import Any
 
 import psutil
 
+from jobmesh import telemetry
 from jobmesh.v1 import job_pb2
 from worker_service import outcomes
 from worker_service.outcomes import Outcome
@@ -432,6 +433,7 @@ def _child_main(
         load_handlers(modules, products=("builtin",))
         if initializer is not None:
             initializer(*initargs)
+        telemetry.setup("jobmesh-worker")
     except BaseException as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -445,6 +447,7 @@ def _child_main(
         if task is None:
             return
         outcome = _run_in_child(task, conn, send_lock, cancel)
+        telemetry.flush()  # this process may be killed at any time: its spans go now
         with send_lock:
             conn.send(
                 ("outcome", isinstance(outcome, job_pb2.JobResult), outcome.SerializeToString())

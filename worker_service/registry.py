@@ -10,10 +10,16 @@ import importlib
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from opentelemetry import trace
+
+from jobmesh import telemetry
 from worker_service.params import Param, check_schema
+
+_tracer = trace.get_tracer("jobmesh.worker")
 
 ExecutorName = Literal["process", "thread", "async"]
 EXECUTORS: tuple[ExecutorName, ...] = ("process", "thread", "async")
@@ -78,6 +84,7 @@ class JobContext:
         inputs: Mapping[str, bytes] | None = None,
         report: Callable[[float, str], None] | None = None,
         is_cancelled: Callable[[], bool] | None = None,
+        trace_context: Mapping[str, str] | None = None,
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
@@ -89,6 +96,15 @@ class JobContext:
         self.inputs: dict[str, bytes] = dict(inputs or {})
         self._report = report
         self._is_cancelled = is_cancelled
+        self.trace_context: dict[str, str] = dict(trace_context or {})
+        """W3C trace context the handler runs in; `step` spans are children of it."""
+
+    def step(self, name: str) -> AbstractContextManager[trace.Span]:
+        """A span for one step of the handler (`with ctx.step("decode"): ...`), in the job's
+        trace when tracing is on."""
+        return _tracer.start_as_current_span(
+            name, attributes={telemetry.JOB_ID: self.job_id, telemetry.ATTEMPT: self.attempt}
+        )
 
     def progress(self, fraction: float, message: str = "") -> None:
         """Reports how far the attempt is, 0 to 1 (clamped); safe from any thread."""

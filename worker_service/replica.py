@@ -15,6 +15,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from jobmesh import telemetry
 from jobmesh.errors import JobmeshError
 from jobmesh.v1 import dispatcher_pb2, job_pb2
 from worker_service import outcomes
@@ -30,6 +34,7 @@ from worker_service.stats import ProcessStats
 from worker_service.task import AttemptKey, Task
 
 log = logging.getLogger("worker_service")
+_tracer = trace.get_tracer("jobmesh.worker")
 
 
 def jobmesh_version() -> str:
@@ -43,6 +48,7 @@ def jobmesh_version() -> str:
 class _Running:
     kind: str
     task: asyncio.Task[None]
+    span: trace.Span
 
 
 class Replica:
@@ -159,7 +165,21 @@ class Replica:
             self._send(dispatcher_pb2.SessionRequest(failed=[failed]))
             return
         self._send(dispatcher_pb2.SessionRequest(accepted=[_accepted(key)]))
-        task = Task.from_assign(assign)
+        span = _tracer.start_span(
+            f"run {assign.kind}",
+            context=telemetry.extract(assign.trace_context),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                telemetry.JOB_ID: assign.job_id,
+                telemetry.JOB_KIND: assign.kind,
+                telemetry.ATTEMPT: assign.attempt,
+                telemetry.WORKER_ID: self._settings.worker_id,
+                telemetry.TENANT: assign.tenant,
+            },
+        )
+        task = dataclasses.replace(
+            Task.from_assign(assign), trace_context=telemetry.span_context(span)
+        )
 
         def on_progress(fraction: float, message: str) -> None:
             if key in self._running:
@@ -174,6 +194,7 @@ class Replica:
         self._running[key] = _Running(
             assign.kind,
             asyncio.create_task(self._run_job(task, outcome), name=f"job-{key[0]}-{key[1]}"),
+            span,
         )
 
     async def _with_blobs(
@@ -226,8 +247,14 @@ class Replica:
     def _finish(self, task: Task, outcome: Outcome) -> None:
         key = task.key
         self._progress.forget(key)
-        if self._running.pop(key, None) is None:
+        running = self._running.pop(key, None)
+        if running is None:
             return
+        if not isinstance(outcome, job_pb2.JobResult):
+            running.span.set_attribute(telemetry.ERROR_CODE, outcome.code)
+            if outcome.code in telemetry.FAULT_CODES:
+                running.span.set_status(Status(StatusCode.ERROR, outcome.message))
+        running.span.end()
         self._per_kind[task.kind] -= 1
         if isinstance(outcome, job_pb2.JobResult):
             self.jobs_done += 1

@@ -29,6 +29,8 @@ class Task:
     inputs: dict[str, bytes] = field(default_factory=dict)
     timeout: float | None = None
     """Seconds the attempt may run, from its assignment; None: no limit."""
+    trace_context: dict[str, str] = field(default_factory=dict)
+    """W3C context of the worker's span for the attempt; handler spans are its children."""
 
     @property
     def key(self) -> AttemptKey:
@@ -60,6 +62,7 @@ class Task:
             inputs=self.inputs,
             report=report,
             is_cancelled=is_cancelled,
+            trace_context=self.trace_context,
         )
 
 

@@ -22,3 +22,13 @@ def count(ctx: JobContext) -> Result:
         os.close(fd)
     time.sleep(float(ctx.params.get("seconds", 0)))
     return Result(outputs={"echo": ctx.inputs.get("in", b"")}, metadata={"pid": os.getpid()})
+
+
+@handler("flaky")
+def flaky(ctx: JobContext) -> Result:
+    """Fails its first attempt (retryably), succeeds after; one traced step each time."""
+    with ctx.step("work"):
+        ctx.progress(0.5, "halfway")
+        if ctx.attempt == 1:
+            raise RuntimeError("first attempts always fail")
+    return Result(metadata={"attempt": ctx.attempt})
