@@ -16,10 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
 from PIL import ExifTags, Image, ImageColor, ImageOps, UnidentifiedImageError, features
 
 from worker_service.params import Param, params_problem
 from worker_service.registry import HandlerError, JobContext
+
+_tracer = trace.get_tracer("jobmesh.worker")
 
 IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"
 IMAGE_DECODE_ERROR = "IMAGE_DECODE_ERROR"
@@ -192,9 +195,10 @@ def input_image(ctx: JobContext) -> bytes:
 
 @contextmanager
 def stage(name: str) -> Iterator[None]:
-    """One stage of an image job (decode, process, encode): what Pillow raises in it becomes
-    a HandlerError with a code; Pillow's decompression-bomb warning is an error."""
-    with warnings.catch_warnings():
+    """One stage of an image job (decode, process, encode), traced as a span of its own: what
+    Pillow raises in it becomes a HandlerError with a code; Pillow's decompression-bomb
+    warning is an error."""
+    with _tracer.start_as_current_span(name), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # corrupt-EXIF and palette notes, on stderr otherwise
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
