@@ -14,6 +14,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from jobmesh import logs
 from jobmesh.cli import args as cli_args
 from jobmesh.errors import InvalidArgument
 from jobmesh.settings import parse_address
@@ -60,7 +61,25 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="modules with @handler functions for the replicas to load (repeatable)",
     )
     p.add_argument("--port-file", help="write the bound port here once serving")
+    p.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="send traces over OTLP/gRPC here, e.g. http://localhost:4317 (sets "
+        "OTEL_EXPORTER_OTLP_ENDPOINT for the gateway and its replicas)",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        help="text, or json: one object per line (default: $JOBMESH_LOG_FORMAT, else text)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=cli_args.count,
+        metavar="PORT",
+        help="serve the gateway's Prometheus /metrics on PORT and replica i's on PORT+1+i "
+        "(default: $JOBMESH_METRICS_PORT, else 0: not served)",
+    )
     p.set_defaults(func=serve)
 
 
@@ -70,11 +89,11 @@ def _delegate(args: argparse.Namespace) -> int:
     parser = argparse.ArgumentParser(prog=f"jobmesh {args.command}", description=app.__doc__)
     app.add_arguments(parser)
     own = parser.parse_args(args.rest)
-    configure_logging(getattr(own, "log_level", "INFO"))
     try:
         settings = app.settings_from_args(own)
     except ValueError as e:
         parser.error(str(e))
+    configure_logging(getattr(own, "log_level", "INFO"), settings.log_format)
     return int(app.run(settings))
 
 
@@ -82,17 +101,28 @@ def serve(args: argparse.Namespace) -> int:
     from gateway.config import GatewaySettings
     from worker_service.config import WorkerSettings
 
-    configure_logging(args.log_level)
+    if args.otlp_endpoint:
+        # Read by the gateway here and inherited by the replicas: one switch for all.
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = args.otlp_endpoint
+        os.environ.setdefault("OTEL_EXPORTER_OTLP_INSECURE", "true")
     try:
         settings = GatewaySettings.from_env().with_overrides(
-            listen=args.listen, db=args.db, port_file=args.port_file
+            listen=args.listen,
+            db=args.db,
+            port_file=args.port_file,
+            log_format=args.log_format,
+            metrics_port=args.metrics_port,
         )
+        if settings.metrics_port and settings.metrics_port + args.workers > 65535:
+            raise ValueError(f"--metrics-port leaves no ports for {args.workers} replica(s)")
         # The replicas read the same environment, so they drain for as long as this says.
         drain_grace = WorkerSettings.from_env().drain_grace
     except ValueError as e:
         raise InvalidArgument(str(e)) from None
+    configure_logging(args.log_level, settings.log_format)
     slots = args.slots or max(1, (os.cpu_count() or 1) // max(args.workers, 1))
     worker_args = ["--slots", str(slots), "--log-level", args.log_level]
+    worker_args += ["--log-format", settings.log_format]
     for module in args.handlers:
         worker_args += ["--handlers", module]
     return asyncio.run(
@@ -111,7 +141,10 @@ async def _serve(
     command = (sys.executable, "-m", "worker_service", "--gateway", address, *worker_args)
     supervisor = Supervisor(
         [
-            ChildSpec(f"embedded-{i}", (*command, "--worker-id", f"embedded-{i}"))
+            ChildSpec(
+                f"embedded-{i}",
+                (*command, "--worker-id", f"embedded-{i}", *_metrics_args(settings, i)),
+            )
             for i in range(workers)
         ]
     )
@@ -145,10 +178,14 @@ async def _serve(
     return 0 if stop.is_set() else 1
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def configure_logging(level: str, fmt: str = "text") -> None:
+    logs.configure(level, fmt)
+
+
+def _metrics_args(settings: GatewaySettings, replica: int) -> tuple[str, ...]:
+    """Replica `replica`'s metrics port: the gateway's + 1 + replica, or 0 (off) with it off."""
+    port = settings.metrics_port + 1 + replica if settings.metrics_port else 0
+    return ("--metrics-port", str(port))
 
 
 def _dial_host(listen: str) -> str:
