@@ -1,8 +1,11 @@
-"""The jobmesh demo: `jobmesh serve`, a job with live progress, a batch, workers and jobs.
+"""The jobmesh demo: `jobmesh serve`, then the images product on generated photos
+(thumbnails with a live progress bar, their info, a conversion through the Python SDK),
+then the worker replicas and the jobs.
 
-`make demo` runs it. The server gets a free port and a throwaway database, so nothing of
-yours is touched, and it is stopped the way a user would stop it (SIGTERM: the workers
-drain, then the gateway stops). Each step is a function in STEPS; add one to show more.
+`make demo` runs it. The server gets a free port and a throwaway database, and the photos a
+temp directory, so nothing of yours is touched; the server is stopped the way a user would
+stop it (SIGTERM: the workers drain, then the gateway stops). Each step is a function in
+STEPS; add one to show more.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from jobmesh import Client, job_spec
+from PIL import Image, ImageDraw
+
+from jobmesh import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBMESH = (sys.executable, "-m", "jobmesh")
 WORKERS = 2
+PHOTOS = 24
+PHOTO_SIZE = (1600, 1200)
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 60.0
 
@@ -30,42 +37,80 @@ def heading(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m" if sys.stdout.isatty() else f"\n== {text}", flush=True)
 
 
-def jobmesh(address: str, *argv: str) -> None:
+def jobmesh(address: str, *argv: str, cwd: Path = ROOT) -> None:
     """Runs the `jobmesh` command as a user would type it; stops the demo if it fails."""
     print(f"$ jobmesh {shlex.join(argv)}", flush=True)
     env = {**os.environ, "JOBMESH_GATEWAY": address}
-    subprocess.run([*JOBMESH, *argv], cwd=ROOT, env=env, check=True)
+    subprocess.run([*JOBMESH, *argv], cwd=cwd, env=env, check=True)
 
 
-def live_progress(address: str) -> None:
-    heading("A job with live progress")
-    jobmesh(address, "submit", "sleep", "-p", "seconds=3", "--wait")
+def photo(path: Path, n: int) -> None:
+    """A 1600x1200 JPEG: a coloured gradient with a few shapes, different for each n."""
+    width, height = PHOTO_SIZE
+    gradient = Image.linear_gradient("L").resize(PHOTO_SIZE).rotate(n * 30, expand=False)
+    tint = ((n * 67) % 256, (n * 131) % 256, (n * 29 + 90) % 256)
+    image = Image.merge("RGB", [gradient.point(lambda v, c=c: (v * c) // 255) for c in tint])
+    draw = ImageDraw.Draw(image)
+    for i in range(4):
+        x, y = (n * 173 + i * 331) % width, (n * 97 + i * 211) % height
+        radius = 80 + 40 * i
+        colour = (255 - tint[i % 3], tint[(i + 1) % 3], 255 - tint[(i + 2) % 3])
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=colour)
+    image.save(path, "JPEG", quality=90)
 
 
-def echo_batch(address: str) -> None:
-    heading("A batch of echo jobs through the Python SDK")
-    print("client.submit_batch([job_spec('echo', ...) for i in range(5)])")
+def thumbnails(address: str, tmp: Path) -> None:
+    heading(f"Thumbnails of {PHOTOS} photos ({PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEGs), one batch")
+    photos = tmp / "photos"
+    photos.mkdir()
+    for n in range(PHOTOS):
+        photo(photos / f"photo{n + 1:02d}.jpg", n)
+    names = [f"photos/{p.name}" for p in sorted(photos.iterdir())]
+    jobmesh(address, "image", "thumbnail", *names, "--size", "256", "-o", "thumbs/", cwd=tmp)
+
+
+def thumbnail_info(address: str, tmp: Path) -> None:
+    heading("What the thumbnails are")
+    names = [f"thumbs/{p.name}" for p in sorted((tmp / "thumbs").iterdir())[:4]]
+    jobmesh(address, "image", "info", *names, cwd=tmp)
+
+
+def convert_with_sdk(address: str, tmp: Path) -> None:
+    heading("A conversion through the Python SDK")
+    print('client.submit("image.convert", params={"format": "webp", "quality": 80}, ...)')
+    source = tmp / "photos" / "photo01.jpg"
     with Client(address) as client:
-        specs = [
-            job_spec("echo", params={"n": i}, inputs={"text": f"hello {i}".encode()})
-            for i in range(5)
-        ]
-        for submitted in client.submit_batch(specs):
-            job = client.wait(submitted.job.id, check=True)
-            print(f"  {job.id} on {job.worker_id}: {job.result.outputs['text'].decode()!r}")
+        submitted = client.submit(
+            "image.convert",
+            params={"format": "webp", "quality": 80},
+            inputs={"image": source.read_bytes()},
+        )
+        job = client.wait(submitted.job.id, check=True)
+        webp = client.outputs(job)["image"]  # downloads it if the gateway kept it as a blob
+    meta = job.result.metadata
+    print(
+        f"  {job.id} on {job.worker_id}: {source.name} ({source.stat().st_size // 1024} KiB JPEG)"
+        f" -> {meta['width']:.0f}x{meta['height']:.0f} {meta['format']} ({len(webp) // 1024} KiB)"
+    )
 
 
-def workers(address: str) -> None:
+def workers(address: str, tmp: Path) -> None:
     heading("The worker replicas")
     jobmesh(address, "workers")
 
 
-def jobs(address: str) -> None:
+def jobs(address: str, tmp: Path) -> None:
     heading("The jobs")
     jobmesh(address, "list")
 
 
-STEPS: list[Callable[[str], None]] = [live_progress, echo_batch, workers, jobs]
+STEPS: list[Callable[[str, Path], None]] = [
+    thumbnails,
+    thumbnail_info,
+    convert_with_sdk,
+    workers,
+    jobs,
+]
 
 
 def start_server(tmp: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -114,7 +159,7 @@ def main() -> int:
         try:
             address = wait_until_serving(server, tmp / "port")
             for step in STEPS:
-                step(address)
+                step(address, tmp)
         except Exception:
             print(f"\nthe demo failed; the server's log:\n{log.read_text()}", file=sys.stderr)
             raise
