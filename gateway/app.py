@@ -23,11 +23,13 @@ from gateway.blobs import BlobStore
 from gateway.config import GatewaySettings
 from gateway.interceptors import ErrorInterceptor
 from gateway.job_service import JobService
+from gateway.metrics import GatewayMetrics
 from gateway.scheduler import Scheduler
 from gateway.sessions import Dispatcher
 from gateway.store.sqlite import SqliteStore
 from gateway.watchers import EventHub
-from jobmesh import telemetry
+from jobmesh import logs, telemetry
+from jobmesh.metrics import MetricsServer
 from jobmesh.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -66,7 +68,9 @@ class Gateway:
         else:
             blob_dir = Path(settings.db + ".blobs")
         self._blobs = BlobStore(blob_dir, settings.max_blob_bytes)
-        self._scheduler = Scheduler(settings, self._store, self._blobs)
+        self.metrics = GatewayMetrics()
+        self._scheduler = Scheduler(settings, self._store, self._blobs, self.metrics)
+        self._metrics_server: MetricsServer | None = None
         self._health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
 
@@ -105,7 +109,7 @@ class Gateway:
             Dispatcher(self._scheduler, self.settings), server
         )
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminService(self._scheduler), server
+            AdminService(self._scheduler, self.metrics), server
         )
         blob_service_pb2_grpc.add_BlobServiceServicer_to_server(BlobService(self._blobs), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -122,6 +126,12 @@ class Gateway:
             raise OSError(f"cannot listen on {self.settings.listen}")
         await server.start()
         self._server = server
+        self.metrics.watch_workers(lambda: self._scheduler.sessions, asyncio.get_running_loop())
+        if self.settings.metrics_port:
+            self._metrics_server = MetricsServer(
+                self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port
+            )
+            self._metrics_server.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.settings.port_file:
@@ -146,6 +156,8 @@ class Gateway:
         self._scheduler.stop()
         await self._server.stop(grace)
         self._server = None
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
         await self._store.close()
         if self._scratch is not None:
             self._scratch.cleanup()
@@ -178,6 +190,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-blob-bytes", type=int, help="largest payload one upload may carry")
     parser.add_argument("--port-file", help="write the bound port to this file once serving")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--log-format", help="text (default) or json: one object per line (env JOBMESH_LOG_FORMAT)"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="port of Prometheus /metrics (env JOBMESH_METRICS_PORT; default 0: not served)",
+    )
+    parser.add_argument(
+        "--metrics-host", help="address of /metrics (env JOBMESH_METRICS_HOST; default 0.0.0.0)"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
@@ -193,6 +216,9 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         blob_dir=args.blob_dir,
         max_blob_bytes=args.max_blob_bytes,
         port_file=args.port_file,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        log_format=args.log_format,
     )
 
 
@@ -221,11 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         settings = settings_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    logs.configure(args.log_level, settings.log_format)
     return run(settings)

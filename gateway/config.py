@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from jobmesh.logs import check_format
+from jobmesh.metrics import check_port
 from jobmesh.settings import DEFAULT_MAX_MESSAGE_BYTES, parse_address
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -41,6 +43,12 @@ class GatewaySettings:
     """Largest payload one upload may carry."""
     port_file: str = ""
     """If set, the bound port is written here once the gateway serves (for tests and scripts)."""
+    metrics_port: int = 0
+    """Port of the Prometheus /metrics endpoint; 0: not served."""
+    metrics_host: str = "0.0.0.0"
+    """Address the /metrics endpoint binds (all interfaces, so a pod can be scraped)."""
+    log_format: str = "text"
+    """`text` lines, or `json`: one object per line, with job_id and trace_id when known."""
 
     def __post_init__(self) -> None:
         parse_address(self.listen)
@@ -64,6 +72,8 @@ class GatewaySettings:
             raise ValueError("max_blob_bytes must be positive")
         if self.default_max_attempts < 1:
             raise ValueError("default_max_attempts must be at least 1")
+        check_port(self.metrics_port)
+        check_format(self.log_format)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -80,6 +90,9 @@ class GatewaySettings:
             ("reattach_grace", "JOBMESH_REATTACH_GRACE", float),
             ("blob_dir", "JOBMESH_BLOB_DIR", str),
             ("max_blob_bytes", "JOBMESH_MAX_BLOB_BYTES", int),
+            ("metrics_port", "JOBMESH_METRICS_PORT", int),
+            ("metrics_host", "JOBMESH_METRICS_HOST", str),
+            ("log_format", "JOBMESH_LOG_FORMAT", str.lower),
         ):
             if var in env:
                 values[name] = conv(env[var])

@@ -32,12 +32,14 @@ from gateway.jobs import (
     seconds_until,
     state_name,
 )
+from gateway.metrics import GatewayMetrics
 from gateway.queues import KindQueues
 from gateway.store import Inserted, JobStore
 from gateway.timers import Timers
 from gateway.tracing import JobTracer
 from gateway.workers import AttemptKey, WorkerSession
 from jobmesh.errors import InvalidArgument, NotFound, ResourceExhausted
+from jobmesh.logs import job_fields
 from jobmesh.v1 import dispatcher_pb2, job_pb2
 
 log = logging.getLogger(__name__)
@@ -51,10 +53,17 @@ def _error(code: str, message: str, *, retryable: bool) -> job_pb2.JobError:
 
 
 class Scheduler:
-    def __init__(self, settings: GatewaySettings, store: JobStore, blobs: BlobStore) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        store: JobStore,
+        blobs: BlobStore,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self._settings = settings
         self._store = store
         self._blobs = blobs
+        self._metrics = GatewayMetrics() if metrics is None else metrics
         self._active: dict[str, job_pb2.Job] = {}
         self._queues = KindQueues()
         self._queued = 0
@@ -78,6 +87,7 @@ class Scheduler:
         jobs = await self._store.unfinished()
         for job in jobs:
             self._active[job.id] = job
+            self._metrics.recovered(job)
             self._watch_deadline(job)
             if job.state == S.JOB_STATE_QUEUED:
                 self._queued += 1
@@ -145,6 +155,7 @@ class Scheduler:
             answers.append(Inserted(snapshot))
             self._active[item.job.id] = item.job
             self._queued += 1
+            self._metrics.submitted(item.job)
             self._watch_deadline(item.job)
             self._enqueue(item.job)
         self._dispatch()
@@ -328,6 +339,7 @@ class Scheduler:
 
     def _set_state(self, job: job_pb2.Job, state: int) -> None:
         self._queued += (state == S.JOB_STATE_QUEUED) - (job.state == S.JOB_STATE_QUEUED)
+        self._metrics.state_changed(job, state)
         job.state = state  # type: ignore[assignment]
 
     def _save(self, job: job_pb2.Job, event: job_pb2.JobEvent | None) -> Awaitable[None]:
@@ -335,6 +347,7 @@ class Scheduler:
 
     def _enqueue(self, job: job_pb2.Job) -> None:
         self._queues.push(job.spec.kind, job.spec.priority, job.id, job.attempt)
+        self._metrics.enqueued(job)
         self._tracer.queued(job)
         if job.spec.HasField("schedule_to_start_timeout"):
             limit = duration_seconds(job.spec.schedule_to_start_timeout)
@@ -402,6 +415,7 @@ class Scheduler:
 
     def _assign(self, job: job_pb2.Job, session: WorkerSession) -> None:
         self._set_state(job, S.JOB_STATE_ASSIGNED)
+        self._metrics.assigned(job)
         job.worker_id = session.worker_id
         attempt = job.attempts.add(number=job.attempt, worker_id=session.worker_id)
         attempt.start_time.CopyFrom(now())
@@ -521,6 +535,12 @@ class Scheduler:
         job.progress = 0.0
         job.progress_message = ""
         message = f"attempt {failed_attempt} failed ({error.code}); retry in {delay:.1f}s"
+        log.info(
+            "job %s: %s",
+            job.id,
+            message,
+            extra=job_fields(job.id, failed_attempt, job.trace_context),
+        )
         self._save(job, next_event(job, message=message, error=error))
         if delay > 0:
             self._requeue_later(job, delay)
@@ -539,5 +559,13 @@ class Scheduler:
         self._owner.pop(job.id, None)
         self._orphans.pop(job.id, None)
         self._tracer.forget(job.id)
-        log.debug("job %s %s", job.id, state_name(state))
+        self._metrics.ended(job)
+        log.log(
+            logging.INFO if state == S.JOB_STATE_FAILED else logging.DEBUG,
+            "job %s %s%s",
+            job.id,
+            state_name(state),
+            f" ({job.error.code}: {job.error.message})" if error is not None else "",
+            extra=job_fields(job.id, job.attempt, job.trace_context),
+        )
         return self._save(job, next_event(job))

@@ -92,6 +92,7 @@ class Client:
     list = _blocking(AsyncClient.list)
     list_all = _iterating(AsyncClient.list_all)
     list_workers = _blocking(AsyncClient.list_workers)
+    watch_stats = _iterating(AsyncClient.watch_stats)
     upload = _blocking(AsyncClient.upload)
     download = _blocking(AsyncClient.download)
     outputs = _blocking(AsyncClient.outputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
+import math
 import random
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -14,8 +15,8 @@ from types import TracebackType
 from typing import Any, BinaryIO, TypeVar, Unpack
 
 import grpc
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from google.protobuf import timestamp_pb2
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from jobmesh import blobs
 from jobmesh.blobs import Payload
@@ -27,7 +28,7 @@ from jobmesh.convert import (
     parse_state,
     state_name,
 )
-from jobmesh.errors import JobFailed, Unavailable, from_rpc_error
+from jobmesh.errors import InvalidArgument, JobFailed, Unavailable, from_rpc_error
 from jobmesh.settings import ClientSettings
 from jobmesh.v1 import (
     admin_service_pb2,
@@ -304,6 +305,36 @@ class AsyncClient:
         """The worker replicas attached to this gateway."""
         response = await _unary(self._admin.ListWorkers(admin_service_pb2.ListWorkersRequest()))
         return builtins.list(response.workers)
+
+    async def watch_stats(
+        self, interval: float = 1.0
+    ) -> AsyncIterator[admin_service_pb2.ClusterStats]:
+        """The cluster's stats now, then every `interval` seconds (0.1 to 60), until the
+        caller stops iterating. A broken stream is resumed; the rates start over then."""
+        if not math.isfinite(interval):
+            raise InvalidArgument(f"must be a number of seconds, got {interval}", "interval")
+        request = admin_service_pb2.WatchStatsRequest()
+        request.interval.FromNanoseconds(round(interval * 1e9))
+        retry = _Retry()
+        while True:
+            retry.started()
+            call = self._admin.WatchStats(request)
+            try:
+                async for response in call:
+                    retry.healthy()
+                    yield response.stats
+                error = None
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in _RESUMABLE:
+                    raise from_rpc_error(e) from e
+                error = e
+            finally:
+                call.cancel()
+            if not await retry.pause():
+                if error is None:
+                    raise Unavailable("the stats stream keeps ending")
+                raise from_rpc_error(error) from error
+            log.info("stats stream broke (%s); resuming", error.code().name if error else "ended")
 
 
 async def _unary(call: grpc.aio.UnaryUnaryCall[Any, T]) -> T:

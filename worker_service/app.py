@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from jobmesh import telemetry
+from jobmesh import logs, telemetry
+from jobmesh.metrics import MetricsServer
 from worker_service.config import (
     WorkerSettings,
     merge_limits,
@@ -22,6 +23,7 @@ from worker_service.config import (
     parse_size,
 )
 from worker_service.executor import Executor
+from worker_service.metrics import WorkerMetrics
 from worker_service.pool import PoolError, ProcessPool
 from worker_service.registry import HandlerSpec, load_handlers
 from worker_service.replica import Replica
@@ -93,6 +95,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help="DEBUG, INFO, WARNING or ERROR",
     )
+    parser.add_argument(
+        "--log-format",
+        metavar="FORMAT",
+        help="text (default) or json: one object per line (env JOBMESH_LOG_FORMAT)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="port of Prometheus /metrics (env JOBMESH_METRICS_PORT; default 0: not served)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help="address of /metrics (env JOBMESH_METRICS_HOST; default 0.0.0.0)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
@@ -122,12 +140,15 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
             else merge_limits(settings.kind_concurrency, parse_kind_limits(limits))
         ),
         max_image_pixels=getattr(args, "max_image_pixels", None),
+        log_format=getattr(args, "log_format", None),
+        metrics_port=getattr(args, "metrics_port", None),
+        metrics_host=getattr(args, "metrics_host", None),
     )
 
 
 def run(settings: WorkerSettings) -> int:
     """Runs a worker replica until it has drained; returns the exit code."""
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     try:
         specs = load_handlers(settings.handlers, settings.products)
     except Exception as exc:  # an import error in a user's module, a duplicate kind...
@@ -218,7 +239,17 @@ async def _serve(
     pool: ProcessPool,
     executor: Executor,
 ) -> int:
-    replica = Replica(settings, specs, executor, ProcessStats(pool.pids))
+    metrics = WorkerMetrics(slots=settings.slots)
+    replica = Replica(settings, specs, executor, ProcessStats(pool.pids), metrics)
+    metrics.watch(
+        pool_processes=lambda: len(pool.pids()), connected=lambda: replica.session.connected
+    )
+    metrics_server = None
+    if settings.metrics_port:
+        metrics_server = MetricsServer(
+            metrics.registry, settings.metrics_host, settings.metrics_port
+        )
+        metrics_server.start()
     log.info(
         "worker %s: %d slot(s), kinds %s; dialing %s",
         settings.worker_id,
@@ -244,6 +275,8 @@ async def _serve(
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if metrics_server is not None:
+            metrics_server.stop()
     return EXIT_OK
 
 
@@ -254,9 +287,8 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, fmt: str) -> None:
     logging.getLogger("worker_service").setLevel(level)
-    if not logging.getLogger().handlers:  # leave an embedding program's set-up alone
-        logging.basicConfig(
-            stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+    root = logging.getLogger()
+    if not root.handlers:  # leave an embedding program's set-up alone
+        root.addHandler(logs.handler(fmt, sys.stderr))

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+from jobmesh.logs import check_format
+from jobmesh.metrics import check_port
 from jobmesh.settings import DEFAULT_GATEWAY, DEFAULT_MAX_MESSAGE_BYTES, parse_address
 from worker_service.registry import PRODUCTS
 
@@ -98,6 +100,12 @@ class WorkerSettings:
     """Seconds after the drain to deliver the last results and close the stream."""
     log_level: str = "INFO"
     """Level of the `worker_service` log (DEBUG, INFO, WARNING, ERROR)."""
+    log_format: str = "text"
+    """`text` lines, or `json`: one object per line, with job_id and trace_id when known."""
+    metrics_port: int = 0
+    """Port of the Prometheus /metrics endpoint; 0: not served."""
+    metrics_host: str = "0.0.0.0"
+    """Address the /metrics endpoint binds (all interfaces, so a pod can be scraped)."""
     products: tuple[str, ...] = tuple(PRODUCTS)
     """Built-in products served: `builtin` (echo, sleep, fail) and `images` (image.*)."""
     kind_concurrency: tuple[tuple[str, int], ...] = ()
@@ -125,6 +133,8 @@ class WorkerSettings:
             raise ValueError("close_timeout must not be negative")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("log_level must be DEBUG, INFO, WARNING or ERROR")
+        check_format(self.log_format)
+        check_port(self.metrics_port)
         for key, _ in self.labels:
             if not key:
                 raise ValueError("label keys must not be empty")
@@ -184,7 +194,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     file and the key for anything wrong with it.
 
     [worker] takes the settings the flags set (gateway, slots, handlers, worker_id, labels,
-    drain_grace, cancel_grace, max_job_memory, max_message_bytes, log_level); [products]
+    drain_grace, cancel_grace, max_job_memory, max_message_bytes, log_level, log_format,
+    metrics_port, metrics_host); [products]
     turns built-in products on and off; [kinds."KIND"] concurrency caps a kind;
     [images] max_image_pixels bounds the image kinds.
     """
@@ -305,6 +316,9 @@ _WORKER_KEYS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "max_job_memory": ("max_job_memory_bytes", _bytes),
     "max_message_bytes": ("max_message_bytes", _bytes),
     "log_level": ("log_level", lambda v: _str(v).upper()),
+    "log_format": ("log_format", lambda v: _str(v).lower()),
+    "metrics_port": ("metrics_port", _int),
+    "metrics_host": ("metrics_host", _str),
 }
 """[worker] keys: the WorkerSettings field each sets, and how its value is read."""
 
@@ -319,6 +333,9 @@ _ENV: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("JOBMESH_LABELS", "labels", lambda v: parse_labels(v.split(","))),
     ("JOBMESH_MAX_MESSAGE_BYTES", "max_message_bytes", int),
     ("JOBMESH_LOG_LEVEL", "log_level", str.upper),
+    ("JOBMESH_LOG_FORMAT", "log_format", str.lower),
+    ("JOBMESH_METRICS_PORT", "metrics_port", int),
+    ("JOBMESH_METRICS_HOST", "metrics_host", str),
     ("JOBMESH_PRODUCTS", "products", parse_products),
     ("JOBMESH_MAX_IMAGE_PIXELS", "max_image_pixels", int),
 )

@@ -10,9 +10,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 
 from opentelemetry import trace
@@ -20,10 +21,12 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from jobmesh import telemetry
 from jobmesh.errors import JobmeshError
+from jobmesh.logs import bind_job, job_fields
 from jobmesh.v1 import dispatcher_pb2, job_pb2
 from worker_service import outcomes
 from worker_service.config import WorkerSettings
 from worker_service.executor import Executor
+from worker_service.metrics import WorkerMetrics
 from worker_service.outcomes import Outcome
 from worker_service.params import schema_proto
 from worker_service.payloads import Payloads
@@ -49,6 +52,7 @@ class _Running:
     kind: str
     task: asyncio.Task[None]
     span: trace.Span
+    started: float = field(default_factory=time.monotonic)
 
 
 class Replica:
@@ -60,8 +64,10 @@ class Replica:
         specs: Mapping[str, HandlerSpec],
         executor: Executor,
         stats: ProcessStats,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = WorkerMetrics(slots=settings.slots) if metrics is None else metrics
         self._specs = dict(specs)
         self._executor = executor
         self._payloads = Payloads(settings)
@@ -147,7 +153,12 @@ class Replica:
             self._take(assign)
         for cancel in response.cancel:
             if self._executor.cancel((cancel.job_id, cancel.attempt), cancel.reason):
-                log.info("job %s attempt %d: cancel requested", cancel.job_id, cancel.attempt)
+                log.info(
+                    "job %s attempt %d: cancel requested",
+                    cancel.job_id,
+                    cancel.attempt,
+                    extra=job_fields(cancel.job_id, cancel.attempt),
+                )
 
     # Jobs
 
@@ -158,7 +169,13 @@ class Replica:
             return
         refusal = self._refusal(assign.kind)
         if refusal:
-            log.info("job %s attempt %d rejected: %s", key[0], key[1], refusal)
+            log.info(
+                "job %s attempt %d rejected: %s",
+                key[0],
+                key[1],
+                refusal,
+                extra=job_fields(*key, assign.trace_context),
+            )
             failed = dispatcher_pb2.Failed(
                 job_id=key[0], attempt=key[1], error=outcomes.error("REJECTED", refusal, True)
             )
@@ -196,6 +213,7 @@ class Replica:
             asyncio.create_task(self._run_job(task, outcome), name=f"job-{key[0]}-{key[1]}"),
             span,
         )
+        self._metrics.started(assign.kind)
 
     async def _with_blobs(
         self,
@@ -227,6 +245,7 @@ class Replica:
 
     async def _run_job(self, task: Task, running: Awaitable[Outcome]) -> None:
         key = task.key
+        bind_job(task.job_id, task.attempt, task.trace_context)  # for this task's log lines
         try:
             outcome = await running
             if isinstance(outcome, job_pb2.JobResult):
@@ -250,6 +269,7 @@ class Replica:
         running = self._running.pop(key, None)
         if running is None:
             return
+        self._metrics.finished(task.kind, outcome, time.monotonic() - running.started)
         if not isinstance(outcome, job_pb2.JobResult):
             running.span.set_attribute(telemetry.ERROR_CODE, outcome.code)
             if outcome.code in telemetry.FAULT_CODES:

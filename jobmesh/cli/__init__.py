@@ -15,7 +15,7 @@ import grpc
 
 from jobmesh import __version__
 from jobmesh.cli import args as cli_args
-from jobmesh.cli import images, jobs, services
+from jobmesh.cli import images, jobs, services, top
 from jobmesh.errors import JobFailed, JobmeshError
 
 EXIT_OK = 0
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print JSON for programs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     jobs.add_commands(commands, common)
+    top.add_commands(commands, common)
     images.add_commands(commands, common)
     services.add_commands(commands)
     return parser
