@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from jobmesh import __version__
+from jobmesh import __version__, telemetry
 from jobmesh.cli import args as cli_args
 from jobmesh.cli import images, jobs, services, top
 from jobmesh.errors import JobFailed, JobmeshError
@@ -54,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.rest = rest
     if args.command not in ("gateway", "worker", "serve"):
         logging.basicConfig(level=logging.WARNING, format="jobmesh: %(message)s")
+        # With OTEL_EXPORTER_OTLP_ENDPOINT set, the command's calls start the job's trace.
+        telemetry.setup("jobmesh-cli")
     try:
         code: int = args.func(args)
         return code
@@ -65,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    finally:
+        telemetry.shutdown()
 
 
 def exit_code(error: JobmeshError) -> int:
