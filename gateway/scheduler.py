@@ -65,6 +65,9 @@ class Scheduler:
         self._blobs = blobs
         self._metrics = GatewayMetrics() if metrics is None else metrics
         self._active: dict[str, job_pb2.Job] = {}
+        self._inputs: dict[str, dict[str, bytes]] = {}
+        """Inline inputs of active jobs, kept apart so that writing a job's status, which
+        happens at every state change, never copies them."""
         self._queues = KindQueues()
         self._queued = 0
         """Active jobs in state QUEUED, waiting in a queue or for a retry's backoff."""
@@ -86,7 +89,7 @@ class Scheduler:
         """Takes back the unfinished jobs of a previous run; returns how many."""
         jobs = await self._store.unfinished()
         for job in jobs:
-            self._active[job.id] = job
+            self._activate(job)
             self._metrics.recovered(job)
             self._watch_deadline(job)
             if job.state == S.JOB_STATE_QUEUED:
@@ -153,7 +156,7 @@ class Scheduler:
             snapshot.CopyFrom(item.job)
             snapshot.spec.ClearField("inputs")  # the caller has them; Get returns them
             answers.append(Inserted(snapshot))
-            self._active[item.job.id] = item.job
+            self._activate(item.job)
             self._queued += 1
             self._metrics.submitted(item.job)
             self._watch_deadline(item.job)
@@ -294,6 +297,12 @@ class Scheduler:
 
     # --- attempts -------------------------------------------------------------
 
+    def _activate(self, job: job_pb2.Job) -> None:
+        self._active[job.id] = job
+        if job.spec.inputs:
+            self._inputs[job.id] = dict(job.spec.inputs)
+            job.spec.ClearField("inputs")
+
     def _check_result(self, result: job_pb2.JobResult) -> None:
         validation.payload_names([*result.outputs, *result.output_blobs], "output", "outputs")
         for name, ref in result.output_blobs.items():
@@ -425,7 +434,7 @@ class Scheduler:
             job_id=job.id,
             attempt=job.attempt,
             kind=job.spec.kind,
-            inputs=job.spec.inputs,
+            inputs=self._inputs.get(job.id, {}),
             params=job.spec.params,
             tenant=job.tenant,
             labels=job.spec.labels,
@@ -556,6 +565,7 @@ class Scheduler:
             job.error.CopyFrom(error)
         job.end_time.CopyFrom(now())
         self._active.pop(job.id, None)
+        self._inputs.pop(job.id, None)
         self._owner.pop(job.id, None)
         self._orphans.pop(job.id, None)
         self._tracer.forget(job.id)
