@@ -2,15 +2,8 @@
 
 Each scenario starts its own gateway and two workers through a `Cluster`, submits
 `Scale.jobs` jobs, injects its fault once `Scale.fault_at` of them have started, and
-returns a `FaultRecord`. The tests assert on the record; `bench/faults.py` prints it.
-
-The `count` handler appends "job_id attempt" to a side-channel file each time it starts,
-so the file shows how often each job really ran. A job is *in flight at the fault* when
-it had started by then (per the side channel, read just after the fault) or the gateway
-had handed it to a worker (ASSIGNED or RUNNING, asked just before the fault and, if the
-gateway is still up, just after), and the gateway did not yet have it SUCCEEDED. Only
-those may run twice: a job handed to a worker that froze may also run when it thaws,
-from the Assign still waiting in its socket.
+returns a `FaultRecord` (see batch.py for what counts as in flight at the fault). The
+tests assert on the record; `bench/faults.py` prints it.
 """
 
 from __future__ import annotations
@@ -19,305 +12,29 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable
 
-from jobmesh import AsyncClient, job_spec
-from jobmesh.errors import JobmeshError
-from jobmesh.v1 import admin_service_pb2, job_pb2
-from tests.cluster import Cluster, Gateway, Proc
+from jobmesh import AsyncClient
+from jobmesh.v1 import admin_service_pb2
+from tests.cluster import Cluster
+from tests.faults.batch import (
+    FAULT_HANDLERS,
+    SETTLE,
+    Batch,
+    FaultRecord,
+    Scale,
+    attached,
+    describe,
+    elapsed,
+    gone,
+    workers_by_id,
+)
 from tests.faults.proxy import TcpProxy
 
-S = job_pb2.JobState
-HANDLERS = "tests.integration.handlers"
-FAULT_HANDLERS = "tests.faults.handlers"
-UNFINISHED = (S.JOB_STATE_QUEUED, S.JOB_STATE_ASSIGNED, S.JOB_STATE_RUNNING)
-POLL = 0.05
-# After a fault, how long jobs already handed to a worker may take to show up in the side
-# channel (an Assign in transit, a pool process picking up its task).
-SETTLE = 0.3
-MAX_SUBMIT_BATCH = 1000
-RETRY_FOR = 30.0
+__all__ = ["SCENARIOS", "FaultRecord", "Scale", "describe"]
+
 # A network blip this long stays well within the scenarios' ping limit (0.3 s x 5).
 BLIP_SECONDS = 0.5
-
-
-@dataclass(frozen=True)
-class Scale:
-    """How big a scenario is and how the gateway is tuned for it."""
-
-    jobs: int = 300
-    """Jobs in the batch."""
-    seconds: float = 0.1
-    """How long each job sleeps."""
-    slots: int = 4
-    """Slots of each of the two workers."""
-    fault_at: float = 0.3
-    """Fraction of the jobs started when the fault is injected."""
-    ping_interval: float = 0.3
-    """Gateway pings; a silent worker is declared dead after `ping_misses` of them."""
-    ping_misses: int = 5
-    reattach_grace: float = 2.0
-    """Seconds a broken stream's attempts wait for their worker (the gateway's flag)."""
-    timeout: float = 60.0
-    """Longest wait for the batch to end after the fault; what is left unfinished is lost."""
-
-
-@dataclass
-class FaultRecord:
-    """What one scenario saw: every count, plus the job ids behind the interesting ones."""
-
-    scenario: str
-    accepted: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    lost: int = 0
-    """Accepted jobs missing from the gateway, or not ended within `Scale.timeout`."""
-    duplicated: int = 0
-    """Jobs that ran more than once, per the side channel."""
-    in_flight_at_fault: int = 0
-    detect_seconds: float | None = None
-    """Fault → the gateway shows it (the worker gone, re-attached or draining; the gateway
-    back with both workers); None if it never did."""
-    recover_seconds: float | None = None
-    """Fault → every accepted job ended; None if they did not within `Scale.timeout`."""
-    states: dict[str, int] = field(default_factory=dict, repr=False)
-    """Job id → its state at the end."""
-    jobs: dict[str, job_pb2.Job] = field(default_factory=dict, repr=False)
-    runs: Counter[str] = field(default_factory=Counter, repr=False)
-    """Job id → executions, per the side channel."""
-    in_flight: set[str] = field(default_factory=set, repr=False)
-    facts: dict[str, Any] = field(default_factory=dict)
-    """Scenario-specific observations, e.g. the exit code of a drained worker."""
-
-    @property
-    def duplicated_ids(self) -> set[str]:
-        return {job_id for job_id, n in self.runs.items() if n > 1}
-
-    @property
-    def unexpected_duplicates(self) -> set[str]:
-        """Jobs that ran twice although they were not in flight at the fault."""
-        return self.duplicated_ids - self.in_flight
-
-    @property
-    def never_ran(self) -> set[str]:
-        """SUCCEEDED jobs with no execution in the side channel (should be none)."""
-        return {j for j, s in self.states.items() if s == S.JOB_STATE_SUCCEEDED} - set(self.runs)
-
-    def summary(self) -> dict[str, Any]:
-        """The counts and timings, as bench/faults.py prints them."""
-        return {
-            "scenario": self.scenario,
-            "accepted": self.accepted,
-            "succeeded": self.succeeded,
-            "failed": self.failed,
-            "lost": self.lost,
-            "duplicated": self.duplicated,
-            "in_flight_at_fault": self.in_flight_at_fault,
-            "detect_seconds": _round(self.detect_seconds),
-            "recover_seconds": _round(self.recover_seconds),
-        }
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
-
-
-Check = Callable[[AsyncClient], Awaitable[bool]]
-
-
-class _Batch:
-    """One scenario's batch: submits it, watches the side channel, tallies the outcome."""
-
-    def __init__(self, cluster: Cluster, scale: Scale, name: str) -> None:
-        self.cluster = cluster
-        self.scale = scale
-        self.record = FaultRecord(name)
-        self.side_channel = cluster.tmp / f"{name}-runs.log"
-        self.ids: list[str] = []
-        self.held_ids: list[str] = []
-        self.release_file = cluster.tmp / f"{name}-release"
-
-    def gateway(self, *extra: str, port: int = 0, reattach_grace: float | None = None) -> Gateway:
-        grace = self.scale.reattach_grace if reattach_grace is None else reattach_grace
-        return self.cluster.gateway(
-            "--ping-misses",
-            str(self.scale.ping_misses),
-            "--reattach-grace",
-            str(grace),
-            *extra,
-            port=port,
-            ping_interval=self.scale.ping_interval,
-        )
-
-    def workers(self, gw: Gateway, **extra: tuple[str, ...]) -> dict[str, Proc]:
-        """Workers w1 and w2, started side by side; `extra` holds more flags by worker id."""
-        procs = {
-            worker_id: self.cluster.worker(
-                gw,
-                worker_id,
-                "--handlers",
-                HANDLERS,
-                *extra.get(worker_id, ()),
-                slots=self.scale.slots,
-                wait=False,
-            )
-            for worker_id in ("w1", "w2")
-        }
-        gw.wait_for_workers(set(procs))
-        return procs
-
-    def runs(self) -> Counter[str]:
-        if not self.side_channel.exists():
-            return Counter()
-        lines = self.side_channel.read_text().splitlines()
-        return Counter(line.split()[0] for line in lines if line.strip())
-
-    async def submit(self, client: AsyncClient) -> None:
-        """Submits the batch and waits until `fault_at` of it has started."""
-        params = {"log": str(self.side_channel), "seconds": self.scale.seconds}
-        specs = [job_spec("count", params=params)] * self.scale.jobs
-        for start in range(0, len(specs), MAX_SUBMIT_BATCH):
-            submitted = await client.submit_batch(specs[start : start + MAX_SUBMIT_BATCH])
-            self.ids.extend(s.job.id for s in submitted)
-        self.record.accepted = len(self.ids)
-        target = max(1, int(self.scale.jobs * self.scale.fault_at))
-        async with asyncio.timeout(self.scale.timeout):
-            while sum(self.runs().values()) < target:  # noqa: ASYNC110  # workers write it
-                await asyncio.sleep(0.02)
-
-    async def start_held(self, client: AsyncClient, n: int) -> None:
-        """Submits `n` `hold` jobs and waits until they run; they run until the fault is
-        detected, so they are surely running across it (see tests/faults/handlers.py)."""
-        params = {"log": str(self.side_channel), "release": str(self.release_file)}
-        specs = [job_spec("hold", params=params)] * n
-        ids = [s.job.id for s in await client.submit_batch(specs)]
-        self.ids.extend(ids)
-        self.held_ids.extend(ids)
-        self.record.accepted = len(self.ids)
-        async with asyncio.timeout(self.scale.timeout):
-            while not set(ids) <= set(self.runs()):  # noqa: ASYNC110  # workers write it
-                await asyncio.sleep(0.02)
-
-    async def succeeded(self, client: AsyncClient) -> set[str]:
-        return {
-            job.id async for job in client.list_all(states=[S.JOB_STATE_SUCCEEDED], page_size=1000)
-        }
-
-    async def handed_out(self, client: AsyncClient) -> set[str]:
-        """Jobs assigned to or running on a worker."""
-        states = [S.JOB_STATE_ASSIGNED, S.JOB_STATE_RUNNING]
-        return {job.id async for job in client.list_all(states=states, page_size=1000)}
-
-    async def unfinished(self, client: AsyncClient) -> bool:
-        jobs, _ = await client.list(states=UNFINISHED, page_size=1)
-        return bool(jobs)
-
-    async def inject(
-        self,
-        client: AsyncClient,
-        fault: Callable[[], Awaitable[None]],
-        *,
-        detected: Check,
-        gateway_survives: bool = True,
-        then: Callable[[], Awaitable[AsyncClient]] | None = None,
-    ) -> FaultRecord:
-        """Injects `fault`, measures detection and recovery, and tallies the batch.
-
-        Held jobs are let go once the fault is detected.
-
-        `then` runs once the side channel is read, e.g. to restart a killed gateway; the
-        client it returns (on a fresh channel, not one backing off) is used from then on.
-        """
-        done = await self.succeeded(client)
-        handed_out = await self.handed_out(client)
-        t0 = time.monotonic()
-        await fault()
-
-        def watch_detection(c: AsyncClient) -> asyncio.Task[float | None]:
-            return asyncio.create_task(_elapsed(t0, c, detected, self.scale.timeout))
-
-        detect = None if then else watch_detection(client)
-        await asyncio.sleep(SETTLE)
-        started = set(self.runs())
-        if gateway_survives:
-            done |= await _retrying(lambda: self.succeeded(client))
-            handed_out |= await _retrying(lambda: self.handed_out(client))
-        self.record.in_flight = (started | handed_out) - done
-        if then is not None:
-            client = await then()
-            detect = watch_detection(client)
-
-        async def ended(c: AsyncClient) -> bool:
-            return not await self.unfinished(c)
-
-        assert detect is not None
-        self.record.detect_seconds = await detect
-        self.release_file.touch()  # held jobs end once the fault is over
-        self.record.recover_seconds = await _elapsed(t0, client, ended, self.scale.timeout)
-        await self.tally(client)
-        return self.record
-
-    async def tally(self, client: AsyncClient) -> None:
-        listed = await _retrying(lambda: _collect(client.list_all(page_size=1000)))
-        jobs = {job.id: job for job in listed}
-        r = self.record
-        r.jobs = {i: jobs[i] for i in self.ids if i in jobs}
-        r.states = {i: job.state for i, job in r.jobs.items()}
-        r.succeeded = sum(s == S.JOB_STATE_SUCCEEDED for s in r.states.values())
-        r.failed = sum(s == S.JOB_STATE_FAILED for s in r.states.values())
-        r.lost = sum(1 for i in self.ids if r.states.get(i, S.JOB_STATE_QUEUED) in UNFINISHED)
-        r.runs = self.runs()
-        r.duplicated = len(r.duplicated_ids)
-        r.in_flight_at_fault = len(r.in_flight)
-
-
-async def _elapsed(t0: float, client: AsyncClient, check: Check, within: float) -> float | None:
-    """Seconds from `t0` until `check` holds (polled; errors count as not yet); None if it
-    does not within `within` seconds of `t0`."""
-    deadline = t0 + within
-    while time.monotonic() < deadline:
-        try:
-            if await check(client):
-                return time.monotonic() - t0
-        except JobmeshError:
-            pass  # the gateway is down or restarting
-        await asyncio.sleep(POLL)
-    return None
-
-
-async def _retrying(call: Callable[[], Awaitable[Any]]) -> Any:
-    """The call's result, retried while the gateway is unreachable."""
-    async with asyncio.timeout(RETRY_FOR):
-        while True:
-            try:
-                return await call()
-            except JobmeshError:
-                await asyncio.sleep(POLL)
-
-
-async def _collect(jobs: AsyncIterator[job_pb2.Job]) -> list[job_pb2.Job]:
-    return [job async for job in jobs]
-
-
-async def _workers(client: AsyncClient) -> dict[str, admin_service_pb2.Worker]:
-    return {w.worker_id: w for w in await client.list_workers()}
-
-
-def _gone(worker_id: str) -> Check:
-    async def check(client: AsyncClient) -> bool:
-        return worker_id not in await _workers(client)
-
-    return check
-
-
-def _attached(*worker_ids: str) -> Check:
-    async def check(client: AsyncClient) -> bool:
-        return set(worker_ids) <= set(await _workers(client))
-
-    return check
 
 
 def _snapshot(record: FaultRecord) -> dict[str, tuple[int, int, int]]:
@@ -335,7 +52,7 @@ def _note_moves(record: FaultRecord, victim: str) -> None:
     record.facts["moved_to"] = sorted({job.worker_id for job in moved})
 
 
-def _note_held(batch: _Batch) -> None:
+def _note_held(batch: Batch) -> None:
     """Records how many held jobs (running across the fault) ended by their first
     attempt, having run once: carried on, not run again."""
     record = batch.record
@@ -347,13 +64,13 @@ def _note_held(batch: _Batch) -> None:
     )
 
 
-async def _rejoin(batch: _Batch, client: AsyncClient, worker_id: str) -> None:
+async def _rejoin(batch: Batch, client: AsyncClient, worker_id: str) -> None:
     """After the fault is undone: the worker re-attaches, and what it reports late (results
     of superseded attempts) changes no job."""
     record = batch.record
     before = _snapshot(record)
     record.facts["rejoined"] = (
-        await _elapsed(time.monotonic(), client, _attached(worker_id), batch.scale.timeout)
+        await elapsed(time.monotonic(), client, attached(worker_id), batch.scale.timeout)
         is not None
     )
     await asyncio.sleep(SETTLE)  # for anything stale it sends to arrive
@@ -368,7 +85,7 @@ async def _rejoin(batch: _Batch, client: AsyncClient, worker_id: str) -> None:
 
 async def worker_sigkill(cluster: Cluster, scale: Scale) -> FaultRecord:
     """SIGKILL one of two workers: its running jobs run again on the other."""
-    batch = _Batch(cluster, scale, "worker_sigkill")
+    batch = Batch(cluster, scale, "worker_sigkill")
     gw = batch.gateway()
     victim = batch.workers(gw)["w1"]
     async with AsyncClient(gw.address) as client:
@@ -377,7 +94,7 @@ async def worker_sigkill(cluster: Cluster, scale: Scale) -> FaultRecord:
         async def fault() -> None:
             victim.kill()
 
-        record = await batch.inject(client, fault, detected=_gone("w1"))
+        record = await batch.inject(client, fault, detected=gone("w1"))
         _note_moves(record, "w1")
         return record
 
@@ -385,7 +102,7 @@ async def worker_sigkill(cluster: Cluster, scale: Scale) -> FaultRecord:
 async def worker_sigstop(cluster: Cluster, scale: Scale) -> FaultRecord:
     """SIGSTOP one of two workers: it misses its pings, is declared dead, its jobs run on
     the other; once the batch is over it is continued and re-attaches, changing nothing."""
-    batch = _Batch(cluster, scale, "worker_sigstop")
+    batch = Batch(cluster, scale, "worker_sigstop")
     gw = batch.gateway()
     victim = batch.workers(gw)["w1"]
     async with AsyncClient(gw.address) as client:
@@ -394,7 +111,7 @@ async def worker_sigstop(cluster: Cluster, scale: Scale) -> FaultRecord:
         async def fault() -> None:
             victim.signal(signal.SIGSTOP)
 
-        record = await batch.inject(client, fault, detected=_gone("w1"))
+        record = await batch.inject(client, fault, detected=gone("w1"))
         _note_moves(record, "w1")
         victim.signal(signal.SIGCONT)
         await _rejoin(batch, client, "w1")
@@ -403,7 +120,7 @@ async def worker_sigstop(cluster: Cluster, scale: Scale) -> FaultRecord:
 
 async def worker_sigterm(cluster: Cluster, scale: Scale) -> FaultRecord:
     """SIGTERM (drain) one of two workers: it finishes what it runs and exits 0."""
-    batch = _Batch(cluster, scale, "worker_sigterm")
+    batch = Batch(cluster, scale, "worker_sigterm")
     gw = batch.gateway()
     victim = batch.workers(gw)["w1"]
     async with AsyncClient(gw.address) as client:
@@ -413,7 +130,7 @@ async def worker_sigterm(cluster: Cluster, scale: Scale) -> FaultRecord:
             victim.signal(signal.SIGTERM)
 
         async def draining_or_gone(c: AsyncClient) -> bool:
-            w = (await _workers(c)).get("w1")
+            w = (await workers_by_id(c)).get("w1")
             return w is None or w.state == admin_service_pb2.WORKER_STATE_DRAINING
 
         record = await batch.inject(client, fault, detected=draining_or_gone)
@@ -438,7 +155,7 @@ async def connection_blip(cluster: Cluster, scale: Scale) -> FaultRecord:
 
 
 async def _reconnect(cluster: Cluster, scale: Scale, name: str, *, blip: float) -> FaultRecord:
-    batch = _Batch(cluster, scale, name)
+    batch = Batch(cluster, scale, name)
     gw = batch.gateway()
     with TcpProxy(gw.address) as proxy:
         # Only w1 serves `hold`: its held job is surely running across the fault.
@@ -446,7 +163,7 @@ async def _reconnect(cluster: Cluster, scale: Scale, name: str, *, blip: float) 
         async with AsyncClient(gw.address) as client:
             await batch.start_held(client, 1)
             await batch.submit(client)
-            session = (await _workers(client))["w1"].session_id
+            session = (await workers_by_id(client))["w1"].session_id
 
             async def fault() -> None:
                 if blip:
@@ -457,7 +174,7 @@ async def _reconnect(cluster: Cluster, scale: Scale, name: str, *, blip: float) 
                     proxy.cut()
 
             async def reattached(c: AsyncClient) -> bool:
-                w = (await _workers(c)).get("w1")
+                w = (await workers_by_id(c)).get("w1")
                 return w is not None and w.session_id != session
 
             record = await batch.inject(client, fault, detected=reattached)
@@ -470,7 +187,7 @@ async def connection_blackhole(cluster: Cluster, scale: Scale) -> FaultRecord:
     """Drop every byte between a worker and the gateway, keeping the connection open: the
     gateway declares the worker dead by its missed pings and retries its jobs elsewhere;
     once the batch is over the network heals and the worker re-attaches, changing nothing."""
-    batch = _Batch(cluster, scale, "connection_blackhole")
+    batch = Batch(cluster, scale, "connection_blackhole")
     gw = batch.gateway()
     with TcpProxy(gw.address) as proxy:
         batch.workers(gw, w1=("--gateway", proxy.address))
@@ -480,7 +197,7 @@ async def connection_blackhole(cluster: Cluster, scale: Scale) -> FaultRecord:
             async def fault() -> None:
                 proxy.blackhole()
 
-            record = await batch.inject(client, fault, detected=_gone("w1"))
+            record = await batch.inject(client, fault, detected=gone("w1"))
             _note_moves(record, "w1")
             proxy.restore()
             await _rejoin(batch, client, "w1")
@@ -493,7 +210,7 @@ async def connection_blackhole(cluster: Cluster, scale: Scale) -> FaultRecord:
 async def _gateway_restart(
     cluster: Cluster, scale: Scale, name: str, sig: int, *, grace: float
 ) -> FaultRecord:
-    batch = _Batch(cluster, scale, name)
+    batch = Batch(cluster, scale, name)
     gw = batch.gateway(reattach_grace=grace)
     flags = ("--handlers", FAULT_HANDLERS)
     batch.workers(gw, w1=flags, w2=flags)
@@ -512,7 +229,7 @@ async def _gateway_restart(
             return await stack.enter_async_context(AsyncClient(new.address))
 
         record = await batch.inject(
-            client, fault, detected=_attached("w1", "w2"), gateway_survives=False, then=restart
+            client, fault, detected=attached("w1", "w2"), gateway_survives=False, then=restart
         )
         _note_held(batch)
         return record
@@ -540,19 +257,3 @@ SCENARIOS: dict[str, Callable[[Cluster, Scale], Awaitable[FaultRecord]]] = {
     "gateway_sigkill": gateway_sigkill,
     "gateway_sigterm": gateway_sigterm,
 }
-
-
-def describe(record: FaultRecord) -> str:
-    """A failure message: the summary, the facts, and what each odd job went through."""
-    lines = [str(record.summary()), f"facts: {record.facts}"]
-    odd = record.duplicated_ids | {
-        i for i, s in record.states.items() if s != S.JOB_STATE_SUCCEEDED
-    }
-    for job_id in sorted(odd)[:10]:
-        job = record.jobs.get(job_id)
-        attempts = (
-            [(a.number, a.worker_id, a.error.code) for a in job.attempts] if job else "missing"
-        )
-        in_flight = "in flight at the fault" if job_id in record.in_flight else "NOT in flight"
-        lines.append(f"{job_id}: runs={record.runs[job_id]} attempts={attempts} ({in_flight})")
-    return "\n".join(lines)
