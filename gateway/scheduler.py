@@ -13,6 +13,7 @@ reports them running (or finished), it takes them back; otherwise they are retri
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
@@ -243,6 +244,7 @@ class Scheduler:
             log.info("worker %s is draining", session.worker_id)
         if request.HasField("pong"):
             session.heard(request.pong)
+        acked: list[dispatcher_pb2.AttemptRef] = []
         for accepted in request.accepted:
             key = (accepted.job_id, accepted.attempt)
             job = self._current(*key, session)
@@ -265,6 +267,7 @@ class Scheduler:
                 )
         for completed in request.completed:
             key = (completed.job_id, completed.attempt)
+            acked.append(dispatcher_pb2.AttemptRef(job_id=key[0], attempt=key[1]))
             job = self._current(*key, session)
             session.release(key)
             if job is None:
@@ -282,6 +285,7 @@ class Scheduler:
                 self._end(job, S.JOB_STATE_SUCCEEDED)
         for failed in request.failed:
             key = (failed.job_id, failed.attempt)
+            acked.append(dispatcher_pb2.AttemptRef(job_id=key[0], attempt=key[1]))
             job = self._current(*key, session)
             session.release(key)
             if job is None:
@@ -293,7 +297,21 @@ class Scheduler:
                 self._unassign(job)
             else:
                 self._attempt_failed(job, failed.error, backoff=True)
+        if acked:
+            self._ack_when_durable(session, acked)
         self._dispatch()
+
+    def _ack_when_durable(
+        self, session: WorkerSession, acked: list[dispatcher_pb2.AttemptRef]
+    ) -> None:
+        """Tells the worker it may forget these results, once what they changed is committed."""
+        ack = dispatcher_pb2.SessionResponse(acked=acked)
+
+        def send(done: asyncio.Future[None]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                session.outbox.put(ack)
+
+        asyncio.ensure_future(self._store.barrier()).add_done_callback(send)
 
     # --- attempts -------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 The session knows nothing of jobs; a `SessionHandler` supplies the Attach and takes what
 the gateway sends. What is queued while the stream is down, or was being written when it
-broke, goes out after the next Attach: the gateway ignores anything stale (fencing), so a
-duplicate costs nothing and a lost result would cost a rerun.
+broke, goes out after the next Attach. Results (Completed, Failed) are kept until the
+gateway acknowledges them and are sent again after every reconnect, because a write that
+returned may still have been lost with the connection: the gateway ignores anything
+stale (fencing), so a duplicate costs nothing, while a lost result would cost a rerun.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
 import grpc
@@ -58,6 +60,10 @@ class Session:
         self._outbox: Outbox[dispatcher_pb2.SessionRequest] = Outbox()
         # The message being written when a stream broke; it may not have arrived.
         self._unsent: dispatcher_pb2.SessionRequest | None = None
+        # Results sent but not yet acknowledged by the gateway, by attempt.
+        self._unacked: dict[tuple[str, int], dispatcher_pb2.SessionRequest] = {}
+        self._all_acked = asyncio.Event()
+        self._all_acked.set()
         self._call: (
             grpc.aio.StreamStreamCall[dispatcher_pb2.SessionRequest, dispatcher_pb2.SessionResponse]
             | None
@@ -79,8 +85,27 @@ class Session:
 
     def send(self, message: dispatcher_pb2.SessionRequest) -> None:
         """Queues a message; it is sent on the current stream or after the next Attach."""
+        for completed in message.completed:
+            kept = dispatcher_pb2.SessionRequest(completed=[completed])
+            self._unacked[(completed.job_id, completed.attempt)] = kept
+        for failed in message.failed:
+            kept = dispatcher_pb2.SessionRequest(failed=[failed])
+            self._unacked[(failed.job_id, failed.attempt)] = kept
+        if self._unacked:
+            self._all_acked.clear()
         self._flushed.clear()
         self._outbox.put(message)
+
+    @property
+    def unacknowledged(self) -> int:
+        """Results the gateway has not confirmed yet."""
+        return len(self._unacked)
+
+    def _acknowledged(self, refs: Iterable[dispatcher_pb2.AttemptRef]) -> None:
+        for ref in refs:
+            self._unacked.pop((ref.job_id, ref.attempt), None)
+        if not self._unacked:
+            self._all_acked.set()
 
     async def close(self) -> bool:
         """Delivers what is queued, half-closes the stream and waits for the gateway to end it.
@@ -106,8 +131,14 @@ class Session:
         while True:
             await self._connected.wait()
             await self._flushed.wait()
+            await self._all_acked.wait()
             call = self._call
-            if call is not None and self._connected.is_set() and self._flushed.is_set():
+            if (
+                call is not None
+                and self._connected.is_set()
+                and self._flushed.is_set()
+                and self._all_acked.is_set()
+            ):
                 break
         self._half_closed = True
         await call.done_writing()
@@ -178,6 +209,11 @@ class Session:
                 self.session_id,
             )
             self._call = call
+            for kept in self._unacked.values():  # maybe lost with the last connection
+                again = dispatcher_pb2.SessionRequest()
+                again.CopyFrom(kept)  # the outbox merges into what it is given
+                self._outbox.put(again)
+                self._flushed.clear()
             self._connected.set()
             self._handler.on_welcome(first.welcome)
             self._dispatch(first)
@@ -199,6 +235,8 @@ class Session:
             self._dispatch(response)
 
     def _dispatch(self, response: dispatcher_pb2.SessionResponse) -> None:
+        if response.acked:
+            self._acknowledged(response.acked)
         if not (response.assign or response.cancel or response.HasField("ping")):
             return
         try:
@@ -230,6 +268,9 @@ class Session:
         fresh: Outbox[dispatcher_pb2.SessionRequest] = Outbox()
         for message in pending:
             message.ClearField("pong")
+            # Unacknowledged results go again from `_unacked` after the next Attach.
+            message.ClearField("completed")
+            message.ClearField("failed")
             if message.ByteSize():
                 fresh.put(message)
         self._outbox = fresh

@@ -268,6 +268,10 @@ class SqliteStore:
         future.add_done_callback(_log_failure)
         return future
 
+    def barrier(self) -> asyncio.Future[None]:
+        # Operations run in order, so a no-op one finishes after all earlier writes.
+        return self._call(lambda conn: None)
+
     async def get(self, tenant: str, job_id: str) -> job_pb2.Job | None:
         def run(conn: sqlite3.Connection) -> job_pb2.Job | None:
             row = conn.execute(

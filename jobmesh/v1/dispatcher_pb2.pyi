@@ -107,6 +107,7 @@ class SessionResponse(_message.Message):
     ASSIGN_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     PING_FIELD_NUMBER: _builtins.int
+    ACKED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -115,6 +116,13 @@ class SessionResponse(_message.Message):
     def cancel(self) -> _containers.RepeatedCompositeFieldContainer[Global___Cancel]: ...
     @_builtins.property
     def ping(self) -> Global___Ping: ...
+    @_builtins.property
+    def acked(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptRef]:
+        """Attempts whose Completed or Failed the gateway has durably applied (or fenced off as
+        stale). The worker keeps every result until it is acknowledged here, and sends it
+        again after a reconnect: a result lost with a broken connection is not lost.
+        """
+
     def __init__(
         self,
         *,
@@ -122,10 +130,11 @@ class SessionResponse(_message.Message):
         assign: _abc.Iterable[Global___Assign] | None = ...,
         cancel: _abc.Iterable[Global___Cancel] | None = ...,
         ping: Global___Ping | None = ...,
+        acked: _abc.Iterable[Global___AttemptRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ping", b"ping", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "cancel", b"cancel", "ping", b"ping", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked", "assign", b"assign", "cancel", b"cancel", "ping", b"ping", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -63,17 +63,10 @@ async def test_a_worker_whose_connection_is_cut_reattaches_and_its_jobs_carry_on
     assert record.facts["connections"] >= 2
     # The job held running on w1 across the cut ended by its first attempt.
     assert record.facts["held_carried_on"] == record.facts["held"] == 1, describe(record)
-    # Not `duplicated == 0` yet: a job finishing at the very moment of the cut may run again
-    # (the bug the network blip test below shows every time).
-    assert record.unexpected_duplicates == set(), describe(record)
+    # Results written just before the cut are sent again until acknowledged: nothing reruns.
+    assert record.duplicated == 0, describe(record)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker_service/session.py: a result written to a stream that then breaks is "
-    "taken as delivered and not sent again after re-attach, so its job runs again after "
-    "--reattach-grace",
-)
 async def test_a_worker_reconnecting_after_a_network_blip_runs_nothing_twice(
     cluster: Cluster,
 ) -> None:
