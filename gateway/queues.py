@@ -22,6 +22,11 @@ class KindQueues:
     def kinds(self) -> list[str]:
         return list(self._heaps)
 
+    def head(self, kind: str) -> Entry | None:
+        """The entry `pop` would return next, without removing it."""
+        heap = self._heaps.get(kind)
+        return heap[0] if heap else None
+
     def pop(self, kind: str) -> tuple[str, int] | None:
         """The next (job id, attempt) of the kind, or None when it has none."""
         heap = self._heaps.get(kind)

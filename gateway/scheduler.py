@@ -34,7 +34,7 @@ from gateway.jobs import (
     state_name,
 )
 from gateway.metrics import GatewayMetrics
-from gateway.queues import KindQueues
+from gateway.queues import Entry, KindQueues
 from gateway.store import Inserted, JobStore
 from gateway.timers import Timers
 from gateway.tracing import JobTracer
@@ -420,17 +420,34 @@ class Scheduler:
         self._timers.after(delay, fire)
 
     def _dispatch(self) -> None:
+        """Hands out queued jobs while some worker can take one: always the job with the
+        highest priority (then the oldest) among the kinds a worker has room for."""
         if self._stopping:
             return
-        for kind in self._queues.kinds():
-            while (session := self._pick(kind)) is not None:
-                popped = self._queues.pop(kind)
-                if popped is None:
-                    break
-                job = self._active.get(popped[0])
-                if job is None or job.attempt != popped[1] or job.state != S.JOB_STATE_QUEUED:
-                    continue  # cancelled or superseded while it waited
-                self._assign(job, session)
+        while True:
+            best: tuple[Entry, str, WorkerSession] | None = None
+            for kind in self._queues.kinds():
+                head = self._live_head(kind)
+                if head is None or (best is not None and best[0] <= head):
+                    continue
+                session = self._pick(kind)
+                if session is not None:
+                    best = (head, kind, session)
+            if best is None:
+                return
+            _, kind, session = best
+            popped = self._queues.pop(kind)
+            assert popped is not None
+            self._assign(self._active[popped[0]], session)
+
+    def _live_head(self, kind: str) -> Entry | None:
+        """The kind's next entry, dropping those of jobs cancelled or superseded meanwhile."""
+        while (head := self._queues.head(kind)) is not None:
+            job = self._active.get(head[2])
+            if job is not None and job.attempt == head[3] and job.state == S.JOB_STATE_QUEUED:
+                return head
+            self._queues.pop(kind)
+        return None
 
     def _pick(self, kind: str) -> WorkerSession | None:
         """The least-loaded session that can take one more job of the kind."""

@@ -182,3 +182,21 @@ async def test_retries_follow_the_jobs_backoff_policy(cluster: Cluster) -> None:
     assert 0.1 <= delays[0] <= 0.2
     assert 0.4 <= delays[1] <= 0.6
     assert events[-1].state == S.JOB_STATE_FAILED
+
+
+async def test_priority_wins_across_kinds(cluster: Cluster) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1", slots=1)
+    async with AsyncClient(gw.address) as client:
+        backlog = [(await client.submit("sleep", params={"seconds": 0.1})).job.id for _ in range(6)]
+        urgent = (await client.submit("echo", priority=10)).job.id
+        jobs = {i: await client.wait(i) for i in [*backlog, urgent]}
+
+    def started(job_id: str) -> float:
+        stamp = jobs[job_id].attempts[0].start_time
+        return stamp.seconds + stamp.nanos / 1e9
+
+    # The urgent job of another kind goes before the older backlog still waiting; only
+    # the sleep job already running (and at most one handed out at the same moment) is ahead.
+    later = [i for i in backlog if started(i) > started(urgent)]
+    assert len(later) >= len(backlog) - 2
