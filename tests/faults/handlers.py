@@ -8,10 +8,10 @@ chosen worker.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
+from tests.integration.handlers import record_start
 from worker_service import JobContext, Result, handler
 
 POLL_SECONDS = 0.02
@@ -20,12 +20,7 @@ POLL_SECONDS = 0.02
 @handler("hold")
 def hold(ctx: JobContext) -> Result:
     """Runs until the file named by param `release` exists, or param `seconds` pass."""
-    line = f"{ctx.job_id} {ctx.attempt}\n".encode()
-    fd = os.open(str(ctx.params["log"]), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    record_start(ctx)
     release = Path(str(ctx.params["release"]))
     deadline = time.monotonic() + float(ctx.params.get("seconds", 60))
     while not release.exists() and time.monotonic() < deadline:

@@ -12,14 +12,19 @@ import time
 from worker_service import JobContext, Result, handler
 
 
-@handler("count")
-def count(ctx: JobContext) -> Result:
+def record_start(ctx: JobContext) -> None:
+    """Appends "job_id attempt" to the file named by param `log`, in one atomic write."""
     line = f"{ctx.job_id} {ctx.attempt}\n".encode()
     fd = os.open(str(ctx.params["log"]), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+@handler("count")
+def count(ctx: JobContext) -> Result:
+    record_start(ctx)
     time.sleep(float(ctx.params.get("seconds", 0)))
     return Result(outputs={"echo": ctx.inputs.get("in", b"")}, metadata={"pid": os.getpid()})
 

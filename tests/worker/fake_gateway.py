@@ -38,6 +38,7 @@ class FakeSession:
         self.items: asyncio.Queue[Item] = asyncio.Queue()
         self.ended = asyncio.Event()
         self._out: asyncio.Queue[dispatcher_pb2.SessionResponse | None] = asyncio.Queue()
+        self._results: dict[str, Item] = {}
 
     def send(self, response: dispatcher_pb2.SessionResponse) -> None:
         self._out.put_nowait(response)
@@ -93,13 +94,13 @@ class FakeSession:
                 seen.append(item)
 
     async def result_of(self, job_id: str) -> Item:
-        """The Completed or Failed of `job_id`."""
+        """The Completed or Failed of `job_id`; other results seen meanwhile are kept."""
         async with asyncio.timeout(TIMEOUT):
-            while True:
+            while job_id not in self._results:
                 item = await self.next(dispatcher_pb2.Completed, dispatcher_pb2.Failed)
                 assert isinstance(item, dispatcher_pb2.Completed | dispatcher_pb2.Failed)
-                if item.job_id == job_id:
-                    return item
+                self._results[item.job_id] = item
+            return self._results.pop(job_id)
 
     def _record(self, request: dispatcher_pb2.SessionRequest) -> None:
         for field in ("accepted", "progress", "completed", "failed"):
