@@ -52,18 +52,24 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+# A job's new state and status blob, and its event row if any: what `save` writes.
+_SaveRow = tuple[str, int, bytes, tuple[str, int, bytes] | None]
+
+
 class _Op:
-    __slots__ = ("events", "fn", "future")
+    __slots__ = ("events", "fn", "future", "save")
 
     def __init__(
         self,
         fn: Callable[[sqlite3.Connection], Any],
         future: asyncio.Future[Any] | None,
         events: Sequence[job_pb2.JobEvent],
+        save: _SaveRow | None = None,
     ) -> None:
         self.fn = fn
         self.future = future
         self.events = events
+        self.save = save
 
 
 def _status_blob(job: job_pb2.Job) -> bytes:
@@ -172,9 +178,37 @@ class SqliteStore:
 
     @staticmethod
     def _transaction(conn: sqlite3.Connection, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        # A job changes state several times within one batch (assigned, running, done):
+        # consecutive saves are written together, each job's status once, its events in one
+        # executemany. Any other operation first flushes them, so order is kept.
+        statuses: dict[str, tuple[int, bytes]] = {}
+        events: list[tuple[str, int, bytes]] = []
+
+        def flush() -> None:
+            if events:
+                conn.executemany("INSERT INTO events VALUES (?, ?, ?)", events)
+                events.clear()
+            if statuses:
+                conn.executemany(
+                    "UPDATE jobs SET state = ?, status = ? WHERE id = ?",
+                    [(state, status, job_id) for job_id, (state, status) in statuses.items()],
+                )
+                statuses.clear()
+
         conn.execute("BEGIN")
         try:
-            results = [(True, op.fn(conn)) for op in batch]
+            results: list[tuple[bool, Any]] = []
+            for op in batch:
+                if op.save is None:
+                    flush()
+                    results.append((True, op.fn(conn)))
+                    continue
+                job_id, state, status, event_row = op.save
+                statuses[job_id] = (state, status)
+                if event_row is not None:
+                    events.append(event_row)
+                results.append((True, None))
+            flush()
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -198,11 +232,12 @@ class SqliteStore:
         self,
         fn: Callable[[sqlite3.Connection], T],
         events: Sequence[job_pb2.JobEvent] = (),
+        save: _SaveRow | None = None,
     ) -> asyncio.Future[T]:
         if self._thread is None or self._loop is None:
             raise RuntimeError("store is not open")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._ops.put(_Op(fn, future, events))
+        self._ops.put(_Op(fn, future, events, save))
         return future
 
     # --- JobStore -------------------------------------------------------------
@@ -253,17 +288,9 @@ class SqliteStore:
         return inserted
 
     def save(self, job: job_pb2.Job, event: job_pb2.JobEvent | None) -> asyncio.Future[None]:
-        job_id, state, status = job.id, job.state, _status_blob(job)
         event_row = (event.job_id, event.seq, _stored_event(event)) if event else None
-
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE jobs SET state = ?, status = ? WHERE id = ?", (state, status, job_id)
-            )
-            if event_row is not None:
-                conn.execute("INSERT INTO events VALUES (?, ?, ?)", event_row)
-
-        future = self._call(run, (event,) if event else ())
+        row: _SaveRow = (job.id, job.state, _status_blob(job), event_row)
+        future = self._call(_unused, (event,) if event else (), save=row)
         # Callers often do not wait for a save; a failure must still be seen.
         future.add_done_callback(_log_failure)
         return future
@@ -340,6 +367,10 @@ class SqliteStore:
             return [_job_from_row(*row) for row in rows]
 
         return await self._call(run)
+
+
+def _unused(conn: sqlite3.Connection) -> None:
+    raise AssertionError("a save is written from its row, not run")
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
