@@ -79,13 +79,14 @@ class Gateway:
         await self._store.open(self._hub.publish)
         recovered = await self._scheduler.recover()
         limit = self.settings.max_message_bytes
-        # The worker sessions live as long as the workers: no span for them.
-        not_sessions = filters.negate(filters.service_name(SERVICE_NAMES[1]))
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]  # type: ignore[type-arg]
+        if telemetry.enabled():
+            # The worker sessions live as long as the workers: no span for them.
+            not_sessions = filters.negate(filters.service_name(SERVICE_NAMES[1]))
+            tracing = aio_server_interceptor(filter_=not_sessions)  # type: ignore[no-untyped-call]
+            interceptors.insert(0, tracing)
         server = grpc.aio.server(
-            interceptors=[
-                aio_server_interceptor(filter_=not_sessions),  # type: ignore[no-untyped-call]
-                ErrorInterceptor(),
-            ],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

@@ -14,6 +14,8 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from opentelemetry import context as otel_context
+
 from jobmesh.client import AsyncClient
 from jobmesh.settings import ClientSettings
 
@@ -102,7 +104,9 @@ class Client:
         if self._closed:
             coro.close()
             raise RuntimeError("the client is closed")
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        # The caller's trace context, so that its span is the parent of the calls made.
+        carried = _carrying(otel_context.get_current(), coro)
+        future: Future[T] = asyncio.run_coroutine_threadsafe(carried, self._loop)
         try:
             return future.result()
         except BaseException:
@@ -133,3 +137,11 @@ async def _open(gateway: str | None, settings: ClientSettings | None) -> AsyncCl
 
 async def _next(iterator: AsyncIterator[T]) -> T:
     return await anext(iterator)
+
+
+async def _carrying(ctx: otel_context.Context, coro: Coroutine[Any, Any, T]) -> T:
+    token = otel_context.attach(ctx)
+    try:
+        return await coro
+    finally:
+        otel_context.detach(token)

@@ -48,6 +48,11 @@ def setup(default_service_name: str, otlp_endpoint: str = "") -> TracerProvider 
     return provider
 
 
+def enabled() -> bool:
+    """Whether a tracer provider is installed (by `setup`, or by the application)."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
 def flush() -> None:
     if _provider is not None:
         _provider.force_flush()

@@ -12,11 +12,14 @@ import sys
 from collections.abc import Sequence
 
 import grpc
+from opentelemetry import trace
 
 from jobmesh import __version__, telemetry
 from jobmesh.cli import args as cli_args
 from jobmesh.cli import images, jobs, services, top
 from jobmesh.errors import JobFailed, JobmeshError
+
+SERVICES = ("gateway", "worker", "serve")
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -52,12 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest and not getattr(args, "forward", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
-    if args.command not in ("gateway", "worker", "serve"):
+    if args.command not in SERVICES:
         logging.basicConfig(level=logging.WARNING, format="jobmesh: %(message)s")
         # With OTEL_EXPORTER_OTLP_ENDPOINT set, the command's calls start the job's trace.
         telemetry.setup("jobmesh-cli")
     try:
-        code: int = args.func(args)
+        if args.command in SERVICES:
+            code: int = args.func(args)
+            return code
+        # The command's span is the parent of the trace of every job it submits.
+        with trace.get_tracer("jobmesh.cli").start_as_current_span(f"jobmesh {args.command}"):
+            code = args.func(args)
         return code
     except JobmeshError as e:
         print(f"jobmesh: {describe(e)}", file=sys.stderr)
