@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
+import psutil
+
 from jobmesh import logs, telemetry
 from jobmesh.metrics import MetricsServer
 from worker_service.config import (
@@ -28,6 +30,8 @@ from worker_service.pool import PoolError, ProcessPool
 from worker_service.registry import HandlerSpec, load_handlers
 from worker_service.replica import Replica
 from worker_service.stats import ProcessStats
+
+PARENT_POLL_SECONDS = 1.0
 
 log = logging.getLogger("worker_service")
 
@@ -54,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-id", metavar="ID", help="stable name of this replica")
     parser.add_argument(
         "--drain-grace", type=float, metavar="S", help="seconds jobs get to end after SIGTERM"
+    )
+    parser.add_argument(
+        "--parent-pid", type=int, metavar="PID", help="drain and leave once this process is gone"
     )
     parser.add_argument(
         "--cancel-grace",
@@ -129,6 +136,7 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
         ),
         worker_id=getattr(args, "worker_id", None),
         drain_grace=getattr(args, "drain_grace", None),
+        parent_pid=getattr(args, "parent_pid", None),
         cancel_grace=getattr(args, "cancel_grace", None),
         max_job_memory_bytes=getattr(args, "max_job_memory", None),
         labels=None if labels is None else parse_labels(labels),
@@ -267,12 +275,23 @@ async def _serve(
         log.info("%s: draining", signal.Signals(signum).name)
         replica.drain()
 
+    async def watch_parent(pid: int) -> None:
+        while psutil.pid_exists(pid):  # noqa: ASYNC110  # another process; nothing to await
+            await asyncio.sleep(PARENT_POLL_SECONDS)
+        log.warning("parent process %d is gone: draining", pid)
+        replica.drain()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    orphan_watch = (
+        asyncio.create_task(watch_parent(settings.parent_pid)) if settings.parent_pid else None
+    )
     try:
         await replica.run()
     finally:
+        if orphan_watch is not None:
+            orphan_watch.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         if metrics_server is not None:

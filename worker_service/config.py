@@ -88,6 +88,9 @@ class WorkerSettings:
     """Longest reconnect delay in seconds."""
     drain_grace: float = 30.0
     """Seconds in-flight jobs get to finish after SIGTERM."""
+    parent_pid: int = 0
+    """If set, the replica drains and leaves once that process is gone (`jobmesh serve`
+    sets it, so its replicas do not outlive it even when it is killed)."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest message sent to or received from the gateway."""
     cancel_grace: float = 5.0

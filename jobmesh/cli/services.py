@@ -138,7 +138,10 @@ async def _serve(
     gateway = Gateway(settings)
     port = await gateway.start()
     address = f"{_dial_host(settings.listen)}:{port}"
-    command = (sys.executable, "-m", "worker_service", "--gateway", address, *worker_args)
+    command = (
+        *(sys.executable, "-m", "worker_service", "--gateway", address),
+        *("--parent-pid", str(os.getpid()), *worker_args),
+    )
     supervisor = Supervisor(
         [
             ChildSpec(
