@@ -18,10 +18,25 @@ from jobmesh.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
 # Until authentication exists every caller is this tenant.
 DEFAULT_TENANT = "default"
+TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 
 
 def tenant_of(context: grpc.aio.ServicerContext) -> str:  # type: ignore[type-arg]
     return DEFAULT_TENANT
+
+
+def trace_context_of(context: grpc.aio.ServicerContext) -> dict[str, str]:  # type: ignore[type-arg]
+    """The trace context a new job joins: this call's span when the gateway traces, else the
+    caller's context passed through as it came, so the job's logs and the worker's spans
+    still carry the caller's trace id."""
+    current = telemetry.inject()
+    if current:
+        return current
+    return {
+        k: v
+        for k, v in context.invocation_metadata() or ()
+        if k in TRACE_HEADERS and isinstance(v, str)
+    }
 
 
 class JobService(job_service_pb2_grpc.JobServiceServicer):
@@ -67,7 +82,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     ) -> job_service_pb2.SubmitResponse:
         self._check(request.spec)
         [item] = await self._scheduler.submit(
-            tenant_of(context), [request.spec], telemetry.inject()
+            tenant_of(context), [request.spec], trace_context_of(context)
         )
         return self._response(item)
 
@@ -82,7 +97,9 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             raise InvalidArgument(f"at most {self._max_batch} specs in one batch", "specs")
         for i, spec in enumerate(request.specs):
             self._check(spec, f"specs[{i}]")
-        items = await self._scheduler.submit(tenant_of(context), request.specs, telemetry.inject())
+        items = await self._scheduler.submit(
+            tenant_of(context), request.specs, trace_context_of(context)
+        )
         return job_service_pb2.SubmitBatchResponse(results=[self._response(i) for i in items])
 
     async def Get(
@@ -111,7 +128,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     ) -> AsyncIterator[job_service_pb2.RunResponse]:
         self._check(request.spec)
         tenant = tenant_of(context)
-        [item] = await self._scheduler.submit(tenant, [request.spec], telemetry.inject())
+        [item] = await self._scheduler.submit(tenant, [request.spec], trace_context_of(context))
         async for event in self._events(tenant, item.job.id, 0):
             yield job_service_pb2.RunResponse(event=event)
 
