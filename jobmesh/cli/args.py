@@ -54,6 +54,19 @@ def state(text: str) -> JobState:
         raise argparse.ArgumentTypeError(e.message) from None
 
 
+def add_labels(parser: argparse.ArgumentParser, help: str) -> None:
+    """A repeatable `--label KEY=VALUE`, collected as `args.labels`."""
+    parser.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        type=key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help=help,
+    )
+
+
 def key_value(text: str) -> tuple[str, str]:
     """argparse type of KEY=VALUE (the value may be empty or hold more '=')."""
     key, sep, value = text.partition("=")

@@ -155,15 +155,7 @@ def _job_options() -> argparse.ArgumentParser:
     job.add_argument(
         "--max-attempts", type=cli_args.positive, help="attempts in all (default: the gateway's)"
     )
-    job.add_argument(
-        "--label",
-        dest="labels",
-        action="append",
-        type=cli_args.key_value,
-        default=[],
-        metavar="KEY=VALUE",
-        help="a label on every job (repeatable)",
-    )
+    cli_args.add_labels(job, "a label on every job (repeatable)")
     return job
 
 

@@ -51,15 +51,7 @@ def add_commands(
     )
     p.add_argument("--priority", type=int, default=0, help="higher runs first (default: 0)")
     p.add_argument("--idempotency-key", default="", help="a resubmit with this key gets the job")
-    p.add_argument(
-        "--label",
-        dest="labels",
-        action="append",
-        type=cli_args.key_value,
-        default=[],
-        metavar="KEY=VALUE",
-        help="a label to find the job by",
-    )
+    cli_args.add_labels(p, "a label to find the job by")
     p.add_argument(
         "--max-attempts", type=cli_args.positive, help="attempts in all (default: the gateway's)"
     )
@@ -105,15 +97,7 @@ def add_commands(
         help="only jobs in this state (repeatable)",
     )
     p.add_argument("--kind", default="", help="only jobs of this kind")
-    p.add_argument(
-        "--label",
-        dest="labels",
-        action="append",
-        type=cli_args.key_value,
-        default=[],
-        metavar="KEY=VALUE",
-        help="only jobs with this label (repeatable)",
-    )
+    cli_args.add_labels(p, "only jobs with this label (repeatable)")
     p.add_argument(
         "--limit", type=cli_args.positive, default=50, help="at most this many (default: 50)"
     )
