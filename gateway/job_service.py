@@ -8,11 +8,12 @@ import grpc
 
 from gateway import params, validation
 from gateway.blobs import BlobStore
-from gateway.jobs import TERMINAL_STATES, S, ts_seconds
+from gateway.jobs import S, ts_seconds
 from gateway.scheduler import Scheduler
 from gateway.store import Inserted, JobFilter, JobStore
 from gateway.watchers import EventHub
 from jobmesh import telemetry
+from jobmesh.convert import TERMINAL_STATES
 from jobmesh.errors import InvalidArgument
 from jobmesh.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 

@@ -11,7 +11,6 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from jobmesh.v1 import job_pb2
 
 S = job_pb2.JobState
-TERMINAL_STATES = frozenset({S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED})
 
 DEFAULT_INITIAL_BACKOFF = 1.0
 DEFAULT_BACKOFF_MULTIPLIER = 2.0
@@ -41,14 +40,6 @@ def now() -> timestamp_pb2.Timestamp:
 
 def ts_seconds(stamp: timestamp_pb2.Timestamp) -> float:
     return stamp.seconds + stamp.nanos / 1e9
-
-
-def is_terminal(job: job_pb2.Job) -> bool:
-    return job.state in TERMINAL_STATES
-
-
-def state_name(state: int) -> str:
-    return S.Name(state).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
 
 
 def next_event(

@@ -24,14 +24,12 @@ from gateway.config import GatewaySettings
 from gateway.jobs import (
     S,
     duration_seconds,
-    is_terminal,
     max_attempts,
     new_job_id,
     next_event,
     now,
     retry_delay,
     seconds_until,
-    state_name,
 )
 from gateway.metrics import GatewayMetrics
 from gateway.queues import Entry, KindQueues
@@ -39,6 +37,7 @@ from gateway.store import Inserted, JobStore
 from gateway.timers import Timers
 from gateway.tracing import JobTracer
 from gateway.workers import AttemptKey, WorkerSession
+from jobmesh.convert import TERMINAL_STATES, state_name
 from jobmesh.errors import InvalidArgument, NotFound, ResourceExhausted
 from jobmesh.logs import job_fields
 from jobmesh.v1 import dispatcher_pb2, job_pb2
@@ -594,7 +593,7 @@ class Scheduler:
     def _end(
         self, job: job_pb2.Job, state: int, *, error: job_pb2.JobError | None = None
     ) -> Awaitable[None]:
-        assert not is_terminal(job), f"job {job.id} ended twice"
+        assert job.state not in TERMINAL_STATES, f"job {job.id} ended twice"
         self._set_state(job, state)
         if error is not None:
             job.error.CopyFrom(error)
@@ -609,7 +608,7 @@ class Scheduler:
             logging.INFO if state == S.JOB_STATE_FAILED else logging.DEBUG,
             "job %s %s%s",
             job.id,
-            state_name(state),
+            state_name(job.state),
             f" ({job.error.code}: {job.error.message})" if error is not None else "",
             extra=job_fields(job.id, job.attempt, job.trace_context),
         )

@@ -118,6 +118,16 @@ def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
     return json_format.MessageToDict(struct)
 
 
+def terminal_event(job: job_pb2.Job) -> job_pb2.JobEvent:
+    """An event saying how an ended job ended, for when its own last event is not at hand."""
+    end = job_pb2.JobEvent(job_id=job.id, state=job.state, attempt=job.attempt)
+    if job.HasField("error"):
+        end.error.CopyFrom(job.error)
+    if job.HasField("result"):
+        end.result.CopyFrom(job.result)
+    return end
+
+
 def is_terminal(state: JobState) -> bool:
     return state in TERMINAL_STATES
 

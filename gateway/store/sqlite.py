@@ -19,8 +19,9 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from gateway.jobs import TERMINAL_STATES, ts_seconds
+from gateway.jobs import ts_seconds
 from gateway.store import Inserted, JobFilter, OnCommitted, Page
+from jobmesh.convert import TERMINAL_STATES
 from jobmesh.v1 import job_pb2
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from stat import S_ISREG
 from typing import Any, Protocol
 
 from jobmesh.client import AsyncClient
-from jobmesh.convert import SpecOptions, is_terminal, job_spec
+from jobmesh.convert import SpecOptions, is_terminal, job_spec, terminal_event
 from jobmesh.errors import InvalidArgument, JobmeshError
 from jobmesh.v1 import job_pb2
 
@@ -181,10 +181,4 @@ async def _end(client: AsyncClient, job_id: str, tracker: Tracker) -> job_pb2.Jo
         last = event
     if last is not None and is_terminal(last.state):
         return last
-    job = await client.get(job_id)
-    end = job_pb2.JobEvent(job_id=job.id, state=job.state, attempt=job.attempt)
-    if job.HasField("error"):
-        end.error.CopyFrom(job.error)
-    if job.HasField("result"):
-        end.result.CopyFrom(job.result)
-    return end
+    return terminal_event(await client.get(job_id))

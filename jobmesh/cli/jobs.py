@@ -17,7 +17,7 @@ from jobmesh.cli.render import (
     stdout_console,
     workers_table,
 )
-from jobmesh.convert import is_terminal, state_name
+from jobmesh.convert import is_terminal, state_name, terminal_event
 from jobmesh.errors import InvalidArgument, JobFailed
 from jobmesh.v1 import admin_service_pb2, job_pb2, job_service_pb2
 
@@ -217,13 +217,7 @@ def _follow(client: Client, job_id: str, after_seq: int, json_lines: bool) -> jo
     if last is not None and is_terminal(last.state):
         return last
     # `after_seq` was already past the terminal event: the job tells how it ended.
-    job = client.get(job_id)
-    end = job_pb2.JobEvent(job_id=job.id, state=job.state, attempt=job.attempt)
-    if job.HasField("error"):
-        end.error.CopyFrom(job.error)
-    if job.HasField("result"):
-        end.result.CopyFrom(job.result)
-    return end
+    return terminal_event(client.get(job_id))
 
 
 def _outcome(end: job_pb2.JobEvent) -> int:
