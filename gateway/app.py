@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
+from gateway import config
 from gateway.admin_service import AdminService
 from gateway.blob_service import BlobService
 from gateway.blobs import BlobStore
@@ -78,7 +80,6 @@ class Gateway:
         telemetry.setup("jobmesh-gateway")
         await self._store.open(self._hub.publish)
         recovered = await self._scheduler.recover()
-        limit = self.settings.max_message_bytes
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]  # type: ignore[type-arg]
         if telemetry.enabled():
             # The worker sessions live as long as the workers: no span for them.
@@ -87,14 +88,8 @@ class Gateway:
             interceptors.insert(0, tracing)
         server = grpc.aio.server(
             interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                # Workers keep their session alive through proxies with pings.
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=server_options(self.settings, raise_descriptor_limit()),
+            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
         job_service_pb2_grpc.add_JobServiceServicer_to_server(
             JobService(
@@ -102,7 +97,11 @@ class Gateway:
                 self._store,
                 self._hub,
                 self._blobs,
+                limits=self.settings.limits,
                 max_batch=self.settings.max_batch,
+                max_watches_per_peer=self.settings.max_watches_per_peer,
+                # Room for the response's own framing within the message limit.
+                max_page_bytes=self.settings.max_message_bytes // 2,
             ),
             server,
         )
@@ -170,6 +169,55 @@ class Gateway:
             await self._server.wait_for_termination()
 
 
+# Descriptors kept free for what is not a client connection: the database, blob transfers
+# (see BlobService's own limit), log and metrics files, and connections a worker opens
+# while the quota is full.
+RESERVED_DESCRIPTORS = 512
+
+
+def raise_descriptor_limit() -> int:
+    """Raises this process's open-file limit to its hard limit; returns the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            log.warning("could not raise the open-file limit from %d to %d", soft, hard)
+    return soft
+
+
+def server_options(settings: GatewaySettings, descriptors: int) -> list[tuple[str, int]]:
+    """gRPC server options: message size, connection quota, keepalive enforcement, idle and
+    age limits, so that neither a flood of connections nor idle ones exhaust the gateway."""
+    limit = settings.max_message_bytes
+    connections = settings.max_connections or max(16, descriptors - RESERVED_DESCRIPTORS)
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_allowed_incoming_connections", connections),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout * 1000)),
+        # A connection with no call open goes after this; worker sessions are calls.
+        ("grpc.max_connection_idle_ms", int(settings.max_connection_idle * 1000)),
+        # Workers keep their session alive through proxies with pings; more often than this
+        # is abuse, and the connection is closed after two such strikes.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_ping_strikes", 2),
+        # The gateway pings quiet connections itself, so dead peers free their descriptors.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.so_reuseport", 0),
+    ]
+    if settings.max_connection_age:
+        options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)))
+        options.append(("grpc.max_connection_age_grace_ms", 30_000))
+    return options
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -177,50 +225,12 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", help="HOST:PORT to serve on (env JOBMESH_LISTEN)")
-    parser.add_argument("--db", help="SQLite file (env JOBMESH_DB; ':memory:' for tests)")
-    parser.add_argument("--ping-interval", type=float, help="seconds between worker pings")
-    parser.add_argument("--ping-misses", type=int, help="missed pings before a worker is dead")
-    parser.add_argument("--max-message-bytes", type=int, help="largest message accepted")
-    parser.add_argument("--max-queued", type=int, help="most jobs waiting before Submit is refused")
-    parser.add_argument("--ack-timeout", type=float, help="seconds a worker has to accept a job")
-    parser.add_argument(
-        "--reattach-grace", type=float, help="seconds a lost worker's jobs wait for it to return"
-    )
-    parser.add_argument("--blob-dir", help="directory of uploaded payloads (default: DB.blobs)")
-    parser.add_argument("--max-blob-bytes", type=int, help="largest payload one upload may carry")
-    parser.add_argument("--port-file", help="write the bound port to this file once serving")
+    config.add_arguments(parser)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    parser.add_argument(
-        "--log-format", help="text (default) or json: one object per line (env JOBMESH_LOG_FORMAT)"
-    )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        help="port of Prometheus /metrics (env JOBMESH_METRICS_PORT; default 0: not served)",
-    )
-    parser.add_argument(
-        "--metrics-host", help="address of /metrics (env JOBMESH_METRICS_HOST; default 0.0.0.0)"
-    )
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
-    return GatewaySettings.from_env().with_overrides(
-        listen=args.listen,
-        db=args.db,
-        ping_interval=args.ping_interval,
-        ping_misses=args.ping_misses,
-        max_message_bytes=args.max_message_bytes,
-        max_queued=args.max_queued,
-        ack_timeout=args.ack_timeout,
-        reattach_grace=args.reattach_grace,
-        blob_dir=args.blob_dir,
-        max_blob_bytes=args.max_blob_bytes,
-        port_file=args.port_file,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        log_format=args.log_format,
-    )
+    return config.from_args(args)
 
 
 async def serve(settings: GatewaySettings) -> None:

@@ -1,12 +1,19 @@
-"""Gateway settings: defaults, environment (read only here), and validation."""
+"""Gateway settings, each declared once: default, help, environment variable and flag.
+
+`GatewaySettings.from_env()` is the one place the gateway reads its environment;
+`add_arguments` and `from_args` derive every flag from the same declarations, so
+`--max-queued` is `JOBMESH_MAX_QUEUED` is `max_queued`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any
 
+from jobmesh.limits import Limits
 from jobmesh.logs import check_format
 from jobmesh.metrics import check_port
 from jobmesh.settings import DEFAULT_MAX_MESSAGE_BYTES, parse_address
@@ -15,89 +22,194 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DB = "jobmesh.db"
 
 
+def setting(default: Any, help: str, *, flag: bool = True) -> Any:
+    """A settings field; `flag=False` keeps it out of the environment and the command line."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
 @dataclass(frozen=True)
 class GatewaySettings:
-    listen: str = DEFAULT_LISTEN
-    """HOST:PORT to serve on; port 0 picks a free one."""
-    db: str = DEFAULT_DB
-    """SQLite file of jobs and events; ':memory:' is for tests only."""
-    ping_interval: float = 5.0
-    """Seconds between health pings to each worker replica."""
-    ping_misses: int = 3
-    """Pings a replica may leave unanswered before it is declared dead."""
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    """Largest request or worker message accepted; larger ones get RESOURCE_EXHAUSTED."""
-    max_batch: int = 1000
-    """Most jobs in one SubmitBatch."""
-    max_queued: int = 100_000
-    """Most jobs waiting at once; Submit beyond it gets RESOURCE_EXHAUSTED (backpressure)."""
-    ack_timeout: float = 10.0
-    """Seconds a worker has to accept an Assign before the job goes back to the queue."""
-    reattach_grace: float = 10.0
-    """Seconds the attempts of a worker whose stream broke wait for it to re-attach."""
-    default_max_attempts: int = 3
-    """Attempts a job gets when its retry policy does not say."""
-    blob_dir: str = ""
-    """Directory of uploaded payloads; default: `<db>.blobs` beside the database."""
-    max_blob_bytes: int = 4 << 30
-    """Largest payload one upload may carry."""
-    port_file: str = ""
-    """If set, the bound port is written here once the gateway serves (for tests and scripts)."""
-    metrics_port: int = 0
-    """Port of the Prometheus /metrics endpoint; 0: not served."""
-    metrics_host: str = "0.0.0.0"
-    """Address the /metrics endpoint binds (all interfaces, so a pod can be scraped)."""
-    log_format: str = "text"
-    """`text` lines, or `json`: one object per line, with job_id and trace_id when known."""
+    listen: str = setting(DEFAULT_LISTEN, "HOST:PORT to serve on; port 0 picks a free one")
+    db: str = setting(DEFAULT_DB, "SQLite file of jobs and events (':memory:' for tests)")
+    ping_interval: float = setting(5.0, "seconds between health pings to each worker")
+    ping_misses: int = setting(3, "unanswered pings before a worker is dead, whatever it sends")
+    max_message_bytes: int = setting(
+        DEFAULT_MAX_MESSAGE_BYTES, "largest message; larger requests get RESOURCE_EXHAUSTED"
+    )
+    max_batch: int = setting(1000, "most jobs in one SubmitBatch")
+    max_queued: int = setting(100_000, "most jobs waiting before Submit is refused")
+    ack_timeout: float = setting(10.0, "seconds a worker has to accept a job")
+    reattach_grace: float = setting(10.0, "seconds a lost worker's jobs wait for it to return")
+    default_max_attempts: int = setting(3, "attempts a job gets when its retry policy is silent")
+    blob_dir: str = setting("", "directory of uploaded payloads (default: DB.blobs)")
+    max_blob_bytes: int = setting(4 << 30, "largest payload one upload may carry")
+    upload_idle_timeout: float = setting(
+        30.0, "seconds an upload may send nothing before it is dropped"
+    )
+    max_inline_memory: int = setting(
+        256 << 20,
+        "bytes of inline inputs held in memory; the rest are read from the database at dispatch",
+    )
+    max_worker_slots: int = setting(256, "most slots one worker may declare in Attach")
+    max_events_per_job: int = setting(
+        10_000, "most events kept per job; later progress updates the job but is not kept"
+    )
+    max_connections: int = setting(
+        0, "most open client connections (0: the descriptor limit less room for workers)"
+    )
+    max_concurrent_rpcs: int = setting(10_000, "most calls served at once, streams included")
+    max_streams_per_connection: int = setting(1000, "most concurrent calls on one connection")
+    max_watches_per_peer: int = setting(1000, "most Watch and Run streams from one address")
+    max_connection_idle: float = setting(
+        300.0, "seconds a connection with no call open is kept before it is closed"
+    )
+    max_connection_age: float = setting(
+        0.0, "seconds before any connection is asked to reconnect (0: never)"
+    )
+    handshake_timeout: float = setting(10.0, "seconds a new connection has to say hello")
+    retention: float = setting(
+        604_800.0, "seconds finished jobs, events and payloads are kept (a job may say its own)"
+    )
+    blob_grace: float = setting(
+        3600.0, "seconds a payload no job references is kept (the SDK uploads before Submit)"
+    )
+    sweep_interval: float = setting(60.0, "seconds between sweeps of expired jobs and payloads")
+    port_file: str = setting("", "write the bound port to this file once serving")
+    metrics_port: int = setting(0, "port of Prometheus /metrics (0: not served)")
+    metrics_host: str = setting("0.0.0.0", "address /metrics binds (all: a pod can be scraped)")
+    log_format: str = setting("text", "text, or json: one object per line with job and trace ids")
+    limits: Limits = field(default_factory=Limits)
+    """What one request or worker message may carry (flags from `jobmesh.limits.Limits`)."""
 
     def __post_init__(self) -> None:
         parse_address(self.listen)
         if not self.db:
             raise ValueError("db must name a file or ':memory:'")
-        if self.ping_interval <= 0:
-            raise ValueError("ping_interval must be positive")
-        if self.ping_misses < 1:
-            raise ValueError("ping_misses must be at least 1")
+        positive = (
+            "ping_interval",
+            "ack_timeout",
+            "upload_idle_timeout",
+            "retention",
+            "sweep_interval",
+            "handshake_timeout",
+            "max_connection_idle",
+            "max_blob_bytes",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not value > 0:  # NaN too
+                raise ValueError(f"{name} must be positive")
+        at_least_one = (
+            "ping_misses",
+            "max_batch",
+            "max_queued",
+            "default_max_attempts",
+            "max_inline_memory",
+            "max_worker_slots",
+            "max_events_per_job",
+            "max_concurrent_rpcs",
+            "max_streams_per_connection",
+            "max_watches_per_peer",
+        )
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("reattach_grace", "blob_grace", "max_connection_age", "max_connections"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must not be negative")
         if self.max_message_bytes < 1024:
             raise ValueError("max_message_bytes must be at least 1024")
-        if self.max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
-        if self.max_queued < 1:
-            raise ValueError("max_queued must be at least 1")
-        if self.ack_timeout <= 0:
-            raise ValueError("ack_timeout must be positive")
-        if self.reattach_grace < 0:
-            raise ValueError("reattach_grace must not be negative")
-        if self.max_blob_bytes < 1:
-            raise ValueError("max_blob_bytes must be positive")
-        if self.default_max_attempts < 1:
-            raise ValueError("default_max_attempts must be at least 1")
+        if self.limits.max_inline_bytes >= self.max_message_bytes:
+            raise ValueError("max_inline_bytes must be below max_message_bytes")
         check_port(self.metrics_port)
         check_format(self.log_format)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
+        """Defaults, overridden by `JOBMESH_<NAME>` variables."""
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for name, var, conv in (
-            ("listen", "JOBMESH_LISTEN", str),
-            ("db", "JOBMESH_DB", str),
-            ("ping_interval", "JOBMESH_PING_INTERVAL", float),
-            ("ping_misses", "JOBMESH_PING_MISSES", int),
-            ("max_message_bytes", "JOBMESH_MAX_MESSAGE_BYTES", int),
-            ("max_queued", "JOBMESH_MAX_QUEUED", int),
-            ("ack_timeout", "JOBMESH_ACK_TIMEOUT", float),
-            ("reattach_grace", "JOBMESH_REATTACH_GRACE", float),
-            ("blob_dir", "JOBMESH_BLOB_DIR", str),
-            ("max_blob_bytes", "JOBMESH_MAX_BLOB_BYTES", int),
-            ("metrics_port", "JOBMESH_METRICS_PORT", int),
-            ("metrics_host", "JOBMESH_METRICS_HOST", str),
-            ("log_format", "JOBMESH_LOG_FORMAT", str.lower),
-        ):
-            if var in env:
-                values[name] = conv(env[var])
-        return cls(**values)
+        values = {
+            f.name: _convert(f, env[_env_name(f)]) for f in _fields(cls) if _env_name(f) in env
+        }
+        limits = {
+            f.name: _convert(f, env[_env_name(f)]) for f in _fields(Limits) if _env_name(f) in env
+        }
+        return cls(**values, limits=Limits(**limits))
 
     def with_overrides(self, **overrides: Any) -> GatewaySettings:
-        """A copy with the given fields replaced; None values are ignored (unset CLI flags)."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        """A copy with the given fields (limits too) replaced; None values are ignored."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        limit_names = {f.name for f in fields(Limits)}
+        limits = {k: given.pop(k) for k in list(given) if k in limit_names}
+        if limits:
+            given["limits"] = replace(self.limits, **limits)
+        return replace(self, **given)
+
+
+def _fields(cls: type) -> Iterator[Field[Any]]:
+    for f in fields(cls):
+        if f.metadata.get("flag", True) and "help" in f.metadata:
+            yield f
+
+
+def _env_name(f: Field[Any]) -> str:
+    return "JOBMESH_" + f.name.upper()
+
+
+def _convert(f: Field[Any], text: str) -> Any:
+    kind = type(f.default) if f.default is not MISSING else str
+    if kind is str:
+        return text.lower() if f.name == "log_format" else text
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{_env_name(f)}: expected {kind.__name__}, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, named after it (`max_queued` is `--max-queued`)."""
+    for cls in (GatewaySettings, Limits):
+        for f in _fields(cls):
+            kind = type(f.default) if f.default is not MISSING else str
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                type=kind,
+                help=f"{f.metadata['help']} (env {_env_name(f)}; default {f.default!r})",
+            )
+
+
+def from_args(args: argparse.Namespace) -> GatewaySettings:
+    """The environment's settings, overridden by the flags given."""
+    names = [f.name for cls in (GatewaySettings, Limits) for f in _fields(cls)]
+    return GatewaySettings.from_env().with_overrides(
+        **{name: getattr(args, name, None) for name in names}
+    )
+
+
+def markdown_table() -> str:
+    """The README's table of gateway settings, made from their declarations."""
+    rows = ["| gateway flag | env | default | |", "|---|---|---|---|"]
+    for cls in (GatewaySettings, Limits):
+        for f in _fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            rows.append(
+                f"| `{flag}` | `{_env_name(f)}` | {_shown(f.name, f.default)} | {f.metadata['help']} |"
+            )
+    rows.append("| `--log-level` | | `INFO` | `DEBUG`, `INFO`, `WARNING`, `ERROR` |")
+    return "\n".join(rows) + "\n"
+
+
+def _shown(name: str, value: Any) -> str:
+    if value == "":
+        return ""
+    if isinstance(value, float):
+        return f"`{value:g}` s"
+    if isinstance(value, int) and ("bytes" in name or "memory" in name) and value >= 1 << 20:
+        for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+            if value % size == 0:
+                return f"{value // size} {unit}"
+    return f"`{value}`"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

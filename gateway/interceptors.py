@@ -1,20 +1,23 @@
 """The one boundary where errors become gRPC status codes.
 
-A JobmeshError is answered with its code and message. Anything else is a bug:
-it is logged with its traceback and answered INTERNAL with a generic message,
-and the server keeps serving.
+A JobmeshError is answered with its code and message. A request that does not
+parse is answered INVALID_ARGUMENT, with one log line (at most one a second),
+not a traceback. Anything else is a bug: it is logged with its traceback and
+answered INTERNAL with a generic message, and the server keeps serving.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from jobmesh.errors import JobmeshError
+from jobmesh.errors import InvalidArgument, JobmeshError
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,62 @@ else:
     Handler = grpc.RpcMethodHandler
 
 Behavior = Callable[..., Any]
+Deserializer = Callable[[bytes], Any]
+
+
+class _Malformed:
+    """What a request that did not parse becomes, so the handler can answer for it."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _RateLimitedLog:
+    """Logs a warning at most once per `interval`, counting what it left out."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._skipped = 0
+
+    def warning(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._skipped += 1
+            return
+        skipped, self._skipped, self._next = self._skipped, 0, now + self._interval
+        suffix = f" ({skipped} more since the last report)" if skipped else ""
+        log.warning(message + suffix, *args)
+
+
+_malformed_log = _RateLimitedLog()
+
+
+def _tolerant(deserializer: Deserializer | None) -> Deserializer | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, RecursionError, ValueError) as exc:
+            return _Malformed(str(exc) or type(exc).__name__)
+
+    return parse
+
+
+def _refuse(request: _Malformed, method: str) -> InvalidArgument:
+    _malformed_log.warning("malformed request to %s: %s", method, request.reason)
+    return InvalidArgument(f"the request does not parse as {method}'s message: {request.reason}")
+
+
+async def _checked(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Malformed):
+            raise _refuse(request, method)
+        yield request
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:  # type: ignore[type-arg]
@@ -33,10 +92,19 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the gateway log has details")
 
 
+def _request(request: Any, method: str) -> Any:
+    """The request, or its messages checked as they come; raises for one that did not parse."""
+    if isinstance(request, _Malformed):
+        raise _refuse(request, method)
+    if hasattr(request, "__aiter__"):
+        return _checked(request, method)
+    return request
+
+
 def _wrap_unary(behavior: Behavior, method: str) -> Behavior:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
         try:
-            return await behavior(request, context)
+            return await behavior(_request(request, method), context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -50,7 +118,7 @@ def _wrap_stream(behavior: Behavior, method: str) -> Behavior:
 
         async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # type: ignore[type-arg]
             try:
-                async for response in behavior(request, context):
+                async for response in behavior(_request(request, method), context):
                     yield response
             except grpc.aio.AbortError:
                 raise
@@ -74,7 +142,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         method = handler_call_details.method
         kwargs = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:

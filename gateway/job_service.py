@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
@@ -14,7 +16,8 @@ from gateway.store import Inserted, JobFilter, JobStore
 from gateway.watchers import EventHub
 from jobmesh import telemetry
 from jobmesh.convert import TERMINAL_STATES
-from jobmesh.errors import InvalidArgument
+from jobmesh.errors import InvalidArgument, ResourceExhausted
+from jobmesh.limits import Limits
 from jobmesh.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
 # Until authentication exists every caller is this tenant.
@@ -24,6 +27,13 @@ TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 
 def tenant_of(context: grpc.aio.ServicerContext) -> str:  # type: ignore[type-arg]
     return DEFAULT_TENANT
+
+
+def peer_host(peer: str) -> str:
+    """The address part of a gRPC peer ("ipv4:10.0.0.7:41234" -> "ipv4:10.0.0.7")."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rpartition(":")[0]
+    return peer
 
 
 def trace_context_of(context: grpc.aio.ServicerContext) -> dict[str, str]:  # type: ignore[type-arg]
@@ -48,13 +58,21 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         hub: EventHub,
         blobs: BlobStore,
         *,
+        limits: Limits,
         max_batch: int,
+        max_watches_per_peer: int,
+        max_page_bytes: int,
     ) -> None:
         self._scheduler = scheduler
         self._blobs = blobs
         self._store = store
         self._hub = hub
+        self._limits = limits
         self._max_batch = max_batch
+        self._max_watches = max_watches_per_peer
+        self._max_page_bytes = max_page_bytes
+        self._watches: Counter[str] = Counter()
+        """Open Watch and Run streams per peer address."""
 
     def _response(self, item: Inserted) -> job_service_pb2.SubmitResponse:
         warnings = []
@@ -69,7 +87,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         )
 
     def _check(self, spec: job_pb2.JobSpec, field: str = "spec") -> None:
-        validation.spec(spec, field)
+        validation.spec(spec, self._limits, field)
         for name, ref in spec.input_blobs.items():
             self._blobs.check(ref, f"{field}.input_blobs.{name}")
         schema = self._scheduler.params_schema(spec.kind)
@@ -119,8 +137,9 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> AsyncIterator[job_service_pb2.WatchResponse]:
         job_id = validation.job_id(request.job_id)
-        async for event in self._events(tenant_of(context), job_id, request.after_seq):
-            yield job_service_pb2.WatchResponse(event=event)
+        with self._watching(context):
+            async for event in self._events(tenant_of(context), job_id, request.after_seq):
+                yield job_service_pb2.WatchResponse(event=event)
 
     async def Run(
         self,
@@ -129,9 +148,10 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     ) -> AsyncIterator[job_service_pb2.RunResponse]:
         self._check(request.spec)
         tenant = tenant_of(context)
-        [item] = await self._scheduler.submit(tenant, [request.spec], trace_context_of(context))
-        async for event in self._events(tenant, item.job.id, 0):
-            yield job_service_pb2.RunResponse(event=event)
+        with self._watching(context):
+            [item] = await self._scheduler.submit(tenant, [request.spec], trace_context_of(context))
+            async for event in self._events(tenant, item.job.id, 0):
+                yield job_service_pb2.RunResponse(event=event)
 
     async def Cancel(
         self,
@@ -139,7 +159,8 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> job_service_pb2.CancelResponse:
         job_id = validation.job_id(request.job_id)
-        job = await self._scheduler.cancel(tenant_of(context), job_id, request.reason[:1024])
+        self._limits.text(request.reason, "reason")
+        job = await self._scheduler.cancel(tenant_of(context), job_id, request.reason)
         return job_service_pb2.CancelResponse(job=job)
 
     async def List(
@@ -147,6 +168,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         request: job_service_pb2.ListRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> job_service_pb2.ListResponse:
+        self._limits.items(len(request.states), "states")
         for state in request.states:
             if state not in S.values() or state == S.JOB_STATE_UNSPECIFIED:
                 raise InvalidArgument(f"{state} is not a job state", "states")
@@ -166,10 +188,29 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
                 ts_seconds(request.created_before) if request.HasField("created_before") else None
             ),
         )
-        page = await self._store.list_jobs(where, validation.page_size(request.page_size), after_id)
+        page = await self._store.list_jobs(
+            where, validation.page_size(request.page_size), after_id, self._max_page_bytes
+        )
         return job_service_pb2.ListResponse(
             jobs=page.jobs, next_page_token=validation.encode_page_token(page.last_id)
         )
+
+    @contextlib.contextmanager
+    def _watching(self, context: grpc.aio.ServicerContext) -> Iterator[None]:  # type: ignore[type-arg]
+        """Counts a Watch or Run stream against its peer's limit while it is open."""
+        peer = peer_host(context.peer())
+        if self._watches[peer] >= self._max_watches:
+            raise ResourceExhausted(
+                f"{self._watches[peer]} streams are watching from {peer} already "
+                f"(limit {self._max_watches}); close some or retry later"
+            )
+        self._watches[peer] += 1
+        try:
+            yield
+        finally:
+            self._watches[peer] -= 1
+            if not self._watches[peer]:
+                del self._watches[peer]
 
     async def _events(
         self, tenant: str, job_id: str, after_seq: int

@@ -64,10 +64,17 @@ class Scheduler:
         self._store = store
         self._blobs = blobs
         self._metrics = GatewayMetrics() if metrics is None else metrics
+        self._limits = settings.limits
         self._active: dict[str, job_pb2.Job] = {}
         self._inputs: dict[str, dict[str, bytes]] = {}
         """Inline inputs of active jobs, kept apart so that writing a job's status, which
-        happens at every state change, never copies them."""
+        happens at every state change, never copies them; at most `max_inline_memory` bytes."""
+        self._inputs_bytes = 0
+        self._stored_inputs: set[str] = set()
+        """Active jobs whose inline inputs are in the store only, read when they are assigned."""
+        self._submitting_bytes = 0
+        """Inline input bytes of Submits not yet committed."""
+        self._loading: set[asyncio.Task[None]] = set()
         self._queues = KindQueues()
         self._queued = 0
         """Active jobs in state QUEUED, waiting in a queue or for a retry's backoff."""
@@ -88,8 +95,11 @@ class Scheduler:
     async def recover(self) -> int:
         """Takes back the unfinished jobs of a previous run; returns how many."""
         jobs = await self._store.unfinished()
-        for job in jobs:
-            self._activate(job)
+        for item in jobs:
+            job = item.job
+            self._active[job.id] = job
+            if item.inline_bytes:
+                self._stored_inputs.add(job.id)
             self._metrics.recovered(job)
             self._watch_deadline(job)
             if job.state == S.JOB_STATE_QUEUED:
@@ -131,6 +141,25 @@ class Scheduler:
             raise ResourceExhausted(
                 f"the queue is full: {self._queued} jobs wait (limit {limit}); retry later"
             )
+        inline = sum(_inline_bytes(spec) for spec in specs)
+        budget = self._settings.max_inline_memory
+        if inline and self._submitting_bytes + inline > budget:
+            raise ResourceExhausted(
+                f"{self._submitting_bytes + inline} bytes of inline inputs are arriving at once "
+                f"(limit {budget}); retry later, or upload large inputs with BlobService"
+            )
+        self._submitting_bytes += inline
+        try:
+            return await self._insert(tenant, specs, trace_context)
+        finally:
+            self._submitting_bytes -= inline
+
+    async def _insert(
+        self,
+        tenant: str,
+        specs: Sequence[job_pb2.JobSpec],
+        trace_context: Mapping[str, str] | None,
+    ) -> list[Inserted]:
         jobs, events = [], []
         for spec in specs:
             job = job_pb2.Job(
@@ -167,6 +196,8 @@ class Scheduler:
     async def get(self, tenant: str, job_id: str) -> job_pb2.Job:
         job = await self._store.get(tenant, job_id)
         if job is None:
+            if await self._store.expired(tenant, job_id):
+                raise NotFound(f"job {job_id!r} expired: it ended longer ago than its retention")
             raise NotFound(f"job {job_id!r} not found")
         return job
 
@@ -257,13 +288,7 @@ class Scheduler:
         for progress in request.progress:
             job = self._current(progress.job_id, progress.attempt, session)
             if job is not None:
-                self._set_state(job, S.JOB_STATE_RUNNING)
-                job.progress = min(1.0, max(0.0, progress.fraction))
-                job.progress_message = progress.message
-                self._tracer.progress(job, job.progress, progress.message)
-                self._save(
-                    job, next_event(job, job_pb2.JOB_EVENT_TYPE_PROGRESS, message=progress.message)
-                )
+                self._progress(job, progress)
         for completed in request.completed:
             key = (completed.job_id, completed.attempt)
             acked.append(dispatcher_pb2.AttemptRef(job_id=key[0], attempt=key[1]))
@@ -274,7 +299,8 @@ class Scheduler:
             try:
                 self._check_result(completed.result)
             except InvalidArgument as e:
-                # Clients write outputs to files by name; a name like '../x' must not reach them.
+                # Clients write outputs to files by name; a name like '../x' must not reach
+                # them, and a result too large or too deep would break every Get of the job.
                 bad = _error("INVALID_RESULT", e.message, retryable=False)
                 self._attempt_failed(job, bad, backoff=False)
             else:
@@ -295,7 +321,7 @@ class Scheduler:
                 session.paused = True
                 self._unassign(job)
             else:
-                self._attempt_failed(job, failed.error, backoff=True)
+                self._attempt_failed(job, self._worker_error(failed.error), backoff=True)
         if acked:
             self._ack_when_durable(session, acked)
         self._dispatch()
@@ -315,15 +341,54 @@ class Scheduler:
     # --- attempts -------------------------------------------------------------
 
     def _activate(self, job: job_pb2.Job) -> None:
+        """Takes a new job in; its inline inputs stay in memory while the budget allows."""
         self._active[job.id] = job
         if job.spec.inputs:
-            self._inputs[job.id] = dict(job.spec.inputs)
+            size = _inline_bytes(job.spec)
+            if self._inputs_bytes + size <= self._settings.max_inline_memory:
+                self._inputs[job.id] = dict(job.spec.inputs)
+                self._inputs_bytes += size
+            else:
+                self._stored_inputs.add(job.id)
             job.spec.ClearField("inputs")
 
+    def _forget_inputs(self, job_id: str) -> None:
+        inputs = self._inputs.pop(job_id, None)
+        if inputs is not None:
+            self._inputs_bytes -= sum(len(data) for data in inputs.values())
+        self._stored_inputs.discard(job_id)
+
     def _check_result(self, result: job_pb2.JobResult) -> None:
-        validation.payload_names([*result.outputs, *result.output_blobs], "output", "outputs")
+        validation.result(result, self._limits)
         for name, ref in result.output_blobs.items():
             self._blobs.check(ref, f"output_blobs.{name}")
+
+    def _worker_error(self, error: job_pb2.JobError) -> job_pb2.JobError:
+        """A worker's error within limits: its message cut, a code that is not one replaced."""
+        code = error.code
+        if not code or len(code) > self._limits.max_name or not code.isprintable():
+            code = "INVALID_ERROR"
+        return _error(code, self._limits.cut(error.message), retryable=error.retryable)
+
+    def _progress(self, job: job_pb2.Job, progress: dispatcher_pb2.Progress) -> None:
+        if len(progress.message) > self._limits.max_text:
+            error = _error(
+                "INVALID_PROGRESS",
+                f"the worker sent a progress message of {len(progress.message)} characters; "
+                f"at most {self._limits.max_text}",
+                retryable=False,
+            )
+            self._stop_attempt(job, error)
+            self._attempt_failed(job, error, backoff=False)
+            return
+        self._set_state(job, S.JOB_STATE_RUNNING)
+        job.progress = min(1.0, max(0.0, progress.fraction))
+        job.progress_message = progress.message
+        self._tracer.progress(job, job.progress, progress.message)
+        if job.event_seq >= self._settings.max_events_per_job:
+            self._save(job, None)  # the job shows its progress; its history is full
+            return
+        self._save(job, next_event(job, job_pb2.JOB_EVENT_TYPE_PROGRESS, message=progress.message))
 
     def _current(self, job_id: str, attempt: int, session: WorkerSession) -> job_pb2.Job | None:
         """The job if (job_id, attempt) is its live attempt on this session, else None.
@@ -478,9 +543,34 @@ class Scheduler:
         if job.spec.HasField("start_to_close_timeout"):
             assign.timeout.CopyFrom(job.spec.start_to_close_timeout)
             self._watch_attempt_timeout(job)
-        session.outbox.put(dispatcher_pb2.SessionResponse(assign=[assign]))
+        if job.id in self._stored_inputs:
+            self._send_with_stored_inputs(session, assign)
+        else:
+            session.outbox.put(dispatcher_pb2.SessionResponse(assign=[assign]))
         self._watch_ack(job, session)
         self._save(job, next_event(job))
+
+    def _send_with_stored_inputs(
+        self, session: WorkerSession, assign: dispatcher_pb2.Assign
+    ) -> None:
+        """Reads the inputs the gateway did not keep in memory, then sends the Assign, if the
+        attempt is still this session's. If the read fails, the ack timeout retries the job."""
+        job_id, attempt = assign.job_id, assign.attempt
+
+        async def send() -> None:
+            try:
+                inputs = await self._store.inputs(job_id)
+            except Exception:
+                log.exception("job %s: could not read its inputs", job_id)
+                return
+            job = self._active.get(job_id)
+            if job is not None and job.attempt == attempt and self._owner.get(job_id) is session:
+                assign.inputs.update(inputs)
+                session.outbox.put(dispatcher_pb2.SessionResponse(assign=[assign]))
+
+        task = asyncio.ensure_future(send())
+        self._loading.add(task)
+        task.add_done_callback(self._loading.discard)
 
     def _watch_ack(self, job: job_pb2.Job, session: WorkerSession) -> None:
         """An Assign not accepted in time goes back to the queue; the worker may never
@@ -599,7 +689,7 @@ class Scheduler:
             job.error.CopyFrom(error)
         job.end_time.CopyFrom(now())
         self._active.pop(job.id, None)
-        self._inputs.pop(job.id, None)
+        self._forget_inputs(job.id)
         self._owner.pop(job.id, None)
         self._orphans.pop(job.id, None)
         self._tracer.forget(job.id)
@@ -613,3 +703,7 @@ class Scheduler:
             extra=job_fields(job.id, job.attempt, job.trace_context),
         )
         return self._save(job, next_event(job))
+
+
+def _inline_bytes(spec: job_pb2.JobSpec) -> int:
+    return sum(len(data) for data in spec.inputs.values())

@@ -36,6 +36,7 @@ ATTACH_TIMEOUT = 10.0
 class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
     def __init__(self, scheduler: Scheduler, settings: GatewaySettings) -> None:
         self._scheduler = scheduler
+        self._settings = settings
         self._ping_interval = settings.ping_interval
         self._dead_after = settings.ping_interval * settings.ping_misses
 
@@ -52,7 +53,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         if not first.HasField("attach"):
             raise InvalidArgument("the first message must carry attach", "attach")
         attach = first.attach
-        validation.attach(attach)
+        validation.attach(attach, self._settings.limits, self._settings.max_worker_slots)
         session = WorkerSession(
             session_id=uuid.uuid4().hex,
             worker_id=attach.worker_id,
@@ -111,7 +112,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
     ) -> str:
         try:
             async for request in requests:
-                session.last_heard = max(session.last_heard, time.monotonic())
+                # Only a pong answering a ping proves the worker alive (see WorkerSession.heard).
                 self._scheduler.handle(session, request)
         except grpc.aio.AioRpcError as exc:
             return f"stream broke: {exc.code().name}"
@@ -125,5 +126,6 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             if silent > self._dead_after:
                 return f"no answer for {silent:.1f}s"
             seq += 1
+            session.pinged = seq
             session.outbox.put(dispatcher_pb2.SessionResponse(ping=dispatcher_pb2.Ping(seq=seq)))
             await asyncio.sleep(self._ping_interval)

@@ -5,24 +5,22 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from gateway.jobs import duration_seconds
 from jobmesh.errors import InvalidArgument
+from jobmesh.limits import Limits, payload_names
 from jobmesh.v1 import dispatcher_pb2, job_pb2
 
 KIND = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
-# Names become file names on the client (`jobmesh submit --output DIR`).
-PAYLOAD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._ -]{0,254}")
 MAX_LABELS = 64
 MAX_LABEL_VALUE = 256
-MAX_IDEMPOTENCY_KEY = 256
 MAX_ATTEMPTS = 100
 MAX_BACKOFF_SECONDS = 86400.0
 MAX_TIMEOUT_SECONDS = 30 * 86400.0
+MAX_RETENTION_SECONDS = 3650 * 86400.0
 MAX_JOB_ID = 64
-MAX_SLOTS = 10_000
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 _TOKEN_PREFIX = "v1:"
@@ -49,22 +47,24 @@ def labels(values: Mapping[str, str], field: str) -> None:
             raise InvalidArgument(f"value of {key!r} is longer than {MAX_LABEL_VALUE}", field)
 
 
-def payload_names(names: Iterable[str], what: str, field: str) -> None:
-    for name in names:
-        if not PAYLOAD_NAME.fullmatch(name) or name in {".", ".."}:
-            raise InvalidArgument(f"{name[:70]!r} is not an {what} name", field)
-
-
-def spec(value: job_pb2.JobSpec, field: str = "spec") -> None:
+def spec(value: job_pb2.JobSpec, limits: Limits, field: str = "spec") -> None:
     kind(value.kind, f"{field}.kind")
+    limits.items(len(value.inputs) + len(value.input_blobs), f"{field}.inputs")
     payload_names(value.inputs, "input", f"{field}.inputs")
     payload_names(value.input_blobs, "input", f"{field}.input_blobs")
+    inline = sum(len(data) for data in value.inputs.values())
+    if inline > limits.max_inline_bytes:
+        raise InvalidArgument(
+            f"{inline} bytes inline; at most {limits.max_inline_bytes} (upload larger inputs "
+            "with BlobService; the SDK does so by itself)",
+            f"{field}.inputs",
+        )
+    limits.struct(value.params, f"{field}.params")
     both = set(value.inputs) & set(value.input_blobs)
     if both:
         raise InvalidArgument(f"{sorted(both)[0]!r} is also in inputs", f"{field}.input_blobs")
     labels(value.labels, f"{field}.labels")
-    if len(value.idempotency_key) > MAX_IDEMPOTENCY_KEY:
-        raise InvalidArgument(f"longer than {MAX_IDEMPOTENCY_KEY}", f"{field}.idempotency_key")
+    limits.name(value.idempotency_key, f"{field}.idempotency_key")
     _retry_policy(value.retry_policy, f"{field}.retry_policy")
     timeouts = (
         ("start_to_close_timeout", value.HasField("start_to_close_timeout")),
@@ -75,6 +75,10 @@ def spec(value: job_pb2.JobSpec, field: str = "spec") -> None:
         seconds = duration_seconds(getattr(value, name))
         if is_set and not 0 < seconds <= MAX_TIMEOUT_SECONDS:
             raise InvalidArgument("must be positive and at most 30 days", f"{field}.{name}")
+    if value.HasField("retention"):
+        seconds = duration_seconds(value.retention)
+        if not 0 < seconds <= MAX_RETENTION_SECONDS:
+            raise InvalidArgument("must be positive and at most 3650 days", f"{field}.retention")
 
 
 def _retry_policy(policy: job_pb2.RetryPolicy, field: str) -> None:
@@ -120,13 +124,49 @@ def decode_page_token(token: str) -> str:
     return text.removeprefix(_TOKEN_PREFIX)
 
 
-def attach(value: dispatcher_pb2.Attach) -> None:
+def attach(value: dispatcher_pb2.Attach, limits: Limits, max_slots: int) -> None:
     if not value.worker_id:
         raise InvalidArgument("must not be empty", "attach.worker_id")
-    if not 1 <= value.slots <= MAX_SLOTS:
-        raise InvalidArgument(f"must be between 1 and {MAX_SLOTS}", "attach.slots")
+    limits.name(value.worker_id, "attach.worker_id")
+    if not value.worker_id.isprintable():
+        raise InvalidArgument("must be printable", "attach.worker_id")
+    limits.name(value.version, "attach.version")
+    if not 1 <= value.slots <= max_slots:
+        raise InvalidArgument(
+            f"must be between 1 and {max_slots} (the gateway's --max-worker-slots)", "attach.slots"
+        )
     if not value.kinds:
         raise InvalidArgument("a worker must serve at least one kind", "attach.kinds")
-    for capacity in value.kinds:
-        kind(capacity.kind, "attach.kinds")
+    limits.items(len(value.kinds), "attach.kinds")
+    for i, capacity in enumerate(value.kinds):
+        where = f"attach.kinds[{i}]"
+        kind(capacity.kind, f"{where}.kind")
+        _params_schema(capacity.params_schema, limits, f"{where}.params_schema")
+    if len(value.running) > max_slots:
+        raise InvalidArgument(f"more running attempts than {max_slots} slots", "attach.running")
+    for ref in value.running:
+        job_id(ref.job_id, "attach.running.job_id")
     labels(value.labels, "attach.labels")
+
+
+def _params_schema(schema: dispatcher_pb2.ParamsSchema, limits: Limits, field: str) -> None:
+    limits.items(len(schema.params), f"{field}.params")
+    for spec in schema.params:
+        limits.name(spec.name, f"{field}.params.name")
+        limits.text(spec.description, f"{field}.params.description")
+        limits.items(len(spec.choices), f"{field}.params.choices")
+        for choice in spec.choices:
+            limits.name(choice, f"{field}.params.choices")
+
+
+def result(value: job_pb2.JobResult, limits: Limits) -> None:
+    """What a worker reports as a job's result: names, counts, sizes and nesting."""
+    limits.items(len(value.outputs) + len(value.output_blobs), "result.outputs")
+    payload_names([*value.outputs, *value.output_blobs], "output", "result.outputs")
+    inline = sum(len(data) for data in value.outputs.values())
+    if inline > limits.max_inline_bytes:
+        raise InvalidArgument(
+            f"{inline} bytes of inline outputs; at most {limits.max_inline_bytes}",
+            "result.outputs",
+        )
+    limits.struct(value.metadata, "result.metadata")

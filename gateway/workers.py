@@ -37,7 +37,11 @@ class WorkerSession:
     connect_time: timestamp_pb2.Timestamp = field(default_factory=now)
     last_pong_time: timestamp_pb2.Timestamp | None = None
     last_heard: float = field(default_factory=time.monotonic)
-    """Monotonic time of the last pong (or of the attach)."""
+    """Monotonic time of the last pong answering a ping (or of the attach)."""
+    pinged: int = 0
+    """Sequence number of the last ping sent."""
+    answered: int = 0
+    """Sequence number of the last ping answered."""
     stats: dispatcher_pb2.WorkerStats = field(default_factory=dispatcher_pb2.WorkerStats)
 
     @property
@@ -64,11 +68,17 @@ class WorkerSession:
         self.per_kind[kind] -= 1
         return True
 
-    def heard(self, pong: dispatcher_pb2.Pong) -> None:
+    def heard(self, pong: dispatcher_pb2.Pong) -> bool:
+        """Takes a pong; False (and ignored) unless it answers a ping not answered before.
+        Whatever else a worker sends, only answered pings keep it alive."""
+        if not self.answered < pong.seq <= self.pinged:
+            return False
+        self.answered = pong.seq
         self.last_heard = time.monotonic()
         self.last_pong_time = now()
         self.paused = False
         self.stats.CopyFrom(pong.stats)
+        return True
 
     def to_proto(self) -> admin_service_pb2.Worker:
         worker = admin_service_pb2.Worker(

@@ -193,6 +193,7 @@ class JobSpec(_message.Message):
     SCHEDULE_TO_START_TIMEOUT_FIELD_NUMBER: _builtins.int
     SCHEDULE_TO_CLOSE_TIMEOUT_FIELD_NUMBER: _builtins.int
     INPUT_BLOBS_FIELD_NUMBER: _builtins.int
+    RETENTION_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """The handler that runs the job, e.g. "echo" or "image.thumbnail"."""
     priority: _builtins.int
@@ -237,6 +238,12 @@ class JobSpec(_message.Message):
         handler sees them among its inputs. A name is in `inputs` or here, not both.
         """
 
+    @_builtins.property
+    def retention(self) -> _duration_pb2.Duration:
+        """How long the job, its events and its payloads are kept after it ends; then Get says
+        it expired. Unset: the gateway's `--retention` (7 days by default).
+        """
+
     def __init__(
         self,
         *,
@@ -251,10 +258,11 @@ class JobSpec(_message.Message):
         schedule_to_start_timeout: _duration_pb2.Duration | None = ...,
         schedule_to_close_timeout: _duration_pb2.Duration | None = ...,
         input_blobs: _abc.Mapping[_builtins.str, Global___BlobRef] | None = ...,
+        retention: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "retention", b"retention", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "input_blobs", b"input_blobs", "inputs", b"inputs", "kind", b"kind", "labels", b"labels", "params", b"params", "priority", b"priority", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "input_blobs", b"input_blobs", "inputs", b"inputs", "kind", b"kind", "labels", b"labels", "params", b"params", "priority", b"priority", "retention", b"retention", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

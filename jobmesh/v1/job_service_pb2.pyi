@@ -311,7 +311,9 @@ class ListRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     page_size: _builtins.int
-    """At most this many jobs (default 50, at most 1000)."""
+    """At most this many jobs (default 50, at most 1000). A page also ends before it would
+    pass the gateway's byte limit for one response, so a page may hold fewer jobs.
+    """
     page_token: _builtins.str
     """From a previous ListResponse.next_page_token."""
     @_builtins.property

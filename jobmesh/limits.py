@@ -1,0 +1,128 @@
+"""Limits on what a request or a worker may send, and the checks gateway, worker and CLI share.
+
+Every limit sits well below what protobuf itself parses (100 nested messages, 2 GiB), so
+any message the gateway later builds from stored data (Get, List, Watch, Assign) still
+parses and fits the message limit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
+
+from google.protobuf import struct_pb2
+
+from jobmesh.errors import InvalidArgument
+
+# Names become file names on the client (`jobmesh submit --output DIR`): no separators,
+# no control characters, no leading dot.
+PAYLOAD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._ -]{0,127}")
+
+
+def is_payload_name(name: str) -> bool:
+    """Whether `name` may name an input or output (and so a file the CLI writes)."""
+    return bool(PAYLOAD_NAME.fullmatch(name)) and ".." not in name
+
+
+def payload_names(names: Iterable[str], what: str, field: str) -> None:
+    for name in names:
+        if not is_payload_name(name):
+            raise InvalidArgument(
+                f"{name[:70]!r} is not an {what} name (letters, digits, '._ -', at most 128, "
+                "no '..')",
+                field,
+            )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one message may carry. The gateway checks requests and worker messages
+    against these; the worker checks its results before it sends them."""
+
+    max_params_bytes: int = field(
+        default=1 << 20, metadata={"help": "largest params (or result metadata) of a job, bytes"}
+    )
+    max_params_depth: int = field(
+        default=16, metadata={"help": "deepest nesting of objects and lists in params or metadata"}
+    )
+    max_text: int = field(
+        default=4096,
+        metadata={"help": "longest progress, cancel or error message (longer errors are cut)"},
+    )
+    max_name: int = field(
+        default=128, metadata={"help": "longest worker id, version or idempotency key"}
+    )
+    max_items: int = field(
+        default=256,
+        metadata={"help": "most entries in a repeated field or map (inputs, outputs, kinds...)"},
+    )
+    max_inline_bytes: int = field(
+        default=16 << 20,
+        metadata={"help": "largest inline inputs of one job together; larger go through blobs"},
+    )
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(f"{f.name} must be at least 1")
+        if self.max_params_depth > 32:
+            raise ValueError("max_params_depth must be at most 32 (protobuf nests 100 deep)")
+
+    def struct(self, value: struct_pb2.Struct, field: str) -> None:
+        """Raises InvalidArgument if the Struct is too large or too deeply nested."""
+        size = value.ByteSize()
+        if size > self.max_params_bytes:
+            raise InvalidArgument(
+                f"{size} bytes; at most {self.max_params_bytes} (max_params_bytes)", field
+            )
+        depth = struct_depth(value, self.max_params_depth + 1)
+        if depth > self.max_params_depth:
+            raise InvalidArgument(
+                f"nested deeper than {self.max_params_depth} levels (max_params_depth)", field
+            )
+
+    def text(self, value: str, field: str, limit: int | None = None) -> None:
+        limit = self.max_text if limit is None else limit
+        if len(value) > limit:
+            raise InvalidArgument(f"{len(value)} characters; at most {limit}", field)
+
+    def name(self, value: str, field: str) -> None:
+        self.text(value, field, self.max_name)
+
+    def items(self, count: int, field: str) -> None:
+        if count > self.max_items:
+            raise InvalidArgument(f"{count} entries; at most {self.max_items} (max_items)", field)
+
+    def cut(self, text: str) -> str:
+        """`text` cut to `max_text` characters, saying so."""
+        if len(text) <= self.max_text:
+            return text
+        return text[: self.max_text - 20] + " [... cut]"
+
+
+def struct_depth(value: struct_pb2.Struct, stop: int) -> int:
+    """How deeply objects and lists nest in `value` (a flat Struct is 1), counting no
+    further than `stop`; iterative, so a deep value cannot exhaust the stack."""
+    deepest = 1
+    pending: list[tuple[struct_pb2.Struct | struct_pb2.ListValue, int]] = [(value, 1)]
+    while pending:
+        container, depth = pending.pop()
+        deepest = max(deepest, depth)
+        if deepest >= stop:
+            return deepest
+        children = (
+            container.fields.values()
+            if isinstance(container, struct_pb2.Struct)
+            else container.values
+        )
+        for child in children:
+            kind = child.WhichOneof("kind")
+            if kind == "struct_value":
+                pending.append((child.struct_value, depth + 1))
+            elif kind == "list_value":
+                pending.append((child.list_value, depth + 1))
+    return deepest
+
+
+DEFAULT_LIMITS = Limits()

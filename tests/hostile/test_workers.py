@@ -1,0 +1,138 @@
+"""Workers that lie: silent, greedy or chatty ones lose their jobs to honest workers and
+never hold the mesh."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from jobmesh import AsyncClient
+from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc, job_pb2
+from tests.cluster import Cluster
+
+
+class RawWorker:
+    """A Dispatcher/Session stream driven by hand, to behave as no real worker would."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.call = dispatcher_pb2_grpc.DispatcherStub(self.channel).Session()
+
+    async def attach(self, worker_id: str, kind: str = "echo", slots: int = 10) -> None:
+        attach = dispatcher_pb2.Attach(
+            worker_id=worker_id,
+            slots=slots,
+            kinds=[dispatcher_pb2.KindCapacity(kind=kind)],
+        )
+        await self.call.write(dispatcher_pb2.SessionRequest(attach=attach))
+        first = await self.call.read()
+        assert first.HasField("welcome"), first
+
+    async def messages(self) -> AsyncIterator[dispatcher_pb2.SessionResponse]:
+        while True:
+            message = await self.call.read()
+            if message is grpc.aio.EOF:
+                return
+            yield message
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close()
+
+
+async def test_a_worker_that_talks_but_never_answers_pings_is_declared_dead(
+    cluster: Cluster,
+) -> None:
+    gw = cluster.gateway("--ping-misses", "3")  # pings every 0.5 s
+    black_hole = RawWorker(gw.address)
+    await black_hole.attach("black-hole")
+    async with AsyncClient(gw.address) as client:
+        ids = [(await client.submit("echo", params={"i": i})).job.id for i in range(4)]
+
+        async def accept_and_chatter() -> None:
+            # Accepts every job and reports progress on it forever, but never pongs.
+            async for message in black_hole.messages():
+                for assign in message.assign:
+                    ref = {"job_id": assign.job_id, "attempt": assign.attempt}
+                    await black_hole.call.write(
+                        dispatcher_pb2.SessionRequest(
+                            accepted=[dispatcher_pb2.Accepted(**ref)],
+                            progress=[dispatcher_pb2.Progress(**ref, fraction=0.1)],
+                        )
+                    )
+
+        chatter = asyncio.create_task(accept_and_chatter())
+        try:
+            cluster.worker(gw, "honest")
+            jobs = [await client.wait(job_id) for job_id in ids]
+        finally:
+            chatter.cancel()
+            await black_hole.close()
+    assert [j.state for j in jobs] == [job_pb2.JOB_STATE_SUCCEEDED] * 4
+    assert all(j.attempts[-1].worker_id == "honest" for j in jobs)
+    assert "black-hole detached: no answer" in gw.output()
+
+
+@pytest.mark.parametrize(
+    ("worker_id", "slots", "field"),
+    [("greedy", 10_000, "attach.slots"), ("w" * 300, 2, "attach.worker_id")],
+)
+async def test_an_attach_past_the_limits_is_refused(
+    cluster: Cluster, worker_id: str, slots: int, field: str
+) -> None:
+    gw = cluster.gateway()
+    worker = RawWorker(gw.address)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await worker.attach(worker_id, slots=slots)
+    finally:
+        await worker.close()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (raised.value.details() or "")
+    assert gw.workers() == []
+
+
+async def test_a_progress_message_past_the_limit_fails_the_attempt_not_the_session(
+    cluster: Cluster,
+) -> None:
+    gw = cluster.gateway()
+    chatty = RawWorker(gw.address)
+    await chatty.attach("chatty", slots=1)
+    async with AsyncClient(gw.address) as client:
+        job_id = (await client.submit("echo")).job.id
+        messages = chatty.messages()
+        async for message in messages:
+            if message.assign:
+                break
+        assign = message.assign[0]
+        ref = {"job_id": assign.job_id, "attempt": assign.attempt}
+        await chatty.call.write(
+            dispatcher_pb2.SessionRequest(
+                progress=[dispatcher_pb2.Progress(**ref, fraction=0.5, message="m" * (4 << 20))]
+            )
+        )
+        job = await client.wait(job_id)
+        assert job.state == job_pb2.JOB_STATE_FAILED
+        assert job.error.code == "INVALID_PROGRESS"
+        # The session is still there: the worker is listed and, once it reports the
+        # cancelled attempt ended, gets the next job.
+        assert [w.worker_id for w in gw.workers()] == ["chatty"]
+        next_id = (await client.submit("echo")).job.id
+        async for message in messages:
+            if message.HasField("ping"):
+                pong = dispatcher_pb2.Pong(seq=message.ping.seq)
+                await chatty.call.write(dispatcher_pb2.SessionRequest(pong=pong))
+            for cancel in message.cancel:
+                failed = dispatcher_pb2.Failed(
+                    job_id=cancel.job_id,
+                    attempt=cancel.attempt,
+                    error=job_pb2.JobError(code="CANCELLED", message=cancel.reason),
+                )
+                await chatty.call.write(dispatcher_pb2.SessionRequest(failed=[failed]))
+            if message.assign:
+                break
+        assert message.assign[0].job_id == next_id
+    await chatty.close()
