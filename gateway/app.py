@@ -26,6 +26,7 @@ from gateway.config import GatewaySettings
 from gateway.interceptors import ErrorInterceptor
 from gateway.job_service import JobService
 from gateway.metrics import GatewayMetrics
+from gateway.retention import Retention
 from gateway.scheduler import Scheduler
 from gateway.sessions import Dispatcher
 from gateway.store.sqlite import SqliteStore
@@ -60,7 +61,7 @@ class Gateway:
         self.settings = settings
         self.port = 0
         self._hub = EventHub()
-        self._store = SqliteStore(settings.db)
+        self._store = SqliteStore(settings.db, retention=settings.retention)
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         if settings.blob_dir:
             blob_dir = Path(settings.blob_dir)
@@ -69,17 +70,22 @@ class Gateway:
             blob_dir = Path(self._scratch.name)
         else:
             blob_dir = Path(settings.db + ".blobs")
-        self._blobs = BlobStore(blob_dir, settings.max_blob_bytes)
+        self._blobs = BlobStore(
+            blob_dir, settings.max_blob_bytes, upload_idle_timeout=settings.upload_idle_timeout
+        )
         self.metrics = GatewayMetrics()
         self._scheduler = Scheduler(settings, self._store, self._blobs, self.metrics)
         self._metrics_server: MetricsServer | None = None
         self._health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._retention: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         telemetry.setup("jobmesh-gateway")
         await self._store.open(self._hub.publish)
         recovered = await self._scheduler.recover()
+        retention = Retention(self._store, self._blobs, blob_grace=self.settings.blob_grace)
+        self._retention = asyncio.create_task(retention.run(self.settings.sweep_interval))
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]  # type: ignore[type-arg]
         if telemetry.enabled():
             # The worker sessions live as long as the workers: no span for them.
@@ -111,7 +117,9 @@ class Gateway:
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminService(self._scheduler, self.metrics), server
         )
-        blob_service_pb2_grpc.add_BlobServiceServicer_to_server(BlobService(self._blobs), server)
+        blob_service_pb2_grpc.add_BlobServiceServicer_to_server(
+            BlobService(self._blobs, self.settings.max_transfers), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (
@@ -156,6 +164,10 @@ class Gateway:
         self._scheduler.stop()
         await self._server.stop(grace)
         self._server = None
+        if self._retention is not None:
+            self._retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention
         if self._metrics_server is not None:
             self._metrics_server.stop()
         await self._store.close()
@@ -169,10 +181,9 @@ class Gateway:
             await self._server.wait_for_termination()
 
 
-# Descriptors kept free for what is not a client connection: the database, blob transfers
-# (see BlobService's own limit), log and metrics files, and connections a worker opens
-# while the quota is full.
-RESERVED_DESCRIPTORS = 512
+# Descriptors kept free, beyond one per blob transfer, for what is not a connection: the
+# database, log and metrics files, the process pool of an embedded worker.
+RESERVED_DESCRIPTORS = 256
 
 
 def raise_descriptor_limit() -> int:
@@ -193,7 +204,8 @@ def server_options(settings: GatewaySettings, descriptors: int) -> list[tuple[st
     """gRPC server options: message size, connection quota, keepalive enforcement, idle and
     age limits, so that neither a flood of connections nor idle ones exhaust the gateway."""
     limit = settings.max_message_bytes
-    connections = settings.max_connections or max(16, descriptors - RESERVED_DESCRIPTORS)
+    reserved = RESERVED_DESCRIPTORS + settings.max_transfers
+    connections = settings.max_connections or max(16, descriptors - reserved)
     options = [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),

@@ -46,6 +46,7 @@ class GatewaySettings:
     upload_idle_timeout: float = setting(
         30.0, "seconds an upload may send nothing before it is dropped"
     )
+    max_transfers: int = setting(256, "most blob uploads and downloads at once")
     max_inline_memory: int = setting(
         256 << 20,
         "bytes of inline inputs held in memory; the rest are read from the database at dispatch",
@@ -105,6 +106,7 @@ class GatewaySettings:
             "max_queued",
             "default_max_attempts",
             "max_inline_memory",
+            "max_transfers",
             "max_worker_slots",
             "max_events_per_job",
             "max_concurrent_rpcs",
@@ -119,8 +121,16 @@ class GatewaySettings:
                 raise ValueError(f"{name} must not be negative")
         if self.max_message_bytes < 1024:
             raise ValueError("max_message_bytes must be at least 1024")
-        if self.limits.max_inline_bytes >= self.max_message_bytes:
-            raise ValueError("max_inline_bytes must be below max_message_bytes")
+        # A stored job holds inputs, params, outputs and metadata: each may take a quarter of
+        # a message, so Get, Watch and Assign always fit what the gateway may send.
+        quarter = self.max_message_bytes // 4
+        capped = {
+            name: quarter
+            for name in ("max_inline_bytes", "max_params_bytes")
+            if getattr(self.limits, name) > quarter
+        }
+        if capped:
+            object.__setattr__(self, "limits", replace(self.limits, **capped))
         check_port(self.metrics_port)
         check_format(self.log_format)
 
@@ -192,9 +202,8 @@ def markdown_table() -> str:
     for cls in (GatewaySettings, Limits):
         for f in _fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            rows.append(
-                f"| `{flag}` | `{_env_name(f)}` | {_shown(f.name, f.default)} | {f.metadata['help']} |"
-            )
+            default = _shown(f.name, f.default)
+            rows.append(f"| `{flag}` | `{_env_name(f)}` | {default} | {f.metadata['help']} |")
     rows.append("| `--log-level` | | `INFO` | `DEBUG`, `INFO`, `WARNING`, `ERROR` |")
     return "\n".join(rows) + "\n"
 

@@ -47,6 +47,8 @@ class SpecOptions(TypedDict, total=False):
     """Longest the job may wait in the queue for an attempt; it then fails."""
     schedule_to_close_timeout: Seconds | None
     """Longest the whole job may take, retries included; it then fails DEADLINE_EXCEEDED."""
+    retention: Seconds | None
+    """How long the job is kept after it ends (default: the gateway's `--retention`)."""
 
 
 def job_spec(
@@ -91,6 +93,7 @@ def job_spec(
         options.get("schedule_to_close_timeout"),
         "schedule_to_close_timeout",
     )
+    _set_duration(spec.retention, options.get("retention"), "retention")
     return spec
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,6 +31,15 @@ class Inserted:
     """The idempotency key matched this earlier job; nothing was inserted."""
 
 
+@dataclass(frozen=True)
+class Unfinished:
+    """A job to take back at start, without its inline inputs: `JobStore.inputs` reads them."""
+
+    job: job_pb2.Job
+    inline_bytes: int
+    """Bytes of the inline inputs left in the store (their values' lengths together)."""
+
+
 @dataclass
 class Page:
     jobs: list[job_pb2.Job] = field(default_factory=list)
@@ -51,14 +60,17 @@ class JobStore(Protocol):
         """Inserts new jobs with their first event, all or none.
 
         A job whose (tenant, idempotency key) exists already is not inserted;
-        the earlier job comes back with `existing=True` and its event is dropped.
+        the earlier job comes back, without its inline inputs, with `existing=True`,
+        and its event is dropped. Each new job references its input blobs.
         """
         ...
 
     def save(self, job: job_pb2.Job, event: job_pb2.JobEvent | None) -> Awaitable[None]:
         """Writes the job's status (not its spec) and appends the event.
 
-        Takes effect in call order even when the caller does not await it.
+        Takes effect in call order even when the caller does not await it. The save that
+        ends the job sets when it expires; one that makes it SUCCEEDED references its
+        output blobs.
         """
         ...
 
@@ -66,12 +78,39 @@ class JobStore(Protocol):
         """Done once every write made before it is committed."""
         ...
 
-    async def get(self, tenant: str, job_id: str) -> job_pb2.Job | None: ...
+    async def get(self, tenant: str, job_id: str) -> job_pb2.Job | None:
+        """The job whole, inline inputs and outputs included."""
+        ...
 
-    async def list_jobs(self, where: JobFilter, page_size: int, after_id: str) -> Page: ...
+    async def list_jobs(
+        self, where: JobFilter, page_size: int, after_id: str, max_bytes: int | None = None
+    ) -> Page:
+        """Jobs newest first, without inline inputs or outputs: at most `page_size`, and
+        at most `max_bytes` serialized (but always one, so paging goes on)."""
+        ...
 
     async def events(self, job_id: str, after_seq: int) -> list[job_pb2.JobEvent]: ...
 
-    async def unfinished(self) -> list[job_pb2.Job]:
-        """Jobs not yet in a terminal state, in submit order, with their specs."""
+    async def unfinished(self) -> list[Unfinished]:
+        """Jobs not yet in a terminal state, in submit order; their inputs are not read."""
+        ...
+
+    async def inputs(self, job_id: str) -> dict[str, bytes]:
+        """The job's inline inputs; empty if it has none."""
+        ...
+
+    async def purge(self, now: float, limit: int) -> int:
+        """Deletes up to `limit` jobs that expired by `now` (time.time() seconds), with
+        their events, inputs and blob references; returns how many.
+
+        Each leaves a tombstone for `expired`, itself deleted one retention later.
+        """
+        ...
+
+    async def expired(self, tenant: str, job_id: str) -> bool:
+        """Whether the job existed and was purged (as opposed to never existing)."""
+        ...
+
+    async def referenced(self, blob_ids: Collection[str]) -> set[str]:
+        """Those of the blobs some job references."""
         ...

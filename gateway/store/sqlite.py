@@ -6,6 +6,10 @@ Submits cost one WAL commit together. If one of them fails, the batch is
 rolled back and each runs again alone, so only the failing one fails.
 With `synchronous=NORMAL` a committed transaction survives the gateway being
 killed; only a power loss may take the last commits back.
+
+The schema is versioned (`gateway.store.migrations`); opening a file upgrades it.
+Finished jobs are purged in bounded batches, and the file gives the space back a
+bounded number of pages at a time (incremental auto-vacuum).
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 from gateway.jobs import ts_seconds
-from gateway.store import Inserted, JobFilter, OnCommitted, Page
+from gateway.store import Inserted, JobFilter, OnCommitted, Page, Unfinished, migrations, rows
 from jobmesh.convert import TERMINAL_STATES
 from jobmesh.v1 import job_pb2
 
@@ -29,81 +33,58 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _MAX_OPS_PER_COMMIT = 512
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    state INTEGER NOT NULL,
-    idempotency_key TEXT,
-    labels TEXT NOT NULL,
-    create_time REAL NOT NULL,
-    spec BLOB NOT NULL,
-    status BLOB NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency
-    ON jobs (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (state) WHERE state < 4;
-CREATE TABLE IF NOT EXISTS events (
-    job_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (job_id, seq)
-) WITHOUT ROWID;
-"""
+DEFAULT_RETENTION = 7 * 24 * 3600.0
+# Pages given back after each purge: about 16 MiB of 4 KiB pages, so that the writer
+# thread is never held long; what is left goes with the next purges.
+_VACUUM_PAGES = 4096
+# Largest WAL kept on disk after a checkpoint.
+_JOURNAL_SIZE_LIMIT = 64 << 20
+# Host parameters per statement, well below SQLite's limit.
+_MAX_PARAMS = 500
+# A repeated message field's tag and length prefix, at most.
+_FIELD_OVERHEAD = 6
 
 
-# A job's new state and status blob, and its event row if any: what `save` writes.
-_SaveRow = tuple[str, int, bytes, tuple[str, int, bytes] | None]
+class _Save(NamedTuple):
+    """What `save` writes: the job's state, status and expiry, its event, its new blob refs."""
+
+    job_id: str
+    state: int
+    status: bytes
+    expire_time: float | None
+    event: tuple[str, int, bytes] | None
+    blob_ids: Collection[str]
 
 
 class _Op:
-    __slots__ = ("events", "fn", "future", "save")
+    __slots__ = ("alone", "events", "fn", "future", "save")
 
     def __init__(
         self,
         fn: Callable[[sqlite3.Connection], Any],
         future: asyncio.Future[Any] | None,
         events: Sequence[job_pb2.JobEvent],
-        save: _SaveRow | None = None,
+        save: _Save | None = None,
+        alone: bool = False,
     ) -> None:
         self.fn = fn
         self.future = future
         self.events = events
         self.save = save
-
-
-def _status_blob(job: job_pb2.Job) -> bytes:
-    status = job_pb2.Job()
-    status.CopyFrom(job)
-    status.ClearField("spec")
-    return status.SerializeToString()
-
-
-def _stored_event(event: job_pb2.JobEvent) -> bytes:
-    # The result is kept once, with the job; replay attaches it again.
-    if not event.HasField("result"):
-        return event.SerializeToString()
-    stored = job_pb2.JobEvent()
-    stored.CopyFrom(event)
-    stored.ClearField("result")
-    return stored.SerializeToString()
-
-
-def _job_from_row(spec: bytes, status: bytes, *, light: bool = False) -> job_pb2.Job:
-    job = job_pb2.Job.FromString(status)
-    job.spec.ParseFromString(spec)
-    if light:
-        job.spec.ClearField("inputs")
-        job.result.ClearField("outputs")
-    return job
+        self.alone = alone
+        """Runs outside any transaction (as PRAGMA incremental_vacuum must)."""
 
 
 class SqliteStore:
-    """`JobStore` on a SQLite file."""
+    """`JobStore` on a SQLite file.
 
-    def __init__(self, path: str) -> None:
+    Finished jobs expire `retention` seconds after they end, unless their spec says
+    otherwise; tombstones of purged jobs are kept as long again.
+    """
+
+    def __init__(self, path: str, *, retention: float = DEFAULT_RETENTION) -> None:
         self._path = path
+        self._retention = retention
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -133,7 +114,12 @@ class SqliteStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(_SCHEMA)
+        conn.execute(f"PRAGMA journal_size_limit={_JOURNAL_SIZE_LIMIT}")
+        try:
+            migrations.migrate(conn, self._path, retention=self._retention)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _run(self, opened: asyncio.Future[None]) -> None:
@@ -152,9 +138,16 @@ class SqliteStore:
                 if op is None:
                     stopping = True
                     break
-                batch.append(op)
-                if len(batch) >= _MAX_OPS_PER_COMMIT:
-                    break
+                if op.alone:
+                    # What came before it is committed first, so order is kept.
+                    if batch:
+                        self._commit(conn, batch)
+                        batch = []
+                    self._commit_alone(conn, op)
+                else:
+                    batch.append(op)
+                    if len(batch) >= _MAX_OPS_PER_COMMIT:
+                        break
                 try:
                     op = self._ops.get_nowait()
                 except queue.Empty:
@@ -162,6 +155,15 @@ class SqliteStore:
             if batch:
                 self._commit(conn, batch)
         conn.close()
+
+    def _commit_alone(self, conn: sqlite3.Connection, op: _Op) -> None:
+        assert self._loop is not None
+        outcome: tuple[bool, Any]
+        try:
+            outcome = (True, op.fn(conn))
+        except Exception as exc:
+            outcome = (False, exc)
+        self._loop.call_soon_threadsafe(self._settle, [op], [outcome])
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         assert self._loop is not None
@@ -182,8 +184,9 @@ class SqliteStore:
         # A job changes state several times within one batch (assigned, running, done):
         # consecutive saves are written together, each job's status once, its events in one
         # executemany. Any other operation first flushes them, so order is kept.
-        statuses: dict[str, tuple[int, bytes]] = {}
+        statuses: dict[str, tuple[int, bytes, float | None]] = {}
         events: list[tuple[str, int, bytes]] = []
+        refs: list[tuple[str, str]] = []
 
         def flush() -> None:
             if events:
@@ -191,10 +194,13 @@ class SqliteStore:
                 events.clear()
             if statuses:
                 conn.executemany(
-                    "UPDATE jobs SET state = ?, status = ? WHERE id = ?",
-                    [(state, status, job_id) for job_id, (state, status) in statuses.items()],
+                    "UPDATE jobs SET state = ?, status = ?, expire_time = ? WHERE id = ?",
+                    [(*row, job_id) for job_id, row in statuses.items()],
                 )
                 statuses.clear()
+            if refs:
+                conn.executemany("INSERT OR IGNORE INTO blob_refs VALUES (?, ?)", refs)
+                refs.clear()
 
         conn.execute("BEGIN")
         try:
@@ -204,10 +210,11 @@ class SqliteStore:
                     flush()
                     results.append((True, op.fn(conn)))
                     continue
-                job_id, state, status, event_row = op.save
-                statuses[job_id] = (state, status)
-                if event_row is not None:
-                    events.append(event_row)
+                save = op.save
+                statuses[save.job_id] = (save.state, save.status, save.expire_time)
+                if save.event is not None:
+                    events.append(save.event)
+                refs.extend((blob_id, save.job_id) for blob_id in save.blob_ids)
                 results.append((True, None))
             flush()
             conn.execute("COMMIT")
@@ -233,12 +240,14 @@ class SqliteStore:
         self,
         fn: Callable[[sqlite3.Connection], T],
         events: Sequence[job_pb2.JobEvent] = (),
-        save: _SaveRow | None = None,
+        save: _Save | None = None,
+        *,
+        alone: bool = False,
     ) -> asyncio.Future[T]:
         if self._thread is None or self._loop is None:
             raise RuntimeError("store is not open")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._ops.put(_Op(fn, future, events, save))
+        self._ops.put(_Op(fn, future, events, save, alone))
         return future
 
     # --- JobStore -------------------------------------------------------------
@@ -246,17 +255,22 @@ class SqliteStore:
     async def insert(
         self, jobs: Sequence[job_pb2.Job], events: Sequence[job_pb2.JobEvent]
     ) -> list[Inserted]:
-        rows = [
+        prepared = [
             (
-                job.id,
-                job.tenant,
-                job.spec.kind,
-                job.state,
-                job.spec.idempotency_key or None,
-                json.dumps(dict(job.spec.labels), sort_keys=True),
-                ts_seconds(job.create_time),
-                job.spec.SerializeToString(),
-                _status_blob(job),
+                (
+                    job.id,
+                    job.tenant,
+                    job.spec.kind,
+                    job.state,
+                    job.spec.idempotency_key or None,
+                    json.dumps(dict(job.spec.labels), sort_keys=True),
+                    ts_seconds(job.create_time),
+                    rows.spec_blob(job.spec),
+                    rows.status_blob(job),
+                    rows.expire_time(job, self._retention),
+                ),
+                rows.inputs_row(job.spec),
+                [(blob_id, job.id) for blob_id in rows.input_blob_ids(job.spec)],
             )
             for job in jobs
         ]
@@ -264,19 +278,27 @@ class SqliteStore:
         def run(conn: sqlite3.Connection) -> tuple[list[Inserted], list[job_pb2.JobEvent]]:
             out: list[Inserted] = []
             fresh: list[job_pb2.JobEvent] = []
-            for job, row, event in zip(jobs, rows, events, strict=True):
+            for job, (row, inputs, refs), event in zip(jobs, prepared, events, strict=True):
                 if job.spec.idempotency_key:
                     found = conn.execute(
                         "SELECT spec, status FROM jobs WHERE tenant = ? AND idempotency_key = ?",
                         (job.tenant, job.spec.idempotency_key),
                     ).fetchone()
                     if found is not None:
-                        out.append(Inserted(_job_from_row(*found), existing=True))
+                        out.append(Inserted(rows.job_from_row(*found), existing=True))
                         continue
-                conn.execute("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                conn.execute(
+                    "INSERT INTO jobs (id, tenant, kind, state, idempotency_key, labels,"
+                    " create_time, spec, status, expire_time)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+                if inputs is not None:
+                    conn.execute("INSERT INTO job_inputs VALUES (?, ?, ?)", (job.id, *inputs))
+                conn.executemany("INSERT OR IGNORE INTO blob_refs VALUES (?, ?)", refs)
                 conn.execute(
                     "INSERT INTO events VALUES (?, ?, ?)",
-                    (event.job_id, event.seq, _stored_event(event)),
+                    (event.job_id, event.seq, rows.stored_event(event)),
                 )
                 out.append(Inserted(job))
                 fresh.append(event)
@@ -289,8 +311,14 @@ class SqliteStore:
         return inserted
 
     def save(self, job: job_pb2.Job, event: job_pb2.JobEvent | None) -> asyncio.Future[None]:
-        event_row = (event.job_id, event.seq, _stored_event(event)) if event else None
-        row: _SaveRow = (job.id, job.state, _status_blob(job), event_row)
+        row = _Save(
+            job.id,
+            job.state,
+            rows.status_blob(job),
+            rows.expire_time(job, self._retention),
+            (event.job_id, event.seq, rows.stored_event(event)) if event else None,
+            rows.output_blob_ids(job),
+        )
         future = self._call(_unused, (event,) if event else (), save=row)
         # Callers often do not wait for a save; a failure must still be seen.
         future.add_done_callback(_log_failure)
@@ -303,14 +331,18 @@ class SqliteStore:
     async def get(self, tenant: str, job_id: str) -> job_pb2.Job | None:
         def run(conn: sqlite3.Connection) -> job_pb2.Job | None:
             row = conn.execute(
-                "SELECT spec, status FROM jobs WHERE id = ? AND tenant = ?", (job_id, tenant)
+                "SELECT spec, status, data FROM jobs LEFT JOIN job_inputs ON job_id = id"
+                " WHERE id = ? AND tenant = ?",
+                (job_id, tenant),
             ).fetchone()
-            return None if row is None else _job_from_row(*row)
+            return None if row is None else rows.job_from_row(*row)
 
         return await self._call(run)
 
-    async def list_jobs(self, where: JobFilter, page_size: int, after_id: str) -> Page:
-        sql = ["SELECT spec, status, id FROM jobs WHERE tenant = ?"]
+    async def list_jobs(
+        self, where: JobFilter, page_size: int, after_id: str, max_bytes: int | None = None
+    ) -> Page:
+        sql = ["SELECT spec, status FROM jobs WHERE tenant = ?"]
         args: list[Any] = [where.tenant]
         if where.states:
             sql.append(f"AND state IN ({', '.join('?' * len(where.states))})")
@@ -336,38 +368,117 @@ class SqliteStore:
         query = " ".join(sql)
 
         def run(conn: sqlite3.Connection) -> Page:
-            rows = conn.execute(query, args).fetchall()
-            page = Page(
-                [_job_from_row(spec, status, light=True) for spec, status, _ in rows[:page_size]]
-            )
-            if len(rows) > page_size:
-                page.last_id = rows[page_size - 1][2]
+            page = Page()
+            size = 0
+            for spec, status in conn.execute(query, args).fetchall():
+                if len(page.jobs) == page_size:
+                    page.last_id = page.jobs[-1].id
+                    break
+                job = rows.job_from_row(spec, status, light=True)
+                # Each job costs its bytes and a field's tag and length in the response.
+                size += job.ByteSize() + _FIELD_OVERHEAD
+                if page.jobs and max_bytes is not None and size > max_bytes:
+                    page.last_id = page.jobs[-1].id
+                    break
+                page.jobs.append(job)
             return page
 
         return await self._call(run)
 
     async def events(self, job_id: str, after_seq: int) -> list[job_pb2.JobEvent]:
         def run(conn: sqlite3.Connection) -> list[job_pb2.JobEvent]:
-            rows = conn.execute(
+            found = conn.execute(
                 "SELECT data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq",
                 (job_id, after_seq),
             ).fetchall()
-            return [job_pb2.JobEvent.FromString(data) for (data,) in rows]
+            return [job_pb2.JobEvent.FromString(data) for (data,) in found]
 
         return await self._call(run)
 
-    async def unfinished(self) -> list[job_pb2.Job]:
+    async def unfinished(self) -> list[Unfinished]:
         terminal = tuple(TERMINAL_STATES)
         marks = ", ".join("?" * len(terminal))
 
-        def run(conn: sqlite3.Connection) -> list[job_pb2.Job]:
-            rows = conn.execute(
-                f"SELECT spec, status FROM jobs WHERE state NOT IN ({marks}) ORDER BY rowid",
+        def run(conn: sqlite3.Connection) -> list[Unfinished]:
+            found = conn.execute(
+                "SELECT spec, status, coalesce(bytes, 0)"
+                " FROM jobs LEFT JOIN job_inputs ON job_id = id"
+                f" WHERE state NOT IN ({marks}) ORDER BY jobs.rowid",
                 terminal,
             ).fetchall()
-            return [_job_from_row(*row) for row in rows]
+            return [
+                Unfinished(rows.job_from_row(spec, status), size) for spec, status, size in found
+            ]
 
         return await self._call(run)
+
+    async def inputs(self, job_id: str) -> dict[str, bytes]:
+        def run(conn: sqlite3.Connection) -> dict[str, bytes]:
+            row = conn.execute("SELECT data FROM job_inputs WHERE job_id = ?", (job_id,)).fetchone()
+            return {} if row is None else dict(job_pb2.JobSpec.FromString(row[0]).inputs)
+
+        return await self._call(run)
+
+    async def purge(self, now: float, limit: int) -> int:
+        forget_before = now - self._retention
+
+        def run(conn: sqlite3.Connection) -> int:
+            gone = conn.execute(
+                "SELECT id, tenant FROM jobs WHERE expire_time <= ? ORDER BY expire_time LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            ids = [(job_id,) for job_id, _ in gone]
+            conn.executemany("DELETE FROM events WHERE job_id = ?", ids)
+            conn.executemany("DELETE FROM job_inputs WHERE job_id = ?", ids)
+            conn.executemany("DELETE FROM blob_refs WHERE job_id = ?", ids)
+            conn.executemany("DELETE FROM jobs WHERE id = ?", ids)
+            conn.executemany(
+                "INSERT OR REPLACE INTO expired_jobs VALUES (?, ?, ?)",
+                [(job_id, tenant, now) for job_id, tenant in gone],
+            )
+            conn.execute(
+                "DELETE FROM expired_jobs WHERE id IN"
+                " (SELECT id FROM expired_jobs WHERE purge_time <= ? LIMIT ?)",
+                (forget_before, limit),
+            )
+            return len(gone)
+
+        purged = await self._call(run)
+        await self._call(_give_space_back, alone=True)
+        return purged
+
+    async def expired(self, tenant: str, job_id: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM expired_jobs WHERE id = ? AND tenant = ?", (job_id, tenant)
+            ).fetchone()
+            return row is not None
+
+        return await self._call(run)
+
+    async def referenced(self, blob_ids: Collection[str]) -> set[str]:
+        wanted = list(blob_ids)
+
+        def run(conn: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(wanted), _MAX_PARAMS):
+                chunk = wanted[start : start + _MAX_PARAMS]
+                marks = ", ".join("?" * len(chunk))
+                found.update(
+                    blob_id
+                    for (blob_id,) in conn.execute(
+                        f"SELECT DISTINCT blob_id FROM blob_refs WHERE blob_id IN ({marks})", chunk
+                    )
+                )
+            return found
+
+        return await self._call(run)
+
+
+def _give_space_back(conn: sqlite3.Connection) -> None:
+    if conn.execute("PRAGMA freelist_count").fetchone()[0]:
+        # Python's execute() would free a single page; executescript() steps it to the end.
+        conn.executescript(f"PRAGMA incremental_vacuum({_VACUUM_PAGES})")
 
 
 def _unused(conn: sqlite3.Connection) -> None:

@@ -105,7 +105,35 @@ async def test_unfinished_jobs_come_back_in_submit_order(store: SqliteStore) -> 
     jobs = await insert(store, new_job(), new_job(), new_job())
     jobs[1].state = S.JOB_STATE_FAILED
     await store.save(jobs[1], next_event(jobs[1]))
-    assert [j.id for j in await store.unfinished()] == [jobs[0].id, jobs[2].id]
+    assert [u.job.id for u in await store.unfinished()] == [jobs[0].id, jobs[2].id]
+
+
+async def test_unfinished_leaves_inline_inputs_in_the_store_until_asked(tmp_path: Path) -> None:
+    path = str(tmp_path / "jobs.db")
+    store = SqliteStore(path)
+    await store.open(Committed())
+    bare = new_job()
+    bare.spec.ClearField("inputs")
+    with_inputs, without = await insert(store, new_job(), bare)
+    await store.close()
+
+    reopened = SqliteStore(path)
+    await reopened.open(Committed())
+    try:
+        unfinished = await reopened.unfinished()
+        assert [(u.job.id, u.inline_bytes) for u in unfinished] == [
+            (with_inputs.id, 10),
+            (without.id, 0),
+        ]
+        assert all(u.job.spec.inputs == {} for u in unfinished)
+        assert unfinished[0].job.spec.kind == "echo"
+        assert await reopened.inputs(with_inputs.id) == {"in": b"x" * 10}
+        assert await reopened.inputs(without.id) == {}
+        got = await reopened.get("default", with_inputs.id)  # Get shows them
+        assert got is not None
+        assert got.spec.inputs == {"in": b"x" * 10}
+    finally:
+        await reopened.close()
 
 
 async def test_a_failing_write_fails_alone(store: SqliteStore) -> None:
@@ -121,3 +149,18 @@ async def test_a_failing_write_fails_alone(store: SqliteStore) -> None:
     assert stored is not None
     assert stored.state == S.JOB_STATE_RUNNING
     assert [e.seq for e in await store.events(b.id, 0)] == [1, 2]
+
+
+async def test_a_page_ends_before_it_grows_past_its_byte_limit(store: SqliteStore) -> None:
+    jobs = await insert(store, *(new_job(labels={"pad": "x" * 200}) for _ in range(5)))
+    one = (await store.list_jobs(JobFilter(tenant="default"), 10, "")).jobs[0].ByteSize()
+    # Room for three and a half jobs, whatever the few bytes their timestamps differ by.
+    room = int(3.5 * (one + 6))
+    page = await store.list_jobs(JobFilter(tenant="default"), 10, "", max_bytes=room)
+    assert [j.id for j in page.jobs] == [jobs[4].id, jobs[3].id, jobs[2].id]
+    assert page.last_id == jobs[2].id
+    tiny = await store.list_jobs(JobFilter(tenant="default"), 10, "", max_bytes=1)
+    assert len(tiny.jobs) == 1  # always one, so paging goes on
+    rest = await store.list_jobs(JobFilter(tenant="default"), 10, page.last_id, max_bytes=10**6)
+    assert [j.id for j in rest.jobs] == [jobs[1].id, jobs[0].id]
+    assert rest.last_id == ""

@@ -1,0 +1,182 @@
+"""The SQLite schema's versions: numbered migrations, applied in order when the store opens.
+
+`PRAGMA user_version` is the number of the last migration applied. A migration runs in
+one transaction with the bump of the version, so a crash leaves the file at one version
+or the next, never between. Files written before versions existed have version 0 and
+the tables of version 1 already; migration 1 creates them only where they are missing.
+A file with a version this code does not know is refused, not guessed at.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from gateway.store import rows
+from jobmesh.convert import TERMINAL_STATES
+
+log = logging.getLogger(__name__)
+
+
+class SchemaTooNew(Exception):
+    """The database was written by a newer jobmesh than this one."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    summary: str
+    apply: Callable[[sqlite3.Connection, float], None]
+    """Makes the change, given the store's default retention in seconds."""
+    transaction: bool = True
+    """False for what SQLite cannot do in a transaction (VACUUM); it must be idempotent."""
+
+
+def _execute(conn: sqlite3.Connection, *statements: str) -> None:
+    # Not executescript: it would commit the migration's transaction first.
+    for statement in statements:
+        conn.execute(statement)
+
+
+def _jobs(conn: sqlite3.Connection, where: str = "") -> Iterator[tuple[int, bytes, bytes]]:
+    """(rowid, spec, status) of each job, read one at a time: specs may be large."""
+    rowids = [rowid for (rowid,) in conn.execute(f"SELECT rowid FROM jobs {where} ORDER BY rowid")]
+    for rowid in rowids:
+        spec, status = conn.execute(
+            "SELECT spec, status FROM jobs WHERE rowid = ?", (rowid,)
+        ).fetchone()
+        yield rowid, spec, status
+
+
+def _v1_jobs_and_events(conn: sqlite3.Connection, retention: float) -> None:
+    _execute(
+        conn,
+        """CREATE TABLE IF NOT EXISTS jobs (
+            id TEXT PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            state INTEGER NOT NULL,
+            idempotency_key TEXT,
+            labels TEXT NOT NULL,
+            create_time REAL NOT NULL,
+            spec BLOB NOT NULL,
+            status BLOB NOT NULL
+        )""",
+        """CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency
+            ON jobs (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL""",
+        "CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (state) WHERE state < 4",
+        """CREATE TABLE IF NOT EXISTS events (
+            job_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (job_id, seq)
+        ) WITHOUT ROWID""",
+    )
+
+
+def _v2_payloads_apart(conn: sqlite3.Connection, retention: float) -> None:
+    _execute(
+        conn,
+        # `bytes` comes before `data` so that reading it leaves the payload on disk.
+        """CREATE TABLE job_inputs (
+            job_id TEXT PRIMARY KEY,
+            bytes INTEGER NOT NULL,
+            data BLOB NOT NULL
+        )""",
+        """CREATE TABLE blob_refs (
+            blob_id TEXT NOT NULL,
+            job_id TEXT NOT NULL,
+            PRIMARY KEY (blob_id, job_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX blob_refs_job ON blob_refs (job_id)",
+    )
+    for rowid, spec_data, status_data in _jobs(conn):
+        job = rows.job_from_row(spec_data, status_data)
+        inputs = rows.inputs_row(job.spec)
+        if inputs is not None:
+            conn.execute("INSERT INTO job_inputs VALUES (?, ?, ?)", (job.id, *inputs))
+            conn.execute(
+                "UPDATE jobs SET spec = ? WHERE rowid = ?", (rows.spec_blob(job.spec), rowid)
+            )
+        conn.executemany(
+            "INSERT OR IGNORE INTO blob_refs VALUES (?, ?)",
+            [
+                (blob_id, job.id)
+                for blob_id in rows.input_blob_ids(job.spec) | rows.output_blob_ids(job)
+            ],
+        )
+
+
+def _v3_retention(conn: sqlite3.Connection, retention: float) -> None:
+    _execute(
+        conn,
+        "ALTER TABLE jobs ADD COLUMN expire_time REAL",
+        "CREATE INDEX jobs_expiry ON jobs (expire_time) WHERE expire_time IS NOT NULL",
+        # What is left of a purged job: enough to tell "expired" from "never existed".
+        """CREATE TABLE expired_jobs (
+            id TEXT PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            purge_time REAL NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX expired_jobs_time ON expired_jobs (purge_time)",
+    )
+    terminal = ", ".join(str(int(state)) for state in sorted(TERMINAL_STATES))
+    for rowid, spec_data, status_data in _jobs(conn, f"WHERE state IN ({terminal})"):
+        expire = rows.expire_time(rows.job_from_row(spec_data, status_data), retention)
+        conn.execute("UPDATE jobs SET expire_time = ? WHERE rowid = ?", (expire, rowid))
+
+
+def _v4_incremental_vacuum(conn: sqlite3.Connection, retention: float) -> None:
+    # Purges then give space back a bounded number of pages at a time. An existing file
+    # changes mode only by being rewritten whole; a new one is empty here, so that is quick.
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "jobs and events", _v1_jobs_and_events),
+    Migration(2, "inline inputs and blob references apart from the spec", _v2_payloads_apart),
+    Migration(3, "expiry of finished jobs, tombstones of purged ones", _v3_retention),
+    Migration(4, "incremental auto-vacuum", _v4_incremental_vacuum, transaction=False),
+)
+LATEST = MIGRATIONS[-1].version
+
+
+def version(conn: sqlite3.Connection) -> int:
+    found: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    return found
+
+
+def migrate(conn: sqlite3.Connection, path: str, *, retention: float) -> int:
+    """Brings the database up to `LATEST`; returns the version it had.
+
+    `retention` (seconds) sets when jobs that finished before retention existed expire.
+    Raises SchemaTooNew for a database of a newer jobmesh.
+    """
+    found = version(conn)
+    if found > LATEST:
+        raise SchemaTooNew(
+            f"{path} has schema version {found}, but this jobmesh knows versions up to "
+            f"{LATEST}: run the newer jobmesh that wrote it, or another database file"
+        )
+    # A file with jobs in it may take a while to upgrade: say what is going on.
+    existing = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone()
+    for migration in MIGRATIONS[found:]:
+        if existing:
+            log.info("%s: schema version %d: %s", path, migration.version, migration.summary)
+        if not migration.transaction:
+            migration.apply(conn, retention)
+            conn.execute(f"PRAGMA user_version = {migration.version}")
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            migration.apply(conn, retention)
+            conn.execute(f"PRAGMA user_version = {migration.version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return found

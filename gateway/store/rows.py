@@ -1,0 +1,99 @@
+"""How a job is laid out in the store's rows; shared by the store and its migrations.
+
+A job is three rows: `jobs` holds its spec without inline inputs and its status (the
+job without its spec), `job_inputs` its inline inputs, and `blob_refs` one row per blob
+it uses. Keeping the inputs apart lets the gateway list and recover jobs without reading
+payloads it does not need yet.
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway.jobs import duration_seconds, ts_seconds
+from jobmesh.convert import TERMINAL_STATES
+from jobmesh.v1 import job_pb2
+
+
+def status_blob(job: job_pb2.Job) -> bytes:
+    status = job_pb2.Job()
+    status.CopyFrom(job)
+    status.ClearField("spec")
+    return status.SerializeToString()
+
+
+def stored_event(event: job_pb2.JobEvent) -> bytes:
+    # The result is kept once, with the job; replay attaches it again.
+    if not event.HasField("result"):
+        return event.SerializeToString()
+    stored = job_pb2.JobEvent()
+    stored.CopyFrom(event)
+    stored.ClearField("result")
+    return stored.SerializeToString()
+
+
+def spec_blob(spec: job_pb2.JobSpec) -> bytes:
+    """The spec as stored: without its inline inputs."""
+    if not spec.inputs:
+        return spec.SerializeToString()
+    stored = job_pb2.JobSpec()
+    stored.CopyFrom(spec)
+    stored.ClearField("inputs")
+    return stored.SerializeToString()
+
+
+def inputs_row(spec: job_pb2.JobSpec) -> tuple[int, bytes] | None:
+    """(inline bytes, data) of the spec's inline inputs, or None if it has none.
+
+    The data is a JobSpec carrying only the inputs, so merging it into the stored spec
+    gives the spec back whole.
+    """
+    if not spec.inputs:
+        return None
+    size = sum(len(data) for data in spec.inputs.values())
+    return size, job_pb2.JobSpec(inputs=spec.inputs).SerializeToString()
+
+
+def job_from_row(
+    spec: bytes, status: bytes, inputs: bytes | None = None, *, light: bool = False
+) -> job_pb2.Job:
+    """The job from its stored spec and status, with its inline inputs if given.
+
+    `light` leaves inline outputs out too, for listings.
+    """
+    job = job_pb2.Job.FromString(status)
+    job.spec.ParseFromString(spec)
+    if inputs is not None:
+        job.spec.MergeFromString(inputs)
+    if light:
+        job.result.ClearField("outputs")
+    return job
+
+
+def expire_time(job: job_pb2.Job, retention: float) -> float | None:
+    """When a finished job goes: its end plus its own retention, else `retention`.
+
+    None while the job has not finished.
+    """
+    if job.state not in TERMINAL_STATES:
+        return None
+    for stamp in (job.end_time, job.update_time, job.create_time):
+        if stamp.seconds or stamp.nanos:
+            end = ts_seconds(stamp)
+            break
+    else:
+        end = time.time()
+    if job.spec.HasField("retention"):
+        retention = duration_seconds(job.spec.retention)
+    return end + max(0.0, retention)
+
+
+def input_blob_ids(spec: job_pb2.JobSpec) -> set[str]:
+    return {ref.id for ref in spec.input_blobs.values()}
+
+
+def output_blob_ids(job: job_pb2.Job) -> set[str]:
+    """Blobs the job produced, which it references once it SUCCEEDED."""
+    if job.state != job_pb2.JOB_STATE_SUCCEEDED:
+        return set()
+    return {ref.id for ref in job.result.output_blobs.values()}
