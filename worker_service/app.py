@@ -184,7 +184,6 @@ def run(settings: WorkerSettings) -> int:
         specs,
         pool,
         threads=settings.slots,
-        max_result_bytes=settings.max_message_bytes,
         cancel_grace=settings.cancel_grace,
     )
     telemetry.setup("jobmesh-worker")

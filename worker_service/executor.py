@@ -29,8 +29,6 @@ from worker_service.task import AttemptKey, Task
 
 log = logging.getLogger("worker_service")
 
-# Room for the rest of a Completed message around the result.
-_ENVELOPE_BYTES = 64 * 1024
 # How long a cancelled asyncio task gets to unwind before it is left to itself.
 _UNWIND_SECONDS = 1.0
 
@@ -58,7 +56,6 @@ class Executor:
         pool: ProcessPool | None,
         *,
         threads: int,
-        max_result_bytes: int,
         cancel_grace: float = 5.0,
     ) -> None:
         self._specs = dict(specs)
@@ -66,7 +63,6 @@ class Executor:
         self._threads = ThreadPoolExecutor(
             max_workers=max(1, threads), thread_name_prefix="jobmesh-handler"
         )
-        self._max_result_bytes = max(1, max_result_bytes - _ENVELOPE_BYTES)
         self._cancel_grace = cancel_grace
         self._attempts: dict[AttemptKey, _Attempt] = {}
         self._busy_threads = 0
@@ -133,19 +129,12 @@ class Executor:
             # The gateway checks too; this covers a job submitted before the schema changed.
             if spec.params is not None and (problem := params_problem(spec.params, task.params)):
                 return outcomes.error("INVALID_PARAMS", problem, False)
-            outcome = await self._watch(spec, attempt, on_progress)
+            # Not checked for size here: the replica moves large outputs to blobs first.
+            return await self._watch(spec, attempt, on_progress)
         finally:
             if timer is not None:
                 timer.cancel()
             self._attempts.pop(task.key, None)
-        if isinstance(outcome, job_pb2.JobResult) and outcome.ByteSize() > self._max_result_bytes:
-            return outcomes.error(
-                "RESULT_TOO_LARGE",
-                f"the result is {outcome.ByteSize()} bytes; "
-                f"at most {self._max_result_bytes} fit in a message",
-                False,
-            )
-        return outcome
 
     async def _watch(
         self, spec: HandlerSpec, attempt: _Attempt, on_progress: ProgressFn

@@ -13,12 +13,17 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 
 from jobmesh import telemetry
+from jobmesh.errors import InvalidArgument
+from jobmesh.limits import DEFAULT_LIMITS, payload_names
 from jobmesh.v1 import job_pb2
 from worker_service.registry import HandlerError, JobContext, Result
 
 Outcome = job_pb2.JobResult | job_pb2.JobError
 
 log = logging.getLogger("worker_service")
+
+# A result the gateway would refuse (see `check_result`); rerunning would only make it again.
+INVALID_RESULT = "INVALID_RESULT"
 
 
 def error(code: str, message: str, retryable: bool) -> job_pb2.JobError:
@@ -50,11 +55,31 @@ def to_result(value: object) -> job_pb2.JobResult:
     result = job_pb2.JobResult(outputs={k: bytes(v) for k, v in value.outputs.items()})
     try:
         result.metadata.update(value.metadata)
+    except RecursionError:
+        raise HandlerError("metadata: nested too deeply to convert", code=INVALID_RESULT) from None
     except (TypeError, ValueError, AttributeError) as exc:
         raise HandlerError(
             f"metadata is not JSON-like: {type(exc).__name__}: {exc}", code="INVALID_RESULT"
         ) from exc
+    check_result(result)
     return result
+
+
+def check_result(result: job_pb2.JobResult) -> None:
+    """Raises HandlerError(INVALID_RESULT) for a result over the limits the gateway applies
+    (`jobmesh.limits`): too many outputs, a name that is no payload name, metadata too large
+    or too deep.
+
+    Checked where the handler ran, before the result is copied anywhere: protobuf cannot
+    even parse metadata nested near its 100-level limit, so such a result could neither
+    cross a pool pipe nor be sent, and a worker resending it would never be heard.
+    """
+    try:
+        DEFAULT_LIMITS.items(len(result.outputs) + len(result.output_blobs), "outputs")
+        payload_names([*result.outputs, *result.output_blobs], "output", "outputs")
+        DEFAULT_LIMITS.struct(result.metadata, "metadata")
+    except InvalidArgument as exc:
+        raise HandlerError(exc.message, code=INVALID_RESULT) from None
 
 
 def to_error(exc: BaseException, ctx: JobContext) -> job_pb2.JobError:

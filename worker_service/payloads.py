@@ -40,11 +40,14 @@ class Payloads:
     async def fetch(self, refs: dict[str, job_pb2.BlobRef]) -> dict[str, bytes]:
         return await blobs.fetch(self._blobs(), refs) if refs else {}
 
-    async def offload(self, result: job_pb2.JobResult) -> None:
-        """Moves the result's outputs over the inline limit into uploaded blobs."""
-        large = {n: d for n, d in result.outputs.items() if len(d) > self._inline_limit}
-        for name, data in large.items():
-            result.output_blobs[name].CopyFrom(await blobs.upload(self._blobs(), data))
+    async def offload(self, result: job_pb2.JobResult, budget: int) -> None:
+        """Moves the result's outputs over the inline limit into uploaded blobs, then the
+        largest of the others until the result is at most `budget` bytes (or all are blobs)."""
+        for name in sorted(result.outputs, key=lambda n: len(result.outputs[n]), reverse=True):
+            if len(result.outputs[name]) <= self._inline_limit and result.ByteSize() <= budget:
+                break
+            ref = await blobs.upload(self._blobs(), result.outputs[name])
+            result.output_blobs[name].CopyFrom(ref)
             del result.outputs[name]
 
     async def close(self) -> None:

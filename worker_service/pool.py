@@ -403,11 +403,24 @@ def _mib(size: int) -> str:
     return f"{size / (1 << 20):.1f} MiB"
 
 
+def _encode(outcome: Outcome) -> tuple[Any, ...]:
+    """An outcome as it crosses the pipe. Outputs go as plain bytes beside the message, so
+    no protobuf size limit (2 GiB) applies to what the replica then moves to blobs."""
+    if isinstance(outcome, job_pb2.JobError):
+        return ("outcome", False, outcome.SerializeToString(), {})
+    outputs = dict(outcome.outputs)
+    outcome.ClearField("outputs")
+    return ("outcome", True, outcome.SerializeToString(), outputs)
+
+
 def _decode(message: tuple[Any, ...]) -> Outcome:
-    _, ok, data = message
-    if ok:
-        return job_pb2.JobResult.FromString(data)
-    return job_pb2.JobError.FromString(data)
+    _, ok, data, outputs = message
+    if not ok:
+        return job_pb2.JobError.FromString(data)
+    result = job_pb2.JobResult.FromString(data)
+    for name, value in outputs.items():
+        result.outputs[name] = value
+    return result
 
 
 # Everything below runs in the child process.
@@ -449,9 +462,7 @@ def _child_main(
         outcome = _run_in_child(task, conn, send_lock, cancel)
         telemetry.flush()  # this process may be killed at any time: its spans go now
         with send_lock:
-            conn.send(
-                ("outcome", isinstance(outcome, job_pb2.JobResult), outcome.SerializeToString())
-            )
+            conn.send(_encode(outcome))
 
 
 def _run_in_child(

@@ -16,11 +16,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from google.protobuf.message import DecodeError, EncodeError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from jobmesh import telemetry
 from jobmesh.errors import JobmeshError
+from jobmesh.limits import DEFAULT_LIMITS
 from jobmesh.logs import bind_job, job_fields
 from jobmesh.v1 import dispatcher_pb2, job_pb2
 from worker_service import outcomes
@@ -38,6 +40,9 @@ from worker_service.task import AttemptKey, Task
 
 log = logging.getLogger("worker_service")
 _tracer = trace.get_tracer("jobmesh.worker")
+
+# Room for the rest of a Completed message around the result's metadata and inline outputs.
+_ENVELOPE_BYTES = 64 * 1024
 
 
 def jobmesh_version() -> str:
@@ -200,7 +205,7 @@ class Replica:
 
         def on_progress(fraction: float, message: str) -> None:
             if key in self._running:
-                self._progress.report(key, fraction, message)
+                self._progress.report(key, fraction, DEFAULT_LIMITS.cut(message))
 
         if assign.input_blobs:
             outcome = self._with_blobs(task, dict(assign.input_blobs), on_progress)
@@ -249,7 +254,13 @@ class Replica:
         try:
             outcome = await running
             if isinstance(outcome, job_pb2.JobResult):
-                await self._payloads.offload(outcome)
+                # Before any size check: what blobs can carry is never too large. The
+                # gateway also takes at most `max_inline_bytes` of inline outputs.
+                budget = min(
+                    self._settings.max_message_bytes - _ENVELOPE_BYTES,
+                    DEFAULT_LIMITS.max_inline_bytes,
+                )
+                await self._payloads.offload(outcome, budget)
         except asyncio.CancelledError:
             self._finish(
                 task, outcomes.error("WORKER_SHUTDOWN", "the worker stopped during the job", True)
@@ -269,6 +280,7 @@ class Replica:
         running = self._running.pop(key, None)
         if running is None:
             return
+        outcome, report = _report(key, outcome, self._settings.max_message_bytes)
         self._metrics.finished(task.kind, outcome, time.monotonic() - running.started)
         if not isinstance(outcome, job_pb2.JobResult):
             running.span.set_attribute(telemetry.ERROR_CODE, outcome.code)
@@ -278,13 +290,10 @@ class Replica:
         self._per_kind[task.kind] -= 1
         if isinstance(outcome, job_pb2.JobResult):
             self.jobs_done += 1
-            item = dispatcher_pb2.Completed(job_id=key[0], attempt=key[1], result=outcome)
-            self._send(dispatcher_pb2.SessionRequest(completed=[item]))
         else:
             self.jobs_failed += 1
             log.info("job %s attempt %d failed: %s %s", *key, outcome.code, outcome.message)
-            item_failed = dispatcher_pb2.Failed(job_id=key[0], attempt=key[1], error=outcome)
-            self._send(dispatcher_pb2.SessionRequest(failed=[item_failed]))
+        self._send(report)
         if not self._running:
             self._idle.set()
 
@@ -307,6 +316,36 @@ class Replica:
 
     def _send(self, message: dispatcher_pb2.SessionRequest) -> None:
         self._session.send(message)
+
+
+def _report(
+    key: AttemptKey, outcome: Outcome, max_bytes: int
+) -> tuple[Outcome, dispatcher_pb2.SessionRequest]:
+    """The message that reports `outcome`, and the outcome it reports: a result that does
+    not fit one message fails as RESULT_TOO_LARGE; an error's message is cut to size."""
+    if isinstance(outcome, job_pb2.JobResult):
+        try:
+            completed = dispatcher_pb2.Completed(job_id=key[0], attempt=key[1], result=outcome)
+            report = dispatcher_pb2.SessionRequest(completed=[completed])
+        except (DecodeError, EncodeError, ValueError) as exc:  # `check_result` should prevent it
+            outcome = outcomes.error(
+                outcomes.INVALID_RESULT, f"the result cannot be encoded: {exc}", False
+            )
+        else:
+            size = report.ByteSize()
+            if size <= max_bytes:
+                return outcome, report
+            outcome = outcomes.error(
+                "RESULT_TOO_LARGE",
+                f"the result is {size} bytes even with its large outputs in blobs; at most "
+                f"{max_bytes} fit in a message (max_message_bytes)",
+                False,
+            )
+    error = job_pb2.JobError(
+        code=outcome.code, message=DEFAULT_LIMITS.cut(outcome.message), retryable=outcome.retryable
+    )
+    failed = dispatcher_pb2.Failed(job_id=key[0], attempt=key[1], error=error)
+    return error, dispatcher_pb2.SessionRequest(failed=[failed])
 
 
 def _capacity(spec: HandlerSpec) -> dispatcher_pb2.KindCapacity:

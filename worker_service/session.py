@@ -6,12 +6,14 @@ broke, goes out after the next Attach. Results (Completed, Failed) are kept unti
 gateway acknowledges them and are sent again after every reconnect, because a write that
 returned may still have been lost with the connection: the gateway ignores anything
 stale (fencing), so a duplicate costs nothing, while a lost result would cost a rerun.
+A result that every stream it goes out on breaks without acknowledging is one the gateway
+cannot take; after `DELIVERY_TRIES` such streams in a row it is reported as failed
+(RESULT_UNDELIVERABLE) instead, so no message is resent forever.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Coroutine, Iterable
@@ -21,7 +23,7 @@ import grpc
 import grpc.aio
 
 from jobmesh.outbox import Outbox
-from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc
+from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc, job_pb2
 from worker_service.config import WorkerSettings
 
 log = logging.getLogger("worker_service")
@@ -30,6 +32,13 @@ log = logging.getLogger("worker_service")
 # or NAT is neither silently dropped nor left half-dead (Hatchet #3280).
 KEEPALIVE_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+
+# Streams in a row that may end without acknowledging a result sent on them before the
+# result is taken for one the gateway cannot read (a message it refuses breaks the stream).
+DELIVERY_TRIES = 3
+UNDELIVERABLE = "RESULT_UNDELIVERABLE"
+
+AttemptKey = tuple[str, int]
 
 
 class SessionHandler(Protocol):
@@ -61,7 +70,11 @@ class Session:
         # The message being written when a stream broke; it may not have arrived.
         self._unsent: dispatcher_pb2.SessionRequest | None = None
         # Results sent but not yet acknowledged by the gateway, by attempt.
-        self._unacked: dict[tuple[str, int], dispatcher_pb2.SessionRequest] = {}
+        self._unacked: dict[AttemptKey, dispatcher_pb2.SessionRequest] = {}
+        # Unacknowledged results sent on the current stream, and on how many streams in a
+        # row each has been sent without an acknowledgement.
+        self._tried: set[AttemptKey] = set()
+        self._tries: dict[AttemptKey, int] = {}
         self._all_acked = asyncio.Event()
         self._all_acked.set()
         self._call: (
@@ -87,10 +100,10 @@ class Session:
         """Queues a message; it is sent on the current stream or after the next Attach."""
         for completed in message.completed:
             kept = dispatcher_pb2.SessionRequest(completed=[completed])
-            self._unacked[(completed.job_id, completed.attempt)] = kept
+            self._keep((completed.job_id, completed.attempt), kept)
         for failed in message.failed:
             kept = dispatcher_pb2.SessionRequest(failed=[failed])
-            self._unacked[(failed.job_id, failed.attempt)] = kept
+            self._keep((failed.job_id, failed.attempt), kept)
         if self._unacked:
             self._all_acked.clear()
         self._flushed.clear()
@@ -101,11 +114,62 @@ class Session:
         """Results the gateway has not confirmed yet."""
         return len(self._unacked)
 
+    def _keep(self, key: AttemptKey, kept: dispatcher_pb2.SessionRequest) -> None:
+        self._unacked[key] = kept
+        self._tries.pop(key, None)
+
     def _acknowledged(self, refs: Iterable[dispatcher_pb2.AttemptRef]) -> None:
         for ref in refs:
-            self._unacked.pop((ref.job_id, ref.attempt), None)
+            key = (ref.job_id, ref.attempt)
+            self._unacked.pop(key, None)
+            self._tries.pop(key, None)
         if not self._unacked:
             self._all_acked.set()
+
+    def _count_unheard(self) -> None:
+        """Counts the stream that just ended against each result it took but did not
+        acknowledge; gives up on those that reach `DELIVERY_TRIES`."""
+        for key in self._tried & self._unacked.keys():
+            self._tries[key] = self._tries.get(key, 0) + 1
+            if self._tries[key] >= DELIVERY_TRIES:
+                del self._tries[key]
+                self._give_up(key)
+        self._tried = set()
+
+    def _give_up(self, key: AttemptKey) -> None:
+        """Replaces an undeliverable result with a Failed saying so; drops it if that small
+        Failed went unheard too (the gateway then treats the attempt as lost)."""
+        kept = self._unacked[key]
+        if any(f.error.code == UNDELIVERABLE for f in kept.failed):
+            log.error(
+                "job %s attempt %d: the gateway did not acknowledge its result on %d streams "
+                "in a row, even as %s; dropping it",
+                *key,
+                DELIVERY_TRIES,
+                UNDELIVERABLE,
+            )
+            del self._unacked[key]
+            if not self._unacked:
+                self._all_acked.set()
+            return
+        log.error(
+            "job %s attempt %d: each of %d streams in a row broke after carrying its result "
+            "unacknowledged; reporting %s instead",
+            *key,
+            DELIVERY_TRIES,
+            UNDELIVERABLE,
+        )
+        # Retryable: results are checked against the gateway's limits before they are sent,
+        # so this is more likely a gateway restarting in a loop than a poisonous result, and
+        # a rerun (bounded by the job's attempts) beats failing a good job for good.
+        error = job_pb2.JobError(
+            code=UNDELIVERABLE,
+            message=f"the gateway did not take the result on {DELIVERY_TRIES} connections "
+            "in a row (a message it cannot read breaks the connection)",
+            retryable=True,
+        )
+        failed = dispatcher_pb2.Failed(job_id=key[0], attempt=key[1], error=error)
+        self._unacked[key] = dispatcher_pb2.SessionRequest(failed=[failed])
 
     async def close(self) -> bool:
         """Delivers what is queued, half-closes the stream and waits for the gateway to end it.
@@ -146,6 +210,8 @@ class Session:
             await asyncio.shield(self._task)
 
     async def _run(self) -> None:
+        """Streams, one after another, until `close`: nothing else ends it, because a worker
+        that looks alive but has no stream is the zombie of Hatchet #4824."""
         delay = self._settings.reconnect_initial
         failures = 0
         while True:
@@ -158,14 +224,19 @@ class Session:
             except (SessionLost, grpc.RpcError, asyncio.InvalidStateError, TimeoutError) as exc:
                 reason = str(exc) or type(exc).__name__
             except Exception as exc:
-                # Never let the session die quietly: a worker that looks alive but has no
-                # stream is the zombie of Hatchet #4824.
                 log.exception("session failed unexpectedly")
                 reason = f"{type(exc).__name__}: {exc}"
             finally:
                 self._connected.clear()
                 self._call = None
+            try:
+                self._count_unheard()
                 await self._carry_over()
+            except Exception:
+                # The results among them are kept in `_unacked` and go again after Attach.
+                log.exception("could not carry unsent messages over to the next stream")
+                self._unsent = None
+                self._outbox = Outbox()
             if self._half_closed:
                 return
             if welcomed:
@@ -196,7 +267,10 @@ class Session:
         try:
             call = dispatcher_pb2_grpc.DispatcherStub(channel).Session(None)
             await call.write(dispatcher_pb2.SessionRequest(attach=self._handler.attach()))
-            first = await asyncio.wait_for(call.read(), self._welcome_timeout)
+            # Not `wait_for`: before Python 3.12 it swallows a cancel (`close`) that
+            # arrives as the read completes, and the session would go on after its close.
+            async with asyncio.timeout(self._welcome_timeout):
+                first = await call.read()
             if not isinstance(first, dispatcher_pb2.SessionResponse) or not first.HasField(
                 "welcome"
             ):
@@ -209,6 +283,7 @@ class Session:
                 self.session_id,
             )
             self._call = call
+            self._tried = set(self._unacked)
             for kept in self._unacked.values():  # maybe lost with the last connection
                 again = dispatcher_pb2.SessionRequest()
                 again.CopyFrom(kept)  # the outbox merges into what it is given
@@ -256,6 +331,8 @@ class Session:
                 self._flushed.set()
             message = await self._outbox.take()
             self._unsent = message
+            self._tried.update((c.job_id, c.attempt) for c in message.completed)
+            self._tried.update((f.job_id, f.attempt) for f in message.failed)
             await call.write(message)
             self._unsent = None
 
@@ -286,7 +363,11 @@ async def _first_to_end(*coros: Coroutine[Any, Any, None]) -> None:
     finally:
         for task in tasks:
             task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*tasks, return_exceptions=True)
+        # `wait`, not a suppressed `gather`: a cancel of this coroutine (`close`) arriving
+        # now must not be swallowed, or the session would go on after its close.
+        await asyncio.wait(tasks)
+        for task in tasks:  # retrieved here, so none is reported as never retrieved
+            if not task.cancelled():
+                task.exception()
     for task in done:
         task.result()

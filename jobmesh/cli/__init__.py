@@ -1,7 +1,7 @@
 """The `jobmesh` command.
 
 Exit codes: 0 ok, 1 the job did not succeed, 2 bad usage or INVALID_ARGUMENT, 3 any other
-error (NOT_FOUND, UNAVAILABLE, ...), 130 interrupted.
+error (NOT_FOUND, UNAVAILABLE, an output the CLI refuses to write...), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JobmeshError as e:
         print(f"jobmesh: {describe(e)}", file=sys.stderr)
         return exit_code(e)
-    except OSError as e:
+    except (OSError, cli_args.OutputRefused) as e:
         print(f"jobmesh: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

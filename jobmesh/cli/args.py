@@ -10,6 +10,7 @@ from typing import Any
 
 from jobmesh.convert import JobState, parse_state
 from jobmesh.errors import InvalidArgument
+from jobmesh.limits import is_payload_name
 from jobmesh.settings import parse_address
 
 
@@ -117,13 +118,21 @@ def read_inputs(files: list[tuple[str, Path]]) -> dict[str, Path]:
     return inputs
 
 
-def output_path(directory: Path, name: str) -> Path:
-    """Where output `name` goes under `directory`; InvalidArgument if the name could escape it.
+class OutputRefused(Exception):
+    """An output the CLI will not write, because its name could not safely name a file."""
 
-    Output names come from a handler, which is not the user: a name with a separator or '..'
-    could write anywhere.
+
+def output_path(directory: Path, name: str) -> Path:
+    """Where the job's output `name` goes under `directory`; OutputRefused unless `name` is
+    a payload name.
+
+    Output names come from a handler, which is not the user. Only a payload name (the rule
+    of `jobmesh.limits`, which the gateway applies too) becomes a file name: no separator,
+    no '..', no control character, no leading dot.
     """
-    separators = {"/", "\\", os.sep, os.altsep or "/"}
-    if not name or name == "." or ".." in name or "\0" in name or separators & set(name):
-        raise InvalidArgument(f"refusing to write output named {name!r}", "--output")
+    if not is_payload_name(name):
+        raise OutputRefused(
+            f"refusing to write output named {name[:70]!r}: not an output name (letters, "
+            "digits, '._ -', at most 128, no '..')"
+        )
     return directory / name

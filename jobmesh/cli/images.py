@@ -32,6 +32,9 @@ NOT_WRITTEN = "NOT_WRITTEN"
 EXIF_WIDTH = 60
 
 _PLACEMENT = re.compile(r"(-?\d+),(-?\d+)(?:,(\d*\.?\d+)(?:,(-?\d+))?)?")
+# The job says the extension of the file written; only letters and digits become part of
+# a file name.
+_EXTENSION = re.compile(r"[a-z0-9]{1,10}")
 
 
 def add_commands(
@@ -373,10 +376,12 @@ class _Report:
         extension = str(metadata.get("extension") or metadata.get("format") or "").lower()
         if not extension:
             raise _NotWritten("the job did not say the image's extension")
-        try:
-            path = cli_args.output_path(self._output, f"{self._stems[name]}.{extension}")
-        except InvalidArgument as e:
-            raise _NotWritten(e.message) from None
+        if not _EXTENSION.fullmatch(extension):
+            raise _NotWritten(
+                f"refusing the extension {extension[:40]!r} the job gave "
+                "(at most 10 letters and digits)"
+            )
+        path = self._output / f"{self._stems[name]}.{extension}"
         if path.resolve() in self._inputs:
             raise _NotWritten(f"refusing to overwrite the input {str(path)!r}")
         # Written aside and renamed, so an interrupted run leaves no half image.

@@ -67,6 +67,12 @@ def add_commands(
         ("--schedule-to-close-timeout", "the whole job may take, retries included"),
     ):
         p.add_argument(flag, type=cli_args.seconds, metavar="SECONDS", help=f"longest {what}")
+    p.add_argument(
+        "--retention",
+        type=cli_args.seconds,
+        metavar="SECONDS",
+        help="keep the job this long after it ends (default: the gateway's --retention)",
+    )
     p.add_argument("--wait", action="store_true", help="show progress until the job ends")
     p.add_argument("--output", type=Path, metavar="DIR", help="with --wait: write outputs here")
     p.set_defaults(func=submit)
@@ -126,6 +132,7 @@ def submit(args: argparse.Namespace) -> int:
             start_to_close_timeout=args.start_to_close_timeout,
             schedule_to_start_timeout=args.schedule_to_start_timeout,
             schedule_to_close_timeout=args.schedule_to_close_timeout,
+            retention=args.retention,
         )
         for warning in submitted.warnings:
             print(f"jobmesh: warning: {warning}", file=sys.stderr)

@@ -61,16 +61,20 @@ def test_reading_inputs_refuses_duplicates_and_missing_files(tmp_path: Path) -> 
         args.read_inputs([("gone", tmp_path / "gone")])
 
 
-@pytest.mark.parametrize("name", ["thumb.png", "a.b.c", "-dash", ".hidden"])
+@pytest.mark.parametrize("name", ["thumb.png", "a.b.c", "_x", "two words.txt", "x" * 128])
 def test_plain_output_names_land_in_the_directory(tmp_path: Path, name: str) -> None:
     assert args.output_path(tmp_path, name) == tmp_path / name
 
 
 @pytest.mark.parametrize(
-    "name", ["", ".", "..", "../escape", "a/b", "/etc/passwd", "a\\b", "x..y", "nul\0"]
+    "name",
+    [
+        *("", ".", "..", "../escape", "a/b", "/etc/passwd", "a\\b", "x..y", "a..b", "nul\0"),
+        *("new\nline.png", "tab\t", "esc\x1b[31m", "-dash", ".hidden", "caf\u00e9", "x" * 129),
+    ],
 )
-def test_output_names_that_could_escape_are_refused(tmp_path: Path, name: str) -> None:
-    with pytest.raises(InvalidArgument, match="refusing"):
+def test_output_names_that_are_not_payload_names_are_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(args.OutputRefused, match="refusing"):
         args.output_path(tmp_path, name)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import grpc.aio
 from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
 
 from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 
@@ -125,6 +126,7 @@ class _Servicer(dispatcher_pb2_grpc.DispatcherServicer):
         requests = aiter(request_iterator)
         first = await anext(requests)
         if self._gateway.refuse:
+            self._gateway.refused += 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, "refusing workers for now")
         session = FakeSession(first.attach)
         welcome = dispatcher_pb2.Welcome(
@@ -134,7 +136,8 @@ class _Servicer(dispatcher_pb2_grpc.DispatcherServicer):
         self._gateway.sessions.put_nowait(session)
 
         async def read() -> None:
-            with contextlib.suppress(grpc.aio.AioRpcError):
+            # A message it cannot parse ends the stream, as it does on the gateway.
+            with contextlib.suppress(grpc.aio.AioRpcError, DecodeError):
                 async for request in requests:
                     session._record(request)
             session._out.put_nowait(None)  # the worker half-closed: end the stream too
@@ -152,6 +155,8 @@ class FakeGateway:
     def __init__(self) -> None:
         self.sessions: asyncio.Queue[FakeSession] = asyncio.Queue()
         self.refuse = False
+        self.refused = 0
+        """Streams refused while `refuse` was set."""
         self.address = ""
         self._server = grpc.aio.server()
 

@@ -138,3 +138,30 @@ def count(ctx: JobContext) -> None:
 )
 def typed(ctx: JobContext) -> dict[str, object]:
     return {"n": ctx.params["n"]}
+
+
+@handler("test.deep")
+def deep(ctx: JobContext) -> dict[str, object]:
+    """Returns metadata nested `depth` levels deep (protobuf parses 100 nested messages)."""
+    value: dict[str, object] = {"leaf": 1}
+    for _ in range(int(ctx.params.get("depth", 40)) - 1):
+        value = {"x": value}
+    return value
+
+
+@handler("test.outputs")
+def outputs(ctx: JobContext) -> Result:
+    """`count` outputs of `size` bytes each (out0, out1...), and `text` characters of metadata."""
+    size, count = int(ctx.params.get("size", 0)), int(ctx.params.get("count", 1))
+    return Result(
+        outputs={f"out{i}": bytes([65 + i]) * size for i in range(count)},
+        metadata={"text": "t" * int(ctx.params.get("text", 0))},
+    )
+
+
+@handler("test.chatty")
+def chatty(ctx: JobContext) -> None:
+    """Reports progress, then fails, each with a message of `length` characters."""
+    length = int(ctx.params.get("length", 10_000))
+    ctx.progress(0.5, "p" * length)
+    raise HandlerError("e" * length, code="CHATTY")

@@ -158,7 +158,7 @@ def test_the_image_kinds_declare_every_param_they_read() -> None:
 @pytest.fixture
 async def executor() -> AsyncIterator[Executor]:
     specs = load_handlers([HANDLERS])
-    ex = Executor({"test.typed": specs["test.typed"]}, None, threads=1, max_result_bytes=1 << 20)
+    ex = Executor({"test.typed": specs["test.typed"]}, None, threads=1)
     yield ex
     ex.close()
 
