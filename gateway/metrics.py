@@ -64,6 +64,29 @@ class Snapshot:
     """Mean time from assignment to the end, of those of the recent jobs that ran."""
 
 
+# Label values kept apart at most; later new ones count as OTHER, so clients inventing kinds
+# or workers inventing error codes cannot grow the gateway's metrics (and scrapes) forever.
+MAX_KINDS = 500
+MAX_CODES = 100
+OTHER = "_other"
+
+
+class LabelValues:
+    """Maps a label value to itself while fewer than `limit` values were seen, else OTHER."""
+
+    def __init__(self, limit: int) -> None:
+        self._seen: set[str] = set()
+        self._limit = limit
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) < self._limit:
+            self._seen.add(value)
+            return value
+        return OTHER
+
+
 class GatewayMetrics:
     """The gateway's counts, kept in `registry` (one per gateway)."""
 
@@ -118,6 +141,8 @@ class GatewayMetrics:
         self._running: Counter[str] = Counter()
         self._enqueued_at: dict[str, float] = {}
         self._recent: deque[tuple[bool, float | None]] = deque(maxlen=RECENT_JOBS)
+        self._kinds = LabelValues(MAX_KINDS)
+        self._codes = LabelValues(MAX_CODES)
         """(succeeded, seconds from assignment to the end or None) of the latest ended jobs."""
 
     def watch_workers(
@@ -131,19 +156,19 @@ class GatewayMetrics:
 
     def submitted(self, job: job_pb2.Job) -> None:
         """A new job, QUEUED."""
-        self._submitted.labels(job.spec.kind).inc()
+        self._submitted.labels(self._kinds(job.spec.kind)).inc()
         self._totals["submitted"] += 1
-        self._count(job.spec.kind, job.state, +1)
+        self._count(self._kinds(job.spec.kind), job.state, +1)
 
     def recovered(self, job: job_pb2.Job) -> None:
         """An unfinished job of a previous run, taken back in its state."""
-        self._count(job.spec.kind, job.state, +1)
+        self._count(self._kinds(job.spec.kind), job.state, +1)
 
     def state_changed(self, job: job_pb2.Job, state: int) -> None:
         """`job` (still in its old state) goes to `state`."""
         if job.state != state:
-            self._count(job.spec.kind, job.state, -1)
-            self._count(job.spec.kind, state, +1)
+            self._count(self._kinds(job.spec.kind), job.state, -1)
+            self._count(self._kinds(job.spec.kind), state, +1)
 
     def enqueued(self, job: job_pb2.Job) -> None:
         self._enqueued_at[job.id] = time.monotonic()
@@ -151,19 +176,19 @@ class GatewayMetrics:
     def assigned(self, job: job_pb2.Job) -> None:
         since = self._enqueued_at.pop(job.id, None)
         if since is not None:
-            self._queue_wait.labels(job.spec.kind).observe(time.monotonic() - since)
+            self._queue_wait.labels(self._kinds(job.spec.kind)).observe(time.monotonic() - since)
 
     def ended(self, job: job_pb2.Job) -> None:
         """`job` reached its terminal state, with its end time set."""
         self._enqueued_at.pop(job.id, None)
-        kind, outcome = job.spec.kind, _ENDED.get(job.state, "")
+        kind, outcome = self._kinds(job.spec.kind), _ENDED.get(job.state, "")
         if not outcome:
             return
         self._totals[outcome] += 1
         if job.state == S.JOB_STATE_SUCCEEDED:
             self._completed.labels(kind).inc()
         elif job.state == S.JOB_STATE_FAILED:
-            self._failed.labels(kind, job.error.code).inc()
+            self._failed.labels(kind, self._codes(job.error.code)).inc()
         else:
             self._cancelled.labels(kind).inc()
         end = ts_seconds(job.end_time)

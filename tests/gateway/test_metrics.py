@@ -8,7 +8,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.jobs import S, now
-from gateway.metrics import RECENT_JOBS, GatewayMetrics
+from gateway.metrics import MAX_CODES, MAX_KINDS, OTHER, RECENT_JOBS, GatewayMetrics
 from gateway.workers import WorkerSession
 from jobmesh.v1 import job_pb2
 
@@ -151,3 +151,25 @@ async def test_scrapes_list_the_attached_workers_from_the_event_loop() -> None:
     found = await asyncio.to_thread(samples, metrics)
     assert ("jobmesh_gateway_worker_slots", frozenset({("worker_id", "w2")})) not in found
     assert found[("jobmesh_gateway_sessions", frozenset())] == 1
+
+
+def test_invented_kinds_and_codes_cannot_grow_the_metrics_forever() -> None:
+    metrics = GatewayMetrics()
+    for i in range(MAX_KINDS + 100):
+        job = new_job(f"j{i}", kind=f"made.up.{i}")
+        metrics.submitted(job)
+        run(metrics, job, S.JOB_STATE_FAILED, 1.0, code=f"CODE_{i}")
+    submitted = {
+        dict(labels)["kind"]: value
+        for (name, labels), value in samples(metrics).items()
+        if name == "jobmesh_gateway_jobs_submitted_total"
+    }
+    assert len(submitted) == MAX_KINDS + 1
+    assert submitted[OTHER] == 100  # nothing is lost from the totals
+    codes = {
+        dict(labels)["code"]
+        for (name, labels), _ in samples(metrics).items()
+        if name == "jobmesh_gateway_jobs_failed_total"
+    }
+    assert len(codes) == MAX_CODES + 1
+    assert metrics.snapshot().queued == {}  # every job left the queue, OTHER ones too
