@@ -275,6 +275,8 @@ class Scheduler:
         if request.HasField("pong"):
             session.heard(request.pong)
         acked: list[dispatcher_pb2.AttemptRef] = []
+        if request.accepted or request.completed or request.failed:
+            session.stalled = False
         for accepted in request.accepted:
             key = (accepted.job_id, accepted.attempt)
             job = self._current(*key, session)
@@ -587,6 +589,7 @@ class Scheduler:
             ):
                 return
             session.release((job_id, attempt))
+            session.stalled = True
             error = _error(
                 "ASSIGN_NOT_ACKNOWLEDGED",
                 f"worker {session.worker_id} did not accept the job within {limit:g}s",

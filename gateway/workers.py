@@ -34,6 +34,9 @@ class WorkerSession:
     draining: bool = False
     paused: bool = False
     """The worker refused a job for want of a slot; it gets no more until its next pong."""
+    stalled: bool = False
+    """An Assign went unacknowledged; the worker gets no more until it says something of a
+    job again (a black hole that answers pings must not draw job after job)."""
     connect_time: timestamp_pb2.Timestamp = field(default_factory=now)
     last_pong_time: timestamp_pb2.Timestamp | None = None
     last_heard: float = field(default_factory=time.monotonic)
@@ -49,7 +52,11 @@ class WorkerSession:
         return len(self.inflight) / self.slots
 
     def can_take(self, kind: str) -> bool:
-        if self.draining or self.paused or len(self.inflight) >= self.slots:
+        # Only a worker that has answered a ping gets work: one that attaches and then says
+        # nothing would hold its jobs until it is declared dead.
+        if not self.answered or self.draining or self.paused or self.stalled:
+            return False
+        if len(self.inflight) >= self.slots:
             return False
         if kind not in self.kinds:
             return False

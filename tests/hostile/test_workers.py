@@ -11,7 +11,7 @@ import pytest
 
 from jobmesh import AsyncClient
 from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc, job_pb2
-from tests.cluster import Cluster
+from tests.cluster import Cluster, until
 
 
 class RawWorker:
@@ -49,29 +49,40 @@ async def test_a_worker_that_talks_but_never_answers_pings_is_declared_dead(
     gw = cluster.gateway("--ping-misses", "3")  # pings every 0.5 s
     black_hole = RawWorker(gw.address)
     await black_hole.attach("black-hole")
-    async with AsyncClient(gw.address) as client:
-        ids = [(await client.submit("echo", params={"i": i})).job.id for i in range(4)]
+    assigned: list[str] = []
 
-        async def accept_and_chatter() -> None:
-            # Accepts every job and reports progress on it forever, but never pongs.
-            async for message in black_hole.messages():
-                for assign in message.assign:
-                    ref = {"job_id": assign.job_id, "attempt": assign.attempt}
-                    await black_hole.call.write(
-                        dispatcher_pb2.SessionRequest(
-                            accepted=[dispatcher_pb2.Accepted(**ref)],
-                            progress=[dispatcher_pb2.Progress(**ref, fraction=0.1)],
-                        )
+    async def accept_and_chatter() -> None:
+        # Answers the first ping, so it gets work; then accepts every job and reports
+        # progress on it, but never answers a ping again.
+        answered = False
+        async for message in black_hole.messages():
+            if message.HasField("ping") and not answered:
+                answered = True
+                pong = dispatcher_pb2.Pong(seq=message.ping.seq)
+                await black_hole.call.write(dispatcher_pb2.SessionRequest(pong=pong))
+            for assign in message.assign:
+                assigned.append(assign.job_id)
+                ref = {"job_id": assign.job_id, "attempt": assign.attempt}
+                await black_hole.call.write(
+                    dispatcher_pb2.SessionRequest(
+                        accepted=[dispatcher_pb2.Accepted(**ref)],
+                        progress=[dispatcher_pb2.Progress(**ref, fraction=0.1)],
                     )
+                )
 
-        chatter = asyncio.create_task(accept_and_chatter())
-        try:
+    chatter = asyncio.create_task(accept_and_chatter())
+    try:
+        await until(lambda: any(w.HasField("last_pong_time") for w in gw.workers()))
+        async with AsyncClient(gw.address) as client:
+            ids = [(await client.submit("echo", params={"i": i})).job.id for i in range(4)]
+            await until(lambda: len(assigned) == 4)
             cluster.worker(gw, "honest")
             jobs = [await client.wait(job_id) for job_id in ids]
-        finally:
-            chatter.cancel()
-            await black_hole.close()
+    finally:
+        chatter.cancel()
+        await black_hole.close()
     assert [j.state for j in jobs] == [job_pb2.JOB_STATE_SUCCEEDED] * 4
+    assert all(j.attempts[0].worker_id == "black-hole" for j in jobs)
     assert all(j.attempts[-1].worker_id == "honest" for j in jobs)
     assert "black-hole detached: no answer" in gw.output()
 
@@ -105,6 +116,9 @@ async def test_a_progress_message_past_the_limit_fails_the_attempt_not_the_sessi
         job_id = (await client.submit("echo")).job.id
         messages = chatty.messages()
         async for message in messages:
+            if message.HasField("ping"):
+                pong = dispatcher_pb2.Pong(seq=message.ping.seq)
+                await chatty.call.write(dispatcher_pb2.SessionRequest(pong=pong))
             if message.assign:
                 break
         assign = message.assign[0]
@@ -136,3 +150,37 @@ async def test_a_progress_message_past_the_limit_fails_the_attempt_not_the_sessi
                 break
         assert message.assign[0].job_id == next_id
     await chatty.close()
+
+
+async def test_a_worker_that_answers_pings_but_never_accepts_draws_no_more_jobs(
+    cluster: Cluster,
+) -> None:
+    gw = cluster.gateway("--ack-timeout", "1")
+    black_hole = RawWorker(gw.address)
+    await black_hole.attach("pongs-only")
+    assigned: list[tuple[str, int]] = []
+
+    async def pong_only() -> None:
+        async for message in black_hole.messages():
+            if message.HasField("ping"):
+                pong = dispatcher_pb2.Pong(seq=message.ping.seq)
+                await black_hole.call.write(dispatcher_pb2.SessionRequest(pong=pong))
+            assigned.extend((a.job_id, a.attempt) for a in message.assign)
+
+    answering = asyncio.create_task(pong_only())
+    try:
+        await until(lambda: any(w.HasField("last_pong_time") for w in gw.workers()))
+        async with AsyncClient(gw.address) as client:
+            ids = [(await client.submit("echo", params={"i": i})).job.id for i in range(3)]
+            await until(lambda: len(assigned) == 3)
+            cluster.worker(gw, "honest")
+            jobs = [await client.wait(job_id) for job_id in ids]
+            # Still attached and answering, but it drew nothing after its first miss.
+            more = [(await client.submit("echo")).job.id for _ in range(3)]
+            jobs += [await client.wait(job_id) for job_id in more]
+    finally:
+        answering.cancel()
+        await black_hole.close()
+    assert [j.state for j in jobs] == [job_pb2.JOB_STATE_SUCCEEDED] * 6
+    assert all(j.attempts[-1].worker_id == "honest" for j in jobs)
+    assert sorted(assigned) == sorted((job_id, 1) for job_id in ids)

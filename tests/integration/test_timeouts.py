@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -69,25 +68,30 @@ async def test_a_full_queue_refuses_submits_until_there_is_room(cluster: Cluster
 async def test_an_assignment_never_accepted_goes_back_to_the_queue(cluster: Cluster) -> None:
     gw = cluster.gateway("--ack-timeout", "0.5")
     async with grpc.aio.insecure_channel(gw.address) as channel:
-        # A worker that attaches and then never answers anything.
-        stop = asyncio.Event()
-
-        async def requests() -> AsyncIterator[dispatcher_pb2.SessionRequest]:
-            yield dispatcher_pb2.SessionRequest(
+        # A worker that answers pings (so it gets work) but loses every Assign.
+        mute = dispatcher_pb2_grpc.DispatcherStub(channel).Session()
+        await mute.write(
+            dispatcher_pb2.SessionRequest(
                 attach=dispatcher_pb2.Attach(
                     worker_id="mute", kinds=[dispatcher_pb2.KindCapacity(kind="echo")], slots=1
                 )
             )
-            await stop.wait()
-
-        mute = dispatcher_pb2_grpc.DispatcherStub(channel).Session(requests())
+        )
         await mute.read()  # the Welcome
+
+        async def pong() -> None:
+            while (message := await mute.read()) is not grpc.aio.EOF:
+                if message.HasField("ping"):
+                    answer = dispatcher_pb2.Pong(seq=message.ping.seq)
+                    await mute.write(dispatcher_pb2.SessionRequest(pong=answer))
+
+        ponging = asyncio.create_task(pong())
         async with AsyncClient(gw.address) as client:
             submitted = await client.submit("echo", max_attempts=10)
             async for event in client.watch(submitted.job.id):
                 if event.error.code == "ASSIGN_NOT_ACKNOWLEDGED":
                     break
-            stop.set()
+            ponging.cancel()
             mute.cancel()
             cluster.worker(gw, "w1")
             job = await client.wait(submitted.job.id)
