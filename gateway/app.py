@@ -9,6 +9,8 @@ import logging
 import os
 import resource
 import signal
+import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from gateway.store.sqlite import SqliteStore
 from gateway.watchers import EventHub
 from jobmesh import logs, telemetry
 from jobmesh.metrics import MetricsServer
+from jobmesh.settings import parse_address
 from jobmesh.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -45,6 +48,8 @@ from jobmesh.v1 import (
 )
 
 log = logging.getLogger("gateway")
+
+EXIT_ERROR = 3  # the CLI's "any other error"
 
 SERVICE_NAMES = (
     job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
@@ -81,8 +86,23 @@ class Gateway:
         self._retention: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
+        """Binds, serves and returns the port; OSError, with nothing left open, if it cannot."""
+        # Before anything is opened, and so that grpc has no reason to log.
+        check_listen(self.settings.listen)
+        if self.settings.metrics_port:
+            check_listen(f"{self.settings.metrics_host}:{self.settings.metrics_port}")
         telemetry.setup("jobmesh-gateway")
         await self._store.open(self._hub.publish)
+        try:
+            return await self._start()
+        except BaseException:
+            if self._server is not None:  # what failed came after it (/metrics, the port file)
+                await self.stop(0)
+            else:
+                await self._close()
+            raise
+
+    async def _start(self) -> int:
         recovered = await self._scheduler.recover()
         retention = Retention(self._store, self._blobs, blob_grace=self.settings.blob_grace)
         self._retention = asyncio.create_task(retention.run(self.settings.sweep_interval))
@@ -129,7 +149,10 @@ class Gateway:
             ),
             server,
         )
-        self.port = server.add_insecure_port(self.settings.listen)
+        try:
+            self.port = server.add_insecure_port(self.settings.listen)
+        except RuntimeError:  # taken since check_listen
+            self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.listen}")
         await server.start()
@@ -164,6 +187,11 @@ class Gateway:
         self._scheduler.stop()
         await self._server.stop(grace)
         self._server = None
+        await self._close()
+        log.info("gateway stopped")
+
+    async def _close(self) -> None:
+        """Closes what `start` opened besides the server."""
         if self._retention is not None:
             self._retention.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -174,11 +202,31 @@ class Gateway:
         if self._scratch is not None:
             self._scratch.cleanup()
         telemetry.flush()
-        log.info("gateway stopped")
 
     async def wait_closed(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def check_listen(listen: str) -> None:
+    """OSError saying why, if nothing can listen on `listen` (HOST:PORT) now: grpc would only
+    log the reason and raise a RuntimeError."""
+    host, port = parse_address(listen)
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot listen on {listen}: {exc.strerror}") from None
+    errors: list[OSError] = []
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does
+            try:
+                probe.bind(address)
+                return  # grpc serves if it can bind any of them
+            except OSError as exc:
+                errors.append(exc)
+    reason = errors[0].strerror if errors and errors[0].strerror else "no address to bind"
+    raise OSError(f"cannot listen on {listen}: {reason[0].lower()}{reason[1:]}")
 
 
 # Descriptors kept free, beyond one per blob transfer, for what is not a connection: the
@@ -261,8 +309,13 @@ async def serve(settings: GatewaySettings) -> None:
 
 
 def run(settings: GatewaySettings) -> int:
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+    """Serves until a signal; a startup error is one line on stderr and exit code 3."""
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(settings))
+    except OSError as exc:
+        print(f"jobmesh: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 

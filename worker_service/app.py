@@ -16,14 +16,8 @@ import psutil
 
 from jobmesh import logs, telemetry
 from jobmesh.metrics import MetricsServer
-from worker_service.config import (
-    WorkerSettings,
-    merge_limits,
-    parse_kind_limits,
-    parse_labels,
-    parse_products,
-    parse_size,
-)
+from worker_service import config
+from worker_service.config import WorkerSettings
 from worker_service.executor import Executor
 from worker_service.metrics import WorkerMetrics
 from worker_service.pool import PoolError, ProcessPool
@@ -40,118 +34,14 @@ EXIT_CONFIG = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The worker's flags; unset ones leave the config file's, environment's or default
-    values alone."""
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        help="worker TOML config file (default $JOBMESH_WORKER_CONFIG); env and flags override it",
-    )
-    parser.add_argument("--gateway", metavar="HOST:PORT", help="gateway to dial")
-    parser.add_argument("--slots", type=int, metavar="N", help="jobs run at once")
-    parser.add_argument(
-        "--handlers",
-        action="append",
-        metavar="MOD[,MOD]",
-        help="modules with @handler functions to load (repeatable)",
-    )
-    parser.add_argument("--worker-id", metavar="ID", help="stable name of this replica")
-    parser.add_argument(
-        "--drain-grace", type=float, metavar="S", help="seconds jobs get to end after SIGTERM"
-    )
-    parser.add_argument(
-        "--parent-pid", type=int, metavar="PID", help="drain and leave once this process is gone"
-    )
-    parser.add_argument(
-        "--cancel-grace",
-        type=float,
-        metavar="S",
-        help="seconds a handler gets to stop after a cancel or its timeout before it is killed",
-    )
-    parser.add_argument(
-        "--max-job-memory",
-        type=_size,
-        metavar="SIZE",
-        help="kill a job whose pool process's RSS exceeds this (512M, 2G or bytes; 0: no limit)",
-    )
-    parser.add_argument(
-        "--label", action="append", metavar="KEY=VALUE", help="label sent to the gateway"
-    )
-    parser.add_argument(
-        "--products",
-        type=parse_products,
-        metavar="LIST",
-        help="built-in products to serve, comma-separated: builtin, images (empty: none)",
-    )
-    parser.add_argument(
-        "--kind-concurrency",
-        action="append",
-        metavar="KIND=N",
-        help="at most N jobs of KIND at once on this replica (repeatable)",
-    )
-    parser.add_argument(
-        "--max-image-pixels",
-        type=int,
-        metavar="N",
-        help="largest image (width x height) the image kinds decode or produce",
-    )
-    parser.add_argument(
-        "--log-level",
-        metavar="LEVEL",
-        # Absent unless given, so JOBMESH_LOG_LEVEL (or a wrapping CLI's default) applies.
-        default=argparse.SUPPRESS,
-        help="DEBUG, INFO, WARNING or ERROR",
-    )
-    parser.add_argument(
-        "--log-format",
-        metavar="FORMAT",
-        help="text (default) or json: one object per line (env JOBMESH_LOG_FORMAT)",
-    )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        metavar="PORT",
-        help="port of Prometheus /metrics (env JOBMESH_METRICS_PORT; default 0: not served)",
-    )
-    parser.add_argument(
-        "--metrics-host",
-        metavar="HOST",
-        help="address of /metrics (env JOBMESH_METRICS_HOST; default 0.0.0.0)",
-    )
+    """The worker's flags, from the settings' declarations (`worker_service.config`)."""
+    config.add_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
-    """The environment's settings with the flags that were given laid over them."""
-    handlers = getattr(args, "handlers", None)
-    labels = getattr(args, "label", None)
-    settings = WorkerSettings.from_env(config_file=getattr(args, "config", None))
-    limits = getattr(args, "kind_concurrency", None)
-    return settings.with_overrides(
-        gateway=getattr(args, "gateway", None),
-        slots=getattr(args, "slots", None),
-        handlers=(
-            None
-            if handlers is None
-            else tuple(m.strip() for item in handlers for m in item.split(",") if m.strip())
-        ),
-        worker_id=getattr(args, "worker_id", None),
-        drain_grace=getattr(args, "drain_grace", None),
-        parent_pid=getattr(args, "parent_pid", None),
-        cancel_grace=getattr(args, "cancel_grace", None),
-        max_job_memory_bytes=getattr(args, "max_job_memory", None),
-        labels=None if labels is None else parse_labels(labels),
-        log_level=None if getattr(args, "log_level", None) is None else args.log_level.upper(),
-        products=getattr(args, "products", None),
-        kind_concurrency=(
-            None
-            if limits is None
-            else merge_limits(settings.kind_concurrency, parse_kind_limits(limits))
-        ),
-        max_image_pixels=getattr(args, "max_image_pixels", None),
-        log_format=getattr(args, "log_format", None),
-        metrics_port=getattr(args, "metrics_port", None),
-        metrics_host=getattr(args, "metrics_host", None),
-    )
+    """The config file's and environment's settings with the flags that were given laid
+    over them."""
+    return config.from_args(args)
 
 
 def run(settings: WorkerSettings) -> int:
@@ -296,13 +186,6 @@ async def _serve(
         if metrics_server is not None:
             metrics_server.stop()
     return EXIT_OK
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _configure_logging(level: str, fmt: str) -> None:

@@ -30,6 +30,8 @@ GATEWAY_GRACE = 5.0
 # Seconds a worker may take to exit after its drain grace, before it is killed.
 WORKER_EXIT_MARGIN = 5.0
 
+SERVE = "run a gateway with embedded worker replicas, on one machine"
+
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     # The services' own parsers take the rest of the line; see `forward` in jobmesh.cli.
@@ -40,47 +42,51 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         p = commands.add_parser(name, add_help=False, help=f"{what} (--help for its options)")
         p.set_defaults(func=_delegate, module=module, forward=True)
 
-    p = commands.add_parser(
-        "serve", help="run a gateway with embedded worker replicas, on one machine"
-    )
-    p.add_argument("--listen", type=cli_args.address, help="HOST:PORT (default: 127.0.0.1:50051)")
-    p.add_argument("--db", help="SQLite file of jobs (default: jobmesh.db)")
+    p = commands.add_parser("serve", add_help=False, help=f"{SERVE} (--help for its options)")
+    p.set_defaults(func=serve, forward=True)
+
+
+# The worker settings `serve` passes on to its replicas; the gateway's settings (all of
+# them, --log-format and --metrics-port included) are the gateway's flags.
+REPLICA_SETTINGS = (
+    "slots",
+    "handlers",
+    "labels",
+    "drain_grace",
+    "cancel_grace",
+    "max_job_memory_bytes",
+    "products",
+    "kind_concurrency",
+    "max_image_pixels",
+    "log_level",
+)
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """`jobmesh serve`'s flags: the gateway's and the replicas', from their declarations."""
+    from gateway import config as gateway_config
+    from worker_service import config as worker_config
+
+    p = argparse.ArgumentParser(prog="jobmesh serve", description=f"{SERVE[0].upper()}{SERVE[1:]}.")
     p.add_argument(
         "--workers", type=cli_args.count, default=2, help="worker replicas to run (default: 2)"
     )
-    p.add_argument(
-        "--slots",
-        type=cli_args.positive,
-        help="jobs each replica runs at once (default: the CPUs shared among the replicas)",
-    )
-    p.add_argument(
-        "--handlers",
-        action="append",
-        default=[],
-        metavar="MOD[,MOD]",
-        help="modules with @handler functions for the replicas to load (repeatable)",
-    )
-    p.add_argument("--port-file", help="write the bound port here once serving")
     p.add_argument(
         "--otlp-endpoint",
         metavar="URL",
         help="send traces over OTLP/gRPC here, e.g. http://localhost:4317 (sets "
         "OTEL_EXPORTER_OTLP_ENDPOINT for the gateway and its replicas)",
     )
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    p.add_argument(
-        "--log-format",
-        choices=logs.FORMATS,
-        help="text, or json: one object per line (default: $JOBMESH_LOG_FORMAT, else text)",
+    gateway_config.add_arguments(p)
+    worker_config.add_arguments(
+        p,
+        only=REPLICA_SETTINGS,
+        notes={
+            "slots": " of each replica; here the CPUs are shared among the replicas",
+            "log_level": "; the gateway's too",
+        },
     )
-    p.add_argument(
-        "--metrics-port",
-        type=cli_args.count,
-        metavar="PORT",
-        help="serve the gateway's Prometheus /metrics on PORT and replica i's on PORT+1+i "
-        "(default: $JOBMESH_METRICS_PORT, else 0: not served)",
-    )
-    p.set_defaults(func=serve)
+    return p
 
 
 def _delegate(args: argparse.Namespace) -> int:
@@ -93,41 +99,58 @@ def _delegate(args: argparse.Namespace) -> int:
         settings = app.settings_from_args(own)
     except ValueError as e:
         parser.error(str(e))
-    configure_logging(getattr(own, "log_level", "INFO"), settings.log_format)
+    level = str(getattr(settings, "log_level", None) or getattr(own, "log_level", "INFO"))
+    configure_logging(level, settings.log_format)
     return int(app.run(settings))
 
 
 def serve(args: argparse.Namespace) -> int:
-    from gateway.config import GatewaySettings
-    from worker_service.config import WorkerSettings
+    from gateway import config as gateway_config
+    from worker_service import config as worker_config
 
-    if args.otlp_endpoint:
+    parser = serve_parser()
+    own = parser.parse_args(args.rest)
+    if own.otlp_endpoint:
         # Read by the gateway here and inherited by the replicas: one switch for all.
-        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = args.otlp_endpoint
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = own.otlp_endpoint
         os.environ.setdefault("OTEL_EXPORTER_OTLP_INSECURE", "true")
     try:
-        settings = GatewaySettings.from_env().with_overrides(
-            listen=args.listen,
-            db=args.db,
-            port_file=args.port_file,
-            log_format=args.log_format,
-            metrics_port=args.metrics_port,
-        )
-        if settings.metrics_port and settings.metrics_port + args.workers > 65535:
-            raise ValueError(f"--metrics-port leaves no ports for {args.workers} replica(s)")
+        settings = gateway_config.from_args(own)
+        if settings.metrics_port and settings.metrics_port + own.workers > 65535:
+            raise ValueError(f"--metrics-port leaves no ports for {own.workers} replica(s)")
         # The replicas read the same environment, so they drain for as long as this says.
-        drain_grace = WorkerSettings.from_env().drain_grace
+        replica = worker_config.from_args(own)
     except ValueError as e:
         raise InvalidArgument(str(e)) from None
-    configure_logging(args.log_level, settings.log_format)
-    slots = args.slots or max(1, (os.cpu_count() or 1) // max(args.workers, 1))
-    worker_args = ["--slots", str(slots), "--log-level", args.log_level]
-    worker_args += ["--log-format", settings.log_format]
-    for module in args.handlers:
-        worker_args += ["--handlers", module]
+    configure_logging(replica.log_level, settings.log_format)
+    if getattr(own, "slots", None) is None:
+        own.slots = max(1, (os.cpu_count() or 1) // max(own.workers, 1))
+    own.log_level = replica.log_level
+    worker_args = [*_replica_flags(own), "--log-format", settings.log_format]
     return asyncio.run(
-        _serve(settings, args.workers, worker_args, drain_grace + WORKER_EXIT_MARGIN)
+        _serve(settings, own.workers, worker_args, replica.drain_grace + WORKER_EXIT_MARGIN)
     )
+
+
+def _replica_flags(args: argparse.Namespace) -> list[str]:
+    """The replica settings given to `serve`, as the replicas' flags."""
+    from jobmesh import settings_fields
+    from worker_service.config import WorkerSettings
+
+    flags = []
+    for f, how in settings_fields.settings_of(WorkerSettings):
+        value = getattr(args, f.name, None)
+        if f.name in REPLICA_SETTINGS and value is not None:
+            value = how.combine(value) if how.repeat else value
+            flags += [settings_fields.flag_name(f), _as_text(value)]
+    return flags
+
+
+def _as_text(value: object) -> str:
+    """A parsed setting as the text its flag takes: lists comma-separated, pairs as K=V."""
+    if isinstance(value, tuple):
+        return ",".join("=".join(map(str, i)) if isinstance(i, tuple) else str(i) for i in value)
+    return str(value)
 
 
 async def _serve(

@@ -1,14 +1,22 @@
-"""Worker settings: the new limits from the environment and from flags."""
+"""Worker settings: limits, flags and variables from the declarations, and startup errors."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from jobmesh.cli.services import _replica_flags, serve_parser
+from jobmesh.settings_fields import env_name, flag_name, settings_of
+from tests.cluster import ROOT
 from worker_service.app import add_arguments, settings_from_args
-from worker_service.config import WorkerSettings, parse_size
+from worker_service.config import WorkerSettings, markdown_table, parse_size
 
 
 @pytest.mark.parametrize(
@@ -70,3 +78,67 @@ def test_a_bad_memory_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
 def test_negative_limits_are_refused(field: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="negative"):
         WorkerSettings(**field)
+
+
+def test_every_declared_setting_is_a_flag_a_variable_and_a_file_key(tmp_path: Path) -> None:
+    table = markdown_table()
+    for f, how in settings_of(WorkerSettings):
+        assert f"`{flag_name(f)}`" in table
+        if how.env:
+            assert f"`{env_name(f)}`" in table
+    path = tmp_path / "worker.toml"
+    path.write_text('[worker]\nmax_message_bytes = "2M"\nlabels = { zone = "a" }\n')
+    settings = from_flags("--config", str(path), "--label", "zone=b,disk=ssd", "--label", "x=1")
+    assert settings.max_message_bytes == 2 << 20
+    assert dict(settings.labels) == {"zone": "b", "disk": "ssd", "x": "1"}
+    assert from_flags("--max-message-bytes", "1M").max_message_bytes == 1 << 20
+
+
+def test_serve_passes_its_replica_settings_on_as_the_workers_flags(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("JOBMESH_WORKER_CONFIG", "JOBMESH_KIND_CONCURRENCY", "JOBMESH_LABELS"):
+        monkeypatch.delenv(name, raising=False)
+    given = serve_parser().parse_args(
+        [
+            *("--handlers", "tests.worker.handlers_for_tests,json", "--handlers", "math"),
+            *("--kind-concurrency", "sleep=1", "--kind-concurrency", "image.resize=0"),
+            *("--label", "zone=a", "--max-job-memory", "1G", "--products", "builtin"),
+            *("--drain-grace", "2.5", "--max-queued", "7"),
+        ]
+    )
+    replica = from_flags(*_replica_flags(given))
+    assert replica.handlers == ("tests.worker.handlers_for_tests", "json", "math")
+    assert replica.kind_concurrency == (("sleep", 1), ("image.resize", 0))
+    assert (replica.labels, replica.max_job_memory_bytes) == ((("zone", "a"),), 1 << 30)
+    assert (replica.products, replica.drain_grace) == (("builtin",), 2.5)
+    assert "--max-queued" not in _replica_flags(given)  # a gateway setting
+
+
+def test_a_busy_port_is_one_line_and_exit_code_3(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        listen = f"127.0.0.1:{busy.getsockname()[1]}"
+        for command in (
+            [sys.executable, "-m", "gateway"],
+            [str(Path(sys.executable).parent / "jobmesh"), "serve", "--workers", "0"],
+        ):
+            done = subprocess.run(
+                [*command, "--listen", listen, "--db", str(tmp_path / "jobs.db")],
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert (done.returncode, done.stderr) == (
+                3,
+                f"jobmesh: cannot listen on {listen}: address already in use\n",
+            )
+
+
+def from_flags(*argv: str) -> WorkerSettings:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return settings_from_args(parser.parse_args(list(argv)))
