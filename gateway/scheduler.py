@@ -37,19 +37,14 @@ from gateway.store import Inserted, JobStore
 from gateway.timers import Timers
 from gateway.tracing import JobTracer
 from gateway.workers import AttemptKey, WorkerSession
+from jobmesh import codes
+from jobmesh.codes import Code
 from jobmesh.convert import TERMINAL_STATES, state_name
 from jobmesh.errors import InvalidArgument, NotFound, ResourceExhausted
 from jobmesh.logs import job_fields
 from jobmesh.v1 import dispatcher_pb2, job_pb2
 
 log = logging.getLogger(__name__)
-
-# A worker answers an Assign it cannot take (no free slot, unknown kind) with this code.
-REJECTED = "REJECTED"
-
-
-def _error(code: str, message: str, *, retryable: bool) -> job_pb2.JobError:
-    return job_pb2.JobError(code=code, message=message, retryable=retryable)
 
 
 class Scheduler:
@@ -206,7 +201,7 @@ class Scheduler:
         if job is None or job.tenant != tenant:
             # Terminal already (cancel is idempotent), or unknown.
             return await self.get(tenant, job_id)
-        error = _error("CANCELLED", reason or "cancelled on request", retryable=False)
+        error = Code.CANCELLED.error(reason or "cancelled on request")
         self._stop_attempt(job, error)
         await self._end(job, S.JOB_STATE_CANCELLED, error=error)
         return job
@@ -254,7 +249,7 @@ class Scheduler:
         log.info("worker %s detached: %s", session.worker_id, reason)
         if self._stopping:
             return
-        lost = _error("WORKER_LOST", f"worker {session.worker_id} lost: {reason}", retryable=True)
+        lost = Code.WORKER_LOST.error(f"worker {session.worker_id} lost: {reason}")
         for job_id, attempt in list(session.inflight):
             session.release((job_id, attempt))
             if self._owner.get(job_id) is not session:
@@ -303,7 +298,7 @@ class Scheduler:
             except InvalidArgument as e:
                 # Clients write outputs to files by name; a name like '../x' must not reach
                 # them, and a result too large or too deep would break every Get of the job.
-                bad = _error("INVALID_RESULT", e.message, retryable=False)
+                bad = Code.INVALID_RESULT.error(e.message)
                 self._attempt_failed(job, bad, backoff=False)
             else:
                 self._close_attempt(job, None)
@@ -317,7 +312,7 @@ class Scheduler:
             session.release(key)
             if job is None:
                 continue
-            if failed.error.code == REJECTED:
+            if failed.error.code == Code.REJECTED:
                 # Its slots are busier than the gateway knew (a handler that outlived its
                 # attempt): send it nothing more until it reports in again.
                 session.paused = True
@@ -367,18 +362,16 @@ class Scheduler:
 
     def _worker_error(self, error: job_pb2.JobError) -> job_pb2.JobError:
         """A worker's error within limits: its message cut, a code that is not one replaced."""
-        code = error.code
+        code, message = error.code, self._limits.cut(error.message)
         if not code or len(code) > self._limits.max_name or not code.isprintable():
-            code = "INVALID_ERROR"
-        return _error(code, self._limits.cut(error.message), retryable=error.retryable)
+            return Code.INVALID_ERROR.error(message, retryable=error.retryable)
+        return codes.error(code, message, error.retryable)
 
     def _progress(self, job: job_pb2.Job, progress: dispatcher_pb2.Progress) -> None:
         if len(progress.message) > self._limits.max_text:
-            error = _error(
-                "INVALID_PROGRESS",
+            error = Code.INVALID_PROGRESS.error(
                 f"the worker sent a progress message of {len(progress.message)} characters; "
-                f"at most {self._limits.max_text}",
-                retryable=False,
+                f"at most {self._limits.max_text}"
             )
             self._stop_attempt(job, error)
             self._attempt_failed(job, error, backoff=False)
@@ -420,11 +413,7 @@ class Scheduler:
             if self._orphans.get(job_id, (0, ""))[0] != attempt:
                 return
             del self._orphans[job_id]
-            lost = _error(
-                "WORKER_LOST",
-                f"worker {worker_id} did not come back within {grace:g}s",
-                retryable=True,
-            )
+            lost = Code.WORKER_LOST.error(f"worker {worker_id} did not come back within {grace:g}s")
             self._attempt_failed(self._active[job_id], lost, backoff=False)
             self._dispatch()
 
@@ -452,7 +441,7 @@ class Scheduler:
                     return
                 if current.state == S.JOB_STATE_QUEUED:
                     message = f"no worker started the job within {limit:g}s"
-                    error = _error("SCHEDULE_TO_START_TIMEOUT", message, retryable=False)
+                    error = Code.SCHEDULE_TO_START_TIMEOUT.error(message)
                     self._end(current, S.JOB_STATE_FAILED, error=error)
 
             self._timers.after(limit, expire)
@@ -467,7 +456,7 @@ class Scheduler:
             current = self._active.get(job_id)
             if current is not None:
                 message = f"the job did not end within {limit:g}s"
-                error = _error("DEADLINE_EXCEEDED", message, retryable=False)
+                error = Code.DEADLINE_EXCEEDED.error(message)
                 self._stop_attempt(current, error)
                 self._end(current, S.JOB_STATE_FAILED, error=error)
                 self._dispatch()
@@ -590,10 +579,8 @@ class Scheduler:
                 return
             session.release((job_id, attempt))
             session.stalled = True
-            error = _error(
-                "ASSIGN_NOT_ACKNOWLEDGED",
-                f"worker {session.worker_id} did not accept the job within {limit:g}s",
-                retryable=True,
+            error = Code.ASSIGN_NOT_ACKNOWLEDGED.error(
+                f"worker {session.worker_id} did not accept the job within {limit:g}s"
             )
             self._stop_attempt(current, error)
             self._attempt_failed(current, error, backoff=False)
@@ -613,7 +600,7 @@ class Scheduler:
             if current is None or current.attempt != attempt:
                 return
             message = f"the attempt did not end within {limit:g}s"
-            error = _error("TIMEOUT", message, retryable=True)
+            error = Code.TIMEOUT.error(message)
             self._stop_attempt(current, error)
             self._attempt_failed(current, error, backoff=True)
             self._dispatch()
@@ -623,7 +610,7 @@ class Scheduler:
     def _unassign(self, job: job_pb2.Job) -> None:
         """Puts back a job its worker refused before starting it; no attempt was used."""
         self._owner.pop(job.id, None)
-        self._tracer.attempt_ended(job, _error(REJECTED, "the worker refused it", retryable=True))
+        self._tracer.attempt_ended(job, Code.REJECTED.error("the worker refused it"))
         if job.attempts and job.attempts[-1].number == job.attempt:
             del job.attempts[-1]
         self._set_state(job, S.JOB_STATE_QUEUED)

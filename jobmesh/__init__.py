@@ -8,6 +8,7 @@ with Client("127.0.0.1:50051") as client:
 
 from jobmesh.blocking import Client
 from jobmesh.client import AsyncClient, Submitted
+from jobmesh.codes import Code
 from jobmesh.convert import job_spec
 from jobmesh.errors import (
     AlreadyExists,
@@ -30,6 +31,7 @@ __all__ = [
     "AsyncClient",
     "Cancelled",
     "Client",
+    "Code",
     "DeadlineExceeded",
     "FailedPrecondition",
     "Internal",

@@ -173,7 +173,12 @@ class AsyncClient:
 
         A stream that breaks is resumed from the last event seen, so none is lost or repeated.
         """
-        retry = _Retry()
+        async for event in self._watch(job_id, after_seq, _Retry(self._channel)):
+            yield event
+
+    async def _watch(
+        self, job_id: str, after_seq: int, retry: _Retry
+    ) -> AsyncIterator[job_pb2.JobEvent]:
         last = after_seq
         while True:
             retry.started()
@@ -197,11 +202,12 @@ class AsyncClient:
                 if is_terminal(job.job.state):
                     return
             except grpc.aio.AioRpcError as e:
-                if e.code() not in _RESUMABLE:
+                if e.code() not in _RESUMABLE or not retry.connected:
                     raise from_rpc_error(e) from e
                 error = e
             finally:
                 call.cancel()
+                retry.stopped()
             if not await retry.pause():
                 if error is None:
                     raise Unavailable(f"the watch of job {job_id} keeps ending before the job")
@@ -235,7 +241,9 @@ class AsyncClient:
             call.cancel()
         if last is None:
             return
-        async for event in self.watch(last.job_id, after_seq=last.seq):
+        # The Run stream connected: its watch resumes even if the gateway is down right now.
+        retry = _Retry(self._channel, connected=True)
+        async for event in self._watch(last.job_id, last.seq, retry):
             yield event
 
     async def wait(self, job_id: str, *, check: bool = False) -> job_pb2.Job:
@@ -243,8 +251,10 @@ class AsyncClient:
         SUCCEEDED."""
         job = await self.get(job_id)
         if not is_terminal(job.state):
-            # Only what happens next matters, not the events so far.
-            async for _ in self.watch(job_id, after_seq=job.event_seq):
+            # Only what happens next matters, not the events so far; the Get reached the
+            # gateway, so the watch resumes if the gateway goes away now.
+            retry = _Retry(self._channel, connected=True)
+            async for _ in self._watch(job_id, job.event_seq, retry):
                 pass
             job = await self.get(job_id)
         if check and job.state != job_pb2.JOB_STATE_SUCCEEDED:
@@ -318,7 +328,7 @@ class AsyncClient:
             raise InvalidArgument(f"must be a number of seconds, got {interval}", "interval")
         request = admin_service_pb2.WatchStatsRequest()
         request.interval.FromNanoseconds(round(interval * 1e9))
-        retry = _Retry()
+        retry = _Retry(self._channel)
         while True:
             retry.started()
             call = self._admin.WatchStats(request)
@@ -328,11 +338,12 @@ class AsyncClient:
                     yield response.stats
                 error = None
             except grpc.aio.AioRpcError as e:
-                if e.code() not in _RESUMABLE:
+                if e.code() not in _RESUMABLE or not retry.connected:
                     raise from_rpc_error(e) from e
                 error = e
             finally:
                 call.cancel()
+                retry.stopped()
             if not await retry.pause():
                 if error is None:
                     raise Unavailable("the stats stream keeps ending")
@@ -366,17 +377,42 @@ def _timestamp(when: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 
 class _Retry:
-    """Backoff with jitter between attempts; gives up after RESUME_PATIENCE seconds of failure."""
+    """Backoff with jitter between attempts; gives up after RESUME_PATIENCE seconds of failure.
 
-    def __init__(self) -> None:
+    Only a stream that connected is resumed: until it has had a response or seen the channel
+    READY, its failure is raised at once, as a unary call's would be (a gateway that is down).
+    """
+
+    def __init__(self, channel: grpc.aio.Channel, *, connected: bool = False) -> None:
+        self._channel = channel
         self._delay = RESUME_INITIAL
         self._failing_since: float | None = None
         self._started = 0.0
+        self._connected = connected
+        self._ready: asyncio.Future[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        """True once the stream has had a response or its channel has been READY."""
+        ready = self._ready
+        if ready is not None and ready.done() and not ready.cancelled():
+            self._connected = True
+        return self._connected
 
     def started(self) -> None:
         self._started = asyncio.get_running_loop().time()
+        if not self._connected and self._ready is None:
+            self._ready = asyncio.ensure_future(self._channel.channel_ready())
+
+    def stopped(self) -> None:
+        """Stops looking at the channel; call when the stream ends or breaks."""
+        if self._ready is not None:
+            self._connected = self.connected
+            self._ready.cancel()
+            self._ready = None
 
     def healthy(self) -> None:
+        self._connected = True
         self._delay = RESUME_INITIAL
         self._failing_since = None
 

@@ -19,6 +19,8 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from jobmesh.codes import Code
+
 _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 _provider: TracerProvider | None = None
 
@@ -93,16 +95,7 @@ def attached(carrier: Mapping[str, str]) -> Iterator[None]:
 
 # Attempt failures that are faults of the system rather than outcomes of the job: only
 # these mark a span as an error (a handler that rejects its input is not a fault).
-FAULT_CODES = frozenset(
-    {
-        "WORKER_LOST",
-        "WORKER_PROCESS_DIED",
-        "WORKER_ERROR",
-        "WORKER_SHUTDOWN",
-        "ASSIGN_NOT_ACKNOWLEDGED",
-        "PAYLOAD_TRANSFER_FAILED",
-    }
-)
+FAULT_CODES = frozenset(code.value for code in Code if code.fault)
 
 # Span attribute names.
 JOB_ID = "jobmesh.job.id"

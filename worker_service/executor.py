@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobmesh import codes
+from jobmesh.codes import Code
 from jobmesh.v1 import job_pb2
 from worker_service import outcomes
 from worker_service.outcomes import Outcome
@@ -31,9 +33,6 @@ log = logging.getLogger("worker_service")
 
 # How long a cancelled asyncio task gets to unwind before it is left to itself.
 _UNWIND_SECONDS = 1.0
-
-CANCELLED = "CANCELLED"
-TIMEOUT = "TIMEOUT"
 
 
 @dataclass(eq=False)
@@ -91,7 +90,7 @@ class Executor:
                 limit,
                 self._stop,
                 attempt,
-                outcomes.error(TIMEOUT, f"the attempt ran longer than its {limit:g} s limit", True),
+                Code.TIMEOUT.error(f"the attempt ran longer than its {limit:g} s limit"),
             )
         else:
             timer = None
@@ -102,7 +101,7 @@ class Executor:
         attempt = self._attempts.get(key)
         if attempt is None:
             return False
-        self._stop(attempt, outcomes.error(CANCELLED, reason or "cancelled on request", False))
+        self._stop(attempt, Code.CANCELLED.error(reason or "cancelled on request"))
         return True
 
     def close(self) -> None:
@@ -125,10 +124,10 @@ class Executor:
         try:
             spec = self._specs.get(task.kind)
             if spec is None:
-                return outcomes.error("UNKNOWN_KIND", f"no handler for kind {task.kind!r}", False)
+                return Code.UNKNOWN_KIND.error(f"no handler for kind {task.kind!r}")
             # The gateway checks too; this covers a job submitted before the schema changed.
             if spec.params is not None and (problem := params_problem(spec.params, task.params)):
-                return outcomes.error("INVALID_PARAMS", problem, False)
+                return Code.INVALID_PARAMS.error(problem)
             # Not checked for size here: the replica moves large outputs to blobs first.
             return await self._watch(spec, attempt, on_progress)
         finally:
@@ -163,12 +162,12 @@ class Executor:
             own = handler.result()
             # A handler that saw the cancel and said so keeps its own words.
             if (
-                stop.code == CANCELLED
+                stop.code == Code.CANCELLED
                 and isinstance(own, job_pb2.JobError)
                 and own.code == stop.code
             ):
                 return own
-        return outcomes.error(stop.code, stop.message + forced, stop.retryable)
+        return codes.error(stop.code, stop.message + forced, stop.retryable)
 
     async def _force_stop(
         self, spec: HandlerSpec, attempt: _Attempt, handler: asyncio.Future[Outcome]
@@ -229,7 +228,7 @@ class Executor:
         task = attempt.task
         if spec.executor == "process":
             if self._pool is None:
-                return outcomes.error("UNKNOWN_KIND", "this worker has no process pool", False)
+                return Code.UNKNOWN_KIND.error("this worker has no process pool")
             return await self._pool.run(task, attempt.cancelled, on_progress)
         ctx = task.context(loop_reporter(on_progress), attempt.cancelled.is_set)
         if spec.executor == "thread":

@@ -12,7 +12,8 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from jobmesh import telemetry
+from jobmesh import codes, telemetry
+from jobmesh.codes import Code
 from jobmesh.errors import InvalidArgument
 from jobmesh.limits import DEFAULT_LIMITS, payload_names
 from jobmesh.v1 import job_pb2
@@ -21,13 +22,6 @@ from worker_service.registry import HandlerError, JobContext, Result
 Outcome = job_pb2.JobResult | job_pb2.JobError
 
 log = logging.getLogger("worker_service")
-
-# A result the gateway would refuse (see `check_result`); rerunning would only make it again.
-INVALID_RESULT = "INVALID_RESULT"
-
-
-def error(code: str, message: str, retryable: bool) -> job_pb2.JobError:
-    return job_pb2.JobError(code=code, message=message, retryable=retryable)
 
 
 def params_to_dict(params: struct_pb2.Struct) -> dict[str, Any]:
@@ -44,22 +38,24 @@ def to_result(value: object) -> job_pb2.JobResult:
     if not isinstance(value, Result):
         raise HandlerError(
             f"handler returned {type(value).__name__}; expected Result, dict or None",
-            code="INVALID_RESULT",
+            code=Code.INVALID_RESULT,
         )
     for name, data in value.outputs.items():
         if not isinstance(name, str) or not isinstance(data, bytes | bytearray | memoryview):
             raise HandlerError(
                 f"output {name!r} is {type(data).__name__}; outputs map str to bytes",
-                code="INVALID_RESULT",
+                code=Code.INVALID_RESULT,
             )
     result = job_pb2.JobResult(outputs={k: bytes(v) for k, v in value.outputs.items()})
     try:
         result.metadata.update(value.metadata)
     except RecursionError:
-        raise HandlerError("metadata: nested too deeply to convert", code=INVALID_RESULT) from None
+        raise HandlerError(
+            "metadata: nested too deeply to convert", code=Code.INVALID_RESULT
+        ) from None
     except (TypeError, ValueError, AttributeError) as exc:
         raise HandlerError(
-            f"metadata is not JSON-like: {type(exc).__name__}: {exc}", code="INVALID_RESULT"
+            f"metadata is not JSON-like: {type(exc).__name__}: {exc}", code=Code.INVALID_RESULT
         ) from exc
     check_result(result)
     return result
@@ -79,15 +75,15 @@ def check_result(result: job_pb2.JobResult) -> None:
         payload_names([*result.outputs, *result.output_blobs], "output", "outputs")
         DEFAULT_LIMITS.struct(result.metadata, "metadata")
     except InvalidArgument as exc:
-        raise HandlerError(exc.message, code=INVALID_RESULT) from None
+        raise HandlerError(exc.message, code=Code.INVALID_RESULT) from None
 
 
 def to_error(exc: BaseException, ctx: JobContext) -> job_pb2.JobError:
     """HandlerError keeps its code; anything else is a retryable HANDLER_ERROR."""
     if isinstance(exc, HandlerError):
-        return error(exc.code, exc.message, exc.retryable)
+        return codes.error(exc.code, exc.message, exc.retryable)
     log.warning("job %s attempt %d (%s) raised", ctx.job_id, ctx.attempt, ctx.kind, exc_info=exc)
-    return error("HANDLER_ERROR", f"{type(exc).__name__}: {exc}", True)
+    return Code.HANDLER_ERROR.error(f"{type(exc).__name__}: {exc}", retryable=True)
 
 
 def run_sync(fn: Callable[[JobContext], Any], ctx: JobContext) -> Outcome:

@@ -31,6 +31,7 @@ from typing import Any
 import psutil
 
 from jobmesh import telemetry
+from jobmesh.codes import Code
 from jobmesh.v1 import job_pb2
 from worker_service import outcomes
 from worker_service.outcomes import Outcome
@@ -141,7 +142,7 @@ class ProcessPool:
             )
         except asyncio.CancelledError:
             # The caller gave up (shutdown). A job still waiting for a child must not start.
-            self._stop(job, outcomes.error("WORKER_SHUTDOWN", "the worker is shutting down", True))
+            self._stop(job, Code.WORKER_SHUTDOWN.error("the worker is shutting down"))
             raise
 
     def notify_cancel(self, key: AttemptKey) -> None:
@@ -272,9 +273,7 @@ class ProcessPool:
         try:
             child = self._acquire(job)
             if child is None:
-                return job.stop or outcomes.error(
-                    "WORKER_SHUTDOWN", "the worker is shutting down", True
-                )
+                return job.stop or Code.WORKER_SHUTDOWN.error("the worker is shutting down")
             if cancelled.is_set():
                 child.cancel.set()
             outcome = self._talk(task, job, child, report)
@@ -306,10 +305,8 @@ class ProcessPool:
             task.job_id,
             task.attempt,
         )
-        return outcomes.error(
-            "WORKER_PROCESS_DIED",
-            f"the worker's pool process exited with code {code} while running the job",
-            True,
+        return Code.WORKER_PROCESS_DIED.error(
+            f"the worker's pool process exited with code {code} while running the job"
         )
 
     def _talk(self, task: Task, job: _Job, child: _Child, report: ProgressFn) -> Outcome | None:
@@ -347,11 +344,9 @@ class ProcessPool:
             _mib(rss),
             _mib(self._memory_limit),
         )
-        error = outcomes.error(
-            "MEMORY_LIMIT_EXCEEDED",
+        error = Code.MEMORY_LIMIT_EXCEEDED.error(
             f"the job's process used {_mib(rss)} ({rss} bytes) of memory (RSS), over the "
-            f"limit of {_mib(self._memory_limit)} ({self._memory_limit} bytes)",
-            False,
+            f"limit of {_mib(self._memory_limit)} ({self._memory_limit} bytes)"
         )
         self._stop(job, error)
 
@@ -477,7 +472,7 @@ def _run_in_child(
 
     spec = default_registry().get(task.kind)
     if spec is None or spec.executor != "process":
-        return outcomes.error("UNKNOWN_KIND", f"no process-pool handler for {task.kind!r}", False)
+        return Code.UNKNOWN_KIND.error(f"no process-pool handler for {task.kind!r}")
     try:
         return outcomes.run_sync(spec.fn, task.context(report, cancel.is_set))
     finally:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from typing import Any, Literal, TypeVar
 from opentelemetry import trace
 
 from jobmesh import telemetry
+from jobmesh.codes import Code
 from worker_service.params import Param, check_schema
 
 _tracer = trace.get_tracer("jobmesh.worker")
@@ -35,15 +38,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 class HandlerError(Exception):
     """Raised by a handler to fail its attempt with a code of its choosing.
 
-    Not a `JobmeshError`: it never becomes a gRPC status, only the attempt's `JobError`.
-    The default is not retryable, because a handler that names its failure knows it is
-    permanent; any other exception is treated as transient and retried.
+    The code is a `jobmesh.Code` or a string of the handler's own; either way the attempt's
+    error carries it with `retryable` as given here. Not a `JobmeshError`: it never becomes
+    a gRPC status, only the attempt's `JobError`. The default is not retryable, because a
+    handler that names its failure knows it is permanent; any other exception is treated as
+    transient and retried.
     """
 
-    def __init__(self, message: str, code: str = "HANDLER_ERROR", retryable: bool = False) -> None:
+    def __init__(
+        self, message: str, code: str = Code.HANDLER_ERROR, retryable: bool = False
+    ) -> None:
         super().__init__(message)
         self.message = message
-        self.code = code
+        self.code = str(code)  # the wire string, a member's or the handler's own
         self.retryable = retryable
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -55,7 +62,7 @@ class JobCancelled(HandlerError):
     """Raise when `ctx.cancelled` is seen, to end the attempt as CANCELLED."""
 
     def __init__(self, message: str = "cancelled") -> None:
-        super().__init__(message, code="CANCELLED", retryable=False)
+        super().__init__(message, code=Code.CANCELLED, retryable=False)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.message,))
@@ -220,10 +227,21 @@ def load_handlers(
     enabled = set(products)
     if unknown := enabled - set(PRODUCTS):
         raise ValueError(f"unknown products: {', '.join(sorted(unknown))}")
+    modules = tuple(modules)
+    if modules:
+        _search_cwd()
     for name in (*(m for p in PRODUCTS if p in enabled for m in PRODUCTS[p]), *modules):
         importlib.import_module(name)
     left_out = {m for p, ms in PRODUCTS.items() if p not in enabled for m in ms}
     return {k: s for k, s in _DEFAULT.specs().items() if s.module not in left_out}
+
+
+def _search_cwd() -> None:
+    # As `python -m` does: `jobmesh worker --handlers myapp.jobs` finds ./myapp/jobs.py, though
+    # the `jobmesh` script puts only its own directory on sys.path.
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def _schema(kind: str, params: Sequence[Param]) -> tuple[Param, ...]:

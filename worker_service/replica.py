@@ -21,11 +21,11 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from jobmesh import telemetry
+from jobmesh.codes import Code
 from jobmesh.errors import JobmeshError
 from jobmesh.limits import DEFAULT_LIMITS
 from jobmesh.logs import bind_job, job_fields
 from jobmesh.v1 import dispatcher_pb2, job_pb2
-from worker_service import outcomes
 from worker_service.config import WorkerSettings
 from worker_service.executor import Executor
 from worker_service.metrics import WorkerMetrics
@@ -182,7 +182,7 @@ class Replica:
                 extra=job_fields(*key, assign.trace_context),
             )
             failed = dispatcher_pb2.Failed(
-                job_id=key[0], attempt=key[1], error=outcomes.error("REJECTED", refusal, True)
+                job_id=key[0], attempt=key[1], error=Code.REJECTED.error(refusal)
             )
             self._send(dispatcher_pb2.SessionRequest(failed=[failed]))
             return
@@ -262,16 +262,14 @@ class Replica:
                 )
                 await self._payloads.offload(outcome, budget)
         except asyncio.CancelledError:
-            self._finish(
-                task, outcomes.error("WORKER_SHUTDOWN", "the worker stopped during the job", True)
-            )
+            self._finish(task, Code.WORKER_SHUTDOWN.error("the worker stopped during the job"))
             raise
         except JobmeshError as exc:  # a blob transfer failed
             log.warning("job %s attempt %d: payload transfer failed: %s", *key, exc)
-            outcome = outcomes.error("PAYLOAD_TRANSFER_FAILED", exc.message, True)
+            outcome = Code.PAYLOAD_TRANSFER_FAILED.error(exc.message)
         except Exception as exc:
             log.exception("job %s attempt %d: the worker failed running it", *task.key)
-            outcome = outcomes.error("WORKER_ERROR", f"{type(exc).__name__}: {exc}", True)
+            outcome = Code.WORKER_ERROR.error(f"{type(exc).__name__}: {exc}")
         self._finish(task, outcome)
 
     def _finish(self, task: Task, outcome: Outcome) -> None:
@@ -328,18 +326,14 @@ def _report(
             completed = dispatcher_pb2.Completed(job_id=key[0], attempt=key[1], result=outcome)
             report = dispatcher_pb2.SessionRequest(completed=[completed])
         except (DecodeError, EncodeError, ValueError) as exc:  # `check_result` should prevent it
-            outcome = outcomes.error(
-                outcomes.INVALID_RESULT, f"the result cannot be encoded: {exc}", False
-            )
+            outcome = Code.INVALID_RESULT.error(f"the result cannot be encoded: {exc}")
         else:
             size = report.ByteSize()
             if size <= max_bytes:
                 return outcome, report
-            outcome = outcomes.error(
-                "RESULT_TOO_LARGE",
+            outcome = Code.RESULT_TOO_LARGE.error(
                 f"the result is {size} bytes even with its large outputs in blobs; at most "
-                f"{max_bytes} fit in a message (max_message_bytes)",
-                False,
+                f"{max_bytes} fit in a message (max_message_bytes)"
             )
     error = job_pb2.JobError(
         code=outcome.code, message=DEFAULT_LIMITS.cut(outcome.message), retryable=outcome.retryable

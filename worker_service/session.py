@@ -22,8 +22,9 @@ from typing import Any, Protocol
 import grpc
 import grpc.aio
 
+from jobmesh.codes import Code
 from jobmesh.outbox import Outbox
-from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc, job_pb2
+from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from worker_service.config import WorkerSettings
 
 log = logging.getLogger("worker_service")
@@ -36,7 +37,6 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 # Streams in a row that may end without acknowledging a result sent on them before the
 # result is taken for one the gateway cannot read (a message it refuses breaks the stream).
 DELIVERY_TRIES = 3
-UNDELIVERABLE = "RESULT_UNDELIVERABLE"
 
 AttemptKey = tuple[str, int]
 
@@ -140,13 +140,13 @@ class Session:
         """Replaces an undeliverable result with a Failed saying so; drops it if that small
         Failed went unheard too (the gateway then treats the attempt as lost)."""
         kept = self._unacked[key]
-        if any(f.error.code == UNDELIVERABLE for f in kept.failed):
+        if any(f.error.code == Code.RESULT_UNDELIVERABLE for f in kept.failed):
             log.error(
                 "job %s attempt %d: the gateway did not acknowledge its result on %d streams "
                 "in a row, even as %s; dropping it",
                 *key,
                 DELIVERY_TRIES,
-                UNDELIVERABLE,
+                Code.RESULT_UNDELIVERABLE,
             )
             del self._unacked[key]
             if not self._unacked:
@@ -157,16 +157,11 @@ class Session:
             "unacknowledged; reporting %s instead",
             *key,
             DELIVERY_TRIES,
-            UNDELIVERABLE,
+            Code.RESULT_UNDELIVERABLE,
         )
-        # Retryable: results are checked against the gateway's limits before they are sent,
-        # so this is more likely a gateway restarting in a loop than a poisonous result, and
-        # a rerun (bounded by the job's attempts) beats failing a good job for good.
-        error = job_pb2.JobError(
-            code=UNDELIVERABLE,
-            message=f"the gateway did not take the result on {DELIVERY_TRIES} connections "
-            "in a row (a message it cannot read breaks the connection)",
-            retryable=True,
+        error = Code.RESULT_UNDELIVERABLE.error(
+            f"the gateway did not take the result on {DELIVERY_TRIES} connections "
+            "in a row (a message it cannot read breaks the connection)"
         )
         failed = dispatcher_pb2.Failed(job_id=key[0], attempt=key[1], error=error)
         self._unacked[key] = dispatcher_pb2.SessionRequest(failed=[failed])

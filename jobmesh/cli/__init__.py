@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -66,7 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The command's span is the parent of the trace of every job it submits.
         with trace.get_tracer("jobmesh.cli").start_as_current_span(f"jobmesh {args.command}"):
             code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
         return code
+    except BrokenPipeError:
+        # The reader went away (`jobmesh top --json | head -1`): nothing left to say to it.
+        _silence_stdout()
+        return EXIT_OK
     except JobmeshError as e:
         print(f"jobmesh: {describe(e)}", file=sys.stderr)
         return exit_code(e)
@@ -77,6 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         telemetry.shutdown()
+
+
+def _silence_stdout() -> None:
+    # Python's recipe: what is still buffered would fail again when Python flushes at exit.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def exit_code(error: JobmeshError) -> int:

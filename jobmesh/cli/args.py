@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,10 @@ from jobmesh.convert import JobState, parse_state
 from jobmesh.errors import InvalidArgument
 from jobmesh.limits import is_payload_name
 from jobmesh.settings import parse_address
+
+# A job says the extension of its output in its result's metadata; only letters and digits
+# become part of a file name.
+_EXTENSION = re.compile(r"[a-z0-9]{1,10}")
 
 
 def address(text: str) -> str:
@@ -118,6 +124,15 @@ def read_inputs(files: list[tuple[str, Path]]) -> dict[str, Path]:
     return inputs
 
 
+def output_dir(text: str) -> Path:
+    """argparse type of --output DIR: checked before any job is submitted, so that a job
+    does not run only for its outputs to find nowhere to go."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
+    return path
+
+
 class OutputRefused(Exception):
     """An output the CLI will not write, because its name could not safely name a file."""
 
@@ -136,3 +151,25 @@ def output_path(directory: Path, name: str) -> Path:
             "digits, '._ -', at most 128, no '..')"
         )
     return directory / name
+
+
+def extension(metadata: Mapping[str, Any]) -> str:
+    """The file extension the job's result metadata gives ('' when it gives none), from
+    `extension`, else `format` (as the image kinds say it); OutputRefused unless it is at most
+    10 letters and digits."""
+    value = str(metadata.get("extension") or metadata.get("format") or "").lower()
+    if value and not _EXTENSION.fullmatch(value):
+        raise OutputRefused(
+            f"refusing the extension {value[:40]!r} the job gave (at most 10 letters and digits)"
+        )
+    return value
+
+
+def output_file(directory: Path, name: str, metadata: Mapping[str, Any]) -> Path:
+    """Where the job's output `name` goes under `directory`: a name without an extension
+    takes the one the result's metadata gives (`image` of a thumbnail job is `image.jpg`)."""
+    path = output_path(directory, name)
+    ext = extension(metadata)
+    if not ext or "." in name:
+        return path
+    return output_path(directory, f"{name}.{ext}")

@@ -32,9 +32,6 @@ NOT_WRITTEN = "NOT_WRITTEN"
 EXIF_WIDTH = 60
 
 _PLACEMENT = re.compile(r"(-?\d+),(-?\d+)(?:,(\d*\.?\d+)(?:,(-?\d+))?)?")
-# The job says the extension of the file written; only letters and digits become part of
-# a file name.
-_EXTENSION = re.compile(r"[a-z0-9]{1,10}")
 
 
 def add_commands(
@@ -169,7 +166,12 @@ def _encoding(
     default_format: str = "the input's",
 ) -> None:
     p.add_argument(
-        "-o", "--output", type=Path, required=True, metavar="DIR", help="where the images go"
+        "-o",
+        "--output",
+        type=cli_args.output_dir,
+        required=True,
+        metavar="DIR",
+        help="where the images go",
     )
     p.add_argument(
         "--format",
@@ -228,7 +230,11 @@ def files(args: argparse.Namespace) -> int:
     stems = {item.name: Path(item.name).stem for item in items}
     if output is not None:
         _check_stems(stems, output)
-    return _run(args, f"image.{args.op}", _params(args), items, output, stems)
+    params = _params(args)
+    if args.op == "resize" and "width" not in params and "height" not in params:
+        # Refused here rather than by every job on the workers.
+        raise InvalidArgument("resize needs --width, --height or both", "--width")
+    return _run(args, f"image.{args.op}", params, items, output, stems)
 
 
 def composite(args: argparse.Namespace) -> int:
@@ -373,14 +379,12 @@ class _Report:
         assert self._output is not None
         if IMAGE not in result.outputs and IMAGE not in result.output_blobs:
             raise _NotWritten(f"the job returned no output named {IMAGE!r}")
-        extension = str(metadata.get("extension") or metadata.get("format") or "").lower()
+        try:
+            extension = cli_args.extension(metadata)
+        except cli_args.OutputRefused as e:
+            raise _NotWritten(str(e)) from None
         if not extension:
             raise _NotWritten("the job did not say the image's extension")
-        if not _EXTENSION.fullmatch(extension):
-            raise _NotWritten(
-                f"refusing the extension {extension[:40]!r} the job gave "
-                "(at most 10 letters and digits)"
-            )
         path = self._output / f"{self._stems[name]}.{extension}"
         if path.resolve() in self._inputs:
             raise _NotWritten(f"refusing to overwrite the input {str(path)!r}")

@@ -17,8 +17,8 @@ from jobmesh.cli.render import (
     stdout_console,
     workers_table,
 )
-from jobmesh.convert import is_terminal, state_name, terminal_event
-from jobmesh.errors import InvalidArgument, JobFailed
+from jobmesh.convert import from_struct, is_terminal, state_name, terminal_event
+from jobmesh.errors import FailedPrecondition, InvalidArgument, JobFailed
 from jobmesh.v1 import admin_service_pb2, job_pb2, job_service_pb2
 
 # The gateway's own bound on one List page.
@@ -74,7 +74,12 @@ def add_commands(
         help="keep the job this long after it ends (default: the gateway's --retention)",
     )
     p.add_argument("--wait", action="store_true", help="show progress until the job ends")
-    p.add_argument("--output", type=Path, metavar="DIR", help="with --wait: write outputs here")
+    p.add_argument(
+        "--output",
+        type=cli_args.output_dir,
+        metavar="DIR",
+        help="with --wait: write the outputs here, one file per name",
+    )
     p.set_defaults(func=submit)
 
     p = commands.add_parser("watch", parents=[common], help="follow a job until it ends")
@@ -86,6 +91,12 @@ def add_commands(
 
     p = commands.add_parser("get", parents=[common], help="show a job")
     p.add_argument("job")
+    p.add_argument(
+        "--output",
+        type=cli_args.output_dir,
+        metavar="DIR",
+        help="write the outputs of the SUCCEEDED job here, one file per name",
+    )
     p.set_defaults(func=get)
 
     p = commands.add_parser("cancel", parents=[common], help="cancel a queued or running job")
@@ -163,11 +174,19 @@ def watch(args: argparse.Namespace) -> int:
 def get(args: argparse.Namespace) -> int:
     with Client(args.gateway) as client:
         job = client.get(args.job)
-    if args.json:
-        print_json(job)
-    else:
-        stdout_console().print(job_details(job))
-    return 0
+        if args.json:
+            print_json(job)
+        else:
+            stdout_console().print(job_details(job))
+        if args.output is None:
+            return 0
+        if not is_terminal(job.state):
+            raise FailedPrecondition(
+                f"job {job.id} is {state_name(job.state)}: it has no outputs until it ends"
+            )
+        if job.state == job_pb2.JOB_STATE_SUCCEEDED:
+            _write_outputs(client, args.output, job.result)
+    return _outcome(terminal_event(job))
 
 
 def cancel(args: argparse.Namespace) -> int:
@@ -236,7 +255,8 @@ def _outcome(end: job_pb2.JobEvent) -> int:
 def _write_outputs(client: Client, directory: Path, result: job_pb2.JobResult) -> None:
     # Every name is checked before anything is written, so a bad one leaves no partial result.
     names = [*result.outputs, *result.output_blobs]
-    paths = {name: cli_args.output_path(directory, name) for name in names}
+    metadata = from_struct(result.metadata)
+    paths = {name: cli_args.output_file(directory, name, metadata) for name in names}
     directory.mkdir(parents=True, exist_ok=True)
     for name, path in sorted(paths.items()):
         if name in result.outputs:

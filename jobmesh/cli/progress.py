@@ -17,6 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from jobmesh.cli.render import console as make_console
 from jobmesh.cli.render import event_line, print_json
 from jobmesh.convert import is_terminal, state_name
 from jobmesh.v1 import job_pb2
@@ -98,8 +99,8 @@ class ProgressBar(EventView):
 def event_view(json_lines: bool) -> EventView:
     """JSON lines when asked, a live bar on a terminal, else plain lines."""
     if json_lines:
-        return JsonLines(Console(stderr=True))
-    console = Console(stderr=True, highlight=False)
+        return JsonLines(make_console(stderr=True))
+    console = make_console(stderr=True)
     return ProgressBar(console) if console.is_terminal else EventView(console)
 
 
@@ -185,7 +186,7 @@ class BatchBar(BatchLines):
 
 def batch_view(json_lines: bool, total: int, title: str) -> BatchLines:
     """A live bar on a terminal, else a line per job; with JSON on stdout, only failures."""
-    console = Console(stderr=True, highlight=False)
+    console = make_console(stderr=True)
     if json_lines:
         return BatchLines(console, every_job=False)
     if console.is_terminal:

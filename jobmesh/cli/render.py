@@ -17,6 +17,8 @@ from jobmesh.convert import from_struct, state_name
 from jobmesh.v1 import admin_service_pb2, job_pb2
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+# The width of a console that is not a terminal: wider than any line it prints.
+UNWRAPPED = 100_000
 
 
 def print_json(message: Message, *, lines: bool = False) -> None:
@@ -26,9 +28,22 @@ def print_json(message: Message, *, lines: bool = False) -> None:
 
 
 def stdout_console() -> Console:
-    # Tables piped into a file or `grep` keep whole rows instead of folding at 80 columns.
-    wide = None if sys.stdout.isatty() else 1000
-    return Console(highlight=False, width=wide)
+    return console(stderr=False)
+
+
+def console(*, stderr: bool) -> Console:
+    """A console on stdout or stderr; piped into a file or `grep`, it keeps lines and table
+    rows whole instead of folding them at 80 columns."""
+    if (sys.stderr if stderr else sys.stdout).isatty():
+        return _Console(stderr=stderr, highlight=False)
+    return _Console(stderr=stderr, highlight=False, width=UNWRAPPED, soft_wrap=True)
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits 1 here; `jobmesh list | head -1` is no failure: the command ends it.
+        self.quiet = True
+        raise BrokenPipeError
 
 
 def size(n: int) -> str:

@@ -21,11 +21,19 @@ from tests.cluster import Cluster
 JOBMESH = Path(sys.executable).parent / "jobmesh"
 
 
-def jobmesh(gateway: str, *argv: str) -> subprocess.CompletedProcess[str]:
+def jobmesh(
+    gateway: str, *argv: str, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Runs the installed `jobmesh` command with $JOBMESH_GATEWAY pointing at `gateway`."""
     env = {**os.environ, "JOBMESH_GATEWAY": gateway}
     return subprocess.run(
-        [str(JOBMESH), *argv], env=env, capture_output=True, text=True, timeout=60, check=False
+        [str(JOBMESH), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=cwd,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from jobmesh.codes import Code
 from worker_service.params import Param
 from worker_service.registry import HandlerError, JobCancelled, JobContext, Result, handler
 
@@ -41,7 +42,7 @@ def sleep(ctx: JobContext) -> dict[str, Any]:
     ):
         raise HandlerError(
             f"seconds must be a number from 0 to {MAX_SLEEP_SECONDS:g}, got {seconds!r}",
-            code="INVALID_PARAMS",
+            code=Code.INVALID_PARAMS,
         )
     start = time.monotonic()
     for tenth in range(1, 11):
@@ -68,5 +69,7 @@ def fail(ctx: JobContext) -> None:
     message = ctx.params.get("message", "failed on purpose")
     retryable = ctx.params.get("retryable", False)
     if not isinstance(retryable, bool):
-        raise HandlerError(f"retryable must be true or false, got {retryable!r}", "INVALID_PARAMS")
-    raise HandlerError(str(message), code="FAILED_ON_PURPOSE", retryable=retryable)
+        raise HandlerError(
+            f"retryable must be true or false, got {retryable!r}", Code.INVALID_PARAMS
+        )
+    raise HandlerError(str(message), code=Code.FAILED_ON_PURPOSE, retryable=retryable)

@@ -15,12 +15,10 @@ from typing import Any
 
 from PIL import Image
 
+from jobmesh.codes import Code
 from worker_service.handlers.imaging import (
     AUTO_ORIENT_PARAM,
     FORMAT_PARAM,
-    IMAGE_TOO_LARGE,
-    INVALID_PARAMS,
-    MISSING_INPUT,
     QUALITY_PARAM,
     Format,
     Params,
@@ -175,7 +173,7 @@ def resize(ctx: JobContext) -> Result:
     p = Params(ctx, RESIZE)
     width, height = p.integer("width"), p.integer("height")
     if width is None and height is None:
-        raise HandlerError("image.resize needs width, height or both", code=INVALID_PARAMS)
+        raise HandlerError("image.resize needs width, height or both", code=Code.INVALID_PARAMS)
     fit = p.text("fit", "contain")
     resample = _RESAMPLE[p.text("resample", "lanczos") or "lanczos"]
     data = input_image(ctx)
@@ -255,7 +253,7 @@ def composite(ctx: JobContext) -> Result:
             if decoded > 4 * max_pixels():
                 raise HandlerError(
                     f"the layers hold {decoded} pixels in all, over 4 x max_image_pixels",
-                    code=IMAGE_TOO_LARGE,
+                    code=Code.IMAGE_TOO_LARGE,
                 )
             images[name] = orient(image) if p.flag("auto_orient", True) else image
     _progress(ctx, 0.2, "decode")
@@ -343,20 +341,22 @@ def _crop_box(crop: Any, size: tuple[int, int]) -> tuple[int, int, int, int]:
     keys = ("left", "top", "width", "height")
     if not isinstance(crop, dict) or set(crop) != set(keys):
         raise HandlerError(
-            "param 'crop' must be an object with left, top, width and height", INVALID_PARAMS
+            "param 'crop' must be an object with left, top, width and height", Code.INVALID_PARAMS
         )
     values: list[int] = []
     for key in keys:
         value = crop[key]
         if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-            raise HandlerError(f"crop.{key} must be a whole number, got {value!r}", INVALID_PARAMS)
+            raise HandlerError(
+                f"crop.{key} must be a whole number, got {value!r}", Code.INVALID_PARAMS
+            )
         values.append(int(value))
     left, top, width, height = values
     w, h = size
     if left < 0 or top < 0 or width < 1 or height < 1 or left + width > w or top + height > h:
         raise HandlerError(
             f"crop {width}x{height} at ({left}, {top}) is not within the {w}x{h} image",
-            code=INVALID_PARAMS,
+            code=Code.INVALID_PARAMS,
         )
     return left, top, left + width, top + height
 
@@ -391,16 +391,16 @@ def _layer(i: int, item: Any, ctx: JobContext) -> dict[str, Any]:
     if unknown := sorted(set(item) - {"input", "x", "y", "opacity", "z"}):
         raise HandlerError(
             f"{where}: unknown keys {unknown}; a layer has input, x, y, opacity, z",
-            INVALID_PARAMS,
+            Code.INVALID_PARAMS,
         )
     name = item.get("input")
     if not isinstance(name, str):
-        raise HandlerError(f"{where}.input must name one of the job's inputs", INVALID_PARAMS)
+        raise HandlerError(f"{where}.input must name one of the job's inputs", Code.INVALID_PARAMS)
     if name not in ctx.inputs:
         raise HandlerError(
             f"{where}.input is {name!r}, not one of the job's inputs "
             f"({', '.join(map(repr, sorted(ctx.inputs))) or 'none'})",
-            code=MISSING_INPUT,
+            code=Code.MISSING_INPUT,
         )
     layer: dict[str, Any] = {"input": name}
     for key, default, low, high, whole in (
@@ -419,7 +419,7 @@ def _layer(i: int, item: Any, ctx: JobContext) -> dict[str, Any]:
             kind = "a whole number" if whole else "a number"
             raise HandlerError(
                 f"{where}.{key} must be {kind} from {low:g} to {high:g}, got {value!r}",
-                INVALID_PARAMS,
+                Code.INVALID_PARAMS,
             )
         layer[key] = int(value) if whole else float(value)
     return layer

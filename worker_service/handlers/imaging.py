@@ -19,17 +19,11 @@ from typing import Any
 from opentelemetry import trace
 from PIL import ExifTags, Image, ImageColor, ImageOps, UnidentifiedImageError, features
 
+from jobmesh.codes import Code
 from worker_service.params import Param, params_problem
 from worker_service.registry import HandlerError, JobContext
 
 _tracer = trace.get_tracer("jobmesh.worker")
-
-IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"
-IMAGE_DECODE_ERROR = "IMAGE_DECODE_ERROR"
-IMAGE_PROCESS_ERROR = "IMAGE_PROCESS_ERROR"
-UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"
-INVALID_PARAMS = "INVALID_PARAMS"
-MISSING_INPUT = "MISSING_INPUT"
 
 DEFAULT_MAX_PIXELS = 64_000_000
 INPUT_NAME = "image"
@@ -159,7 +153,7 @@ class Params:
 
     def __init__(self, ctx: JobContext, schema: tuple[Param, ...]) -> None:
         if problem := params_problem(schema, ctx.params):
-            raise HandlerError(problem, code=INVALID_PARAMS)
+            raise HandlerError(problem, code=Code.INVALID_PARAMS)
         self._values = {k: v for k, v in ctx.params.items() if v is not None}
 
     def integer(self, name: str, default: int | None = None) -> int | None:
@@ -189,7 +183,7 @@ def input_image(ctx: JobContext) -> bytes:
     raise HandlerError(
         f"expected an input named {INPUT_NAME!r} (or exactly one input), got "
         f"{', '.join(map(repr, sorted(ctx.inputs))) or 'none'}",
-        code=MISSING_INPUT,
+        code=Code.MISSING_INPUT,
     )
 
 
@@ -211,14 +205,14 @@ def stage(name: str) -> Iterator[None]:
             raise HandlerError(
                 f"the image {size}, over this worker's limit of {_LIMITS.max_pixels} "
                 "(max_image_pixels)",
-                code=IMAGE_TOO_LARGE,
+                code=Code.IMAGE_TOO_LARGE,
             ) from None
         except MemoryError:
             raise HandlerError(
-                "the image does not fit in this worker's memory", code=IMAGE_TOO_LARGE
+                "the image does not fit in this worker's memory", code=Code.IMAGE_TOO_LARGE
             ) from None
         except Exception as exc:
-            code = IMAGE_DECODE_ERROR if name == "decode" else IMAGE_PROCESS_ERROR
+            code = Code.IMAGE_DECODE_ERROR if name == "decode" else Code.IMAGE_PROCESS_ERROR
             raise HandlerError(
                 f"cannot {name} the image: {type(exc).__name__}: {exc}", code=code
             ) from None
@@ -235,15 +229,17 @@ def open_image(data: bytes) -> Image.Image:
             raise HandlerError(
                 f"{found} images are not supported; "
                 f"supported: {', '.join(f.lower() for f in _READABLE)}",
-                code=UNSUPPORTED_FORMAT,
+                code=Code.UNSUPPORTED_FORMAT,
             ) from None
         raise HandlerError(
             f"the input is not an image in a known format ({len(data)} bytes)",
-            code=IMAGE_DECODE_ERROR,
+            code=Code.IMAGE_DECODE_ERROR,
         ) from None
     width, height = image.size
     if width < 1 or height < 1:
-        raise HandlerError(f"the image is {width}x{height}: it has no pixels", IMAGE_DECODE_ERROR)
+        raise HandlerError(
+            f"the image is {width}x{height}: it has no pixels", Code.IMAGE_DECODE_ERROR
+        )
     check_pixels(width, height, "the image")
     return image
 
@@ -266,7 +262,7 @@ def check_pixels(width: int, height: int, what: str) -> None:
         raise HandlerError(
             f"{what} would be {width}x{height} = {width * height} pixels, over this worker's "
             f"limit of {limit} (max_image_pixels)",
-            code=IMAGE_TOO_LARGE,
+            code=Code.IMAGE_TOO_LARGE,
         )
 
 
@@ -283,7 +279,7 @@ def output_format(name: str | None, source: str | None) -> Format:
         if key not in FORMATS:
             raise HandlerError(
                 f"param 'format' must be one of {', '.join(FORMAT_CHOICES)}, got {name!r}",
-                code=INVALID_PARAMS,
+                code=Code.INVALID_PARAMS,
             )
         return FORMATS[key]
     return FORMATS.get(source or "", FORMATS["jpeg"])
@@ -317,7 +313,7 @@ def encode(
         raise HandlerError(
             f"{fmt.name} images are at most {fmt.max_side} pixels on a side; "
             f"this one is {width}x{height}",
-            code=IMAGE_TOO_LARGE,
+            code=Code.IMAGE_TOO_LARGE,
         )
     image = _writable_mode(image, fmt, background)
     if exif is None:
@@ -452,7 +448,7 @@ def parse_color(text: str, name: str) -> tuple[int, int, int, int]:
     except ValueError:
         raise HandlerError(
             f"param {name!r} must be a color such as #ffffff, #00000000 or white, got {text!r}",
-            code=INVALID_PARAMS,
+            code=Code.INVALID_PARAMS,
         ) from None
     if len(color) == 3:
         return (*color, 255)
@@ -463,9 +459,9 @@ def placements(value: Any, limit: int) -> list[Mapping[str, Any]]:
     """`value` as a list of objects, at most `limit`; INVALID_PARAMS otherwise."""
     if not isinstance(value, list | tuple) or len(value) > limit:
         raise HandlerError(
-            f"param 'layers' must be a list of at most {limit} objects", code=INVALID_PARAMS
+            f"param 'layers' must be a list of at most {limit} objects", code=Code.INVALID_PARAMS
         )
     for i, item in enumerate(value):
         if not isinstance(item, Mapping):
-            raise HandlerError(f"layers[{i}] must be an object", code=INVALID_PARAMS)
+            raise HandlerError(f"layers[{i}] must be an object", code=Code.INVALID_PARAMS)
     return list(value)
