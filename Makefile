@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUF := tools/node_modules/.bin/buf
 PROTOS := $(wildcard protos/jobmesh/v1/*.proto)
 
-.PHONY: setup demo test lint fmt proto proto-check bench clean
+.PHONY: setup demo test test-fast lint fmt proto proto-check bench clean
 
 setup: $(STAMP) $(BUF)
 
@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-$(BUF): tools/package.json
-	cd tools && npm install --silent --no-audit --no-fund
+# npm ci installs exactly what the committed lock file says and never rewrites it.
+$(BUF): tools/package.json tools/package-lock.json
+	cd tools && npm ci --silent --no-audit --no-fund
 	touch $(BUF)
 
 demo: $(STAMP)
@@ -25,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# Everything but the tests that start processes (marked in tests/conftest.py): seconds.
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not processes"
 
 lint: setup proto-check
 	$(BIN)/ruff check .

@@ -1,13 +1,62 @@
-"""Fixtures: a `cluster` that starts real processes and stops them after the test."""
+"""Fixtures: a `cluster` that starts real processes and stops them after the test.
+
+Tests that start processes get the `processes` marker here, so `make test-fast`
+(`pytest -m "not processes"`) runs the rest in seconds. A test that starts one in a way
+`pytest_collection_modifyitems` cannot see says so itself: `@pytest.mark.processes`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import inspect
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.cluster import Cluster
+
+TESTS = Path(__file__).parent
+# Fixtures that start processes: gateways and workers, a worker against the scripted
+# gateway (tests/worker/conftest.py), a handler process pool (tests/worker/test_*.py).
+PROCESS_FIXTURES = frozenset({"cluster", "start_worker", "pool"})
+# Suites that are all real processes.
+PROCESS_DIRS = ("faults/", "integration/", "hostile/")
+# What a test, or a helper of its module it calls, says when it starts a process.
+SPAWNS = re.compile(r"subprocess|Popen|sys\.executable|ProcessPool\(")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks `processes` the tests that start processes, so `-m "not processes"` is fast."""
+    for item in items:
+        try:
+            where = item.path.relative_to(TESTS).as_posix()
+        except ValueError:
+            where = ""
+        if (
+            set(getattr(item, "fixturenames", ())) & PROCESS_FIXTURES
+            or where.startswith(PROCESS_DIRS)
+            or _spawns(item)
+        ):
+            item.add_marker(pytest.mark.processes)
+
+
+def _spawns(item: pytest.Item) -> bool:
+    fn = getattr(item, "function", None)
+    if not inspect.isfunction(fn):
+        return False
+    helpers = vars(inspect.getmodule(fn) or object)
+    called = [helpers.get(name) for name in fn.__code__.co_names]
+    return any(_says_spawn(f) for f in (fn, *called) if inspect.isfunction(f))
+
+
+@functools.cache
+def _says_spawn(fn: Callable[..., object]) -> bool:
+    try:
+        return bool(SPAWNS.search(inspect.getsource(fn)))
+    except (OSError, TypeError):
+        return False
 
 
 @pytest.fixture
