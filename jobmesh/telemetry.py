@@ -25,15 +25,22 @@ _ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDP
 _provider: TracerProvider | None = None
 
 
+_TIMEOUT_VARS = ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+
+
 def exporting(env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     return any(env.get(var) for var in _ENDPOINT_VARS) and env.get("OTEL_SDK_DISABLED") != "true"
 
 
-def setup(default_service_name: str, otlp_endpoint: str = "") -> TracerProvider | None:
+def setup(
+    default_service_name: str, otlp_endpoint: str = "", export_timeout: float | None = None
+) -> TracerProvider | None:
     """Installs a tracer provider exporting over OTLP, if an endpoint is configured.
 
-    `OTEL_SERVICE_NAME` wins over `default_service_name`. Call once per process.
+    `OTEL_SERVICE_NAME` wins over `default_service_name`. `export_timeout` bounds each
+    export, retries included, unless `OTEL_EXPORTER_OTLP[_TRACES]_TIMEOUT` says otherwise:
+    a short-lived command must not wait on a collector that is down. Call once per process.
     """
     global _provider
     if otlp_endpoint:
@@ -44,7 +51,13 @@ def setup(default_service_name: str, otlp_endpoint: str = "") -> TracerProvider 
 
     name = os.environ.get("OTEL_SERVICE_NAME") or default_service_name
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    timeout_set = any(os.environ.get(v) for v in _TIMEOUT_VARS)
+    exporter = (
+        OTLPSpanExporter(timeout=export_timeout)
+        if export_timeout is not None and not timeout_set
+        else OTLPSpanExporter()
+    )
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _provider = provider
     return provider

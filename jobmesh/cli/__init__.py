@@ -27,6 +27,8 @@ EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2
 EXIT_ERROR = 3
 EXIT_INTERRUPTED = 130
+# Seconds the command may spend sending its trace to the collector when it ends.
+EXPORT_TIMEOUT = 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,8 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.rest = rest
     if args.command not in SERVICES:
         logging.basicConfig(level=logging.WARNING, format="jobmesh: %(message)s")
-        # With OTEL_EXPORTER_OTLP_ENDPOINT set, the command's calls start the job's trace.
-        telemetry.setup("jobmesh-cli")
+        # With OTEL_EXPORTER_OTLP_ENDPOINT set, the command's calls start the job's trace;
+        # a collector that is down costs the command at most EXPORT_TIMEOUT at its end.
+        telemetry.setup("jobmesh-cli", export_timeout=EXPORT_TIMEOUT)
     try:
         if args.command in SERVICES:
             code: int = args.func(args)
