@@ -41,6 +41,7 @@ from jobmesh import codes
 from jobmesh.codes import Code
 from jobmesh.convert import TERMINAL_STATES, state_name
 from jobmesh.errors import InvalidArgument, NotFound, ResourceExhausted
+from jobmesh.limits import payload_bytes
 from jobmesh.logs import job_fields
 from jobmesh.v1 import dispatcher_pb2, job_pb2
 
@@ -136,7 +137,7 @@ class Scheduler:
             raise ResourceExhausted(
                 f"the queue is full: {self._queued} jobs wait (limit {limit}); retry later"
             )
-        inline = sum(_inline_bytes(spec) for spec in specs)
+        inline = sum(payload_bytes(spec.inputs) for spec in specs)
         budget = self._settings.max_inline_memory
         if inline and self._submitting_bytes + inline > budget:
             raise ResourceExhausted(
@@ -341,7 +342,7 @@ class Scheduler:
         """Takes a new job in; its inline inputs stay in memory while the budget allows."""
         self._active[job.id] = job
         if job.spec.inputs:
-            size = _inline_bytes(job.spec)
+            size = payload_bytes(job.spec.inputs)
             if self._inputs_bytes + size <= self._settings.max_inline_memory:
                 self._inputs[job.id] = dict(job.spec.inputs)
                 self._inputs_bytes += size
@@ -352,7 +353,7 @@ class Scheduler:
     def _forget_inputs(self, job_id: str) -> None:
         inputs = self._inputs.pop(job_id, None)
         if inputs is not None:
-            self._inputs_bytes -= sum(len(data) for data in inputs.values())
+            self._inputs_bytes -= payload_bytes(inputs)
         self._stored_inputs.discard(job_id)
 
     def _check_result(self, result: job_pb2.JobResult) -> None:
@@ -693,7 +694,3 @@ class Scheduler:
             extra=job_fields(job.id, job.attempt, job.trace_context),
         )
         return self._save(job, next_event(job))
-
-
-def _inline_bytes(spec: job_pb2.JobSpec) -> int:
-    return sum(len(data) for data in spec.inputs.values())

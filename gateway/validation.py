@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from gateway.jobs import duration_seconds
 from jobmesh.errors import InvalidArgument
-from jobmesh.limits import Limits, payload_names
+from jobmesh.limits import Limits, payload_bytes, payload_names
 from jobmesh.v1 import dispatcher_pb2, job_pb2
 
 KIND = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -52,7 +52,7 @@ def spec(value: job_pb2.JobSpec, limits: Limits, field: str = "spec") -> None:
     limits.items(len(value.inputs) + len(value.input_blobs), f"{field}.inputs")
     payload_names(value.inputs, "input", f"{field}.inputs")
     payload_names(value.input_blobs, "input", f"{field}.input_blobs")
-    inline = sum(len(data) for data in value.inputs.values())
+    inline = payload_bytes(value.inputs)
     if inline > limits.max_inline_bytes:
         raise InvalidArgument(
             f"{inline} bytes inline; at most {limits.max_inline_bytes} (upload larger inputs "
@@ -161,12 +161,10 @@ def _params_schema(schema: dispatcher_pb2.ParamsSchema, limits: Limits, field: s
 
 def result(value: job_pb2.JobResult, limits: Limits) -> None:
     """What a worker reports as a job's result: names, counts, sizes and nesting."""
-    limits.items(len(value.outputs) + len(value.output_blobs), "result.outputs")
-    payload_names([*value.outputs, *value.output_blobs], "output", "result.outputs")
-    inline = sum(len(data) for data in value.outputs.values())
+    limits.result(value, "result.")
+    inline = payload_bytes(value.outputs)
     if inline > limits.max_inline_bytes:
         raise InvalidArgument(
             f"{inline} bytes of inline outputs; at most {limits.max_inline_bytes}",
             "result.outputs",
         )
-    limits.struct(value.metadata, "result.metadata")

@@ -8,12 +8,13 @@ parses and fits the message limit.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 
 from google.protobuf import struct_pb2
 
 from jobmesh.errors import InvalidArgument
+from jobmesh.v1 import job_pb2
 
 # Names become file names on the client (`jobmesh submit --output DIR`): no separators,
 # no control characters, no leading dot.
@@ -33,6 +34,11 @@ def payload_names(names: Iterable[str], what: str, field: str) -> None:
                 "no '..')",
                 field,
             )
+
+
+def payload_bytes(payloads: Mapping[str, bytes]) -> int:
+    """Bytes of inline payloads (inputs or outputs) together."""
+    return sum(len(data) for data in payloads.values())
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,13 @@ class Limits:
             raise InvalidArgument(
                 f"nested deeper than {self.max_params_depth} levels (max_params_depth)", field
             )
+
+    def result(self, value: job_pb2.JobResult, prefix: str = "") -> None:
+        """Raises InvalidArgument for a result with too many outputs, an output name no
+        client could write, or metadata too large or too deep; fields named after `prefix`."""
+        self.items(len(value.outputs) + len(value.output_blobs), f"{prefix}outputs")
+        payload_names([*value.outputs, *value.output_blobs], "output", f"{prefix}outputs")
+        self.struct(value.metadata, f"{prefix}metadata")
 
     def text(self, value: str, field: str, limit: int | None = None) -> None:
         limit = self.max_text if limit is None else limit

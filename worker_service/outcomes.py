@@ -15,7 +15,7 @@ from google.protobuf import json_format, struct_pb2
 from jobmesh import codes, telemetry
 from jobmesh.codes import Code
 from jobmesh.errors import InvalidArgument
-from jobmesh.limits import DEFAULT_LIMITS, payload_names
+from jobmesh.limits import DEFAULT_LIMITS
 from jobmesh.v1 import job_pb2
 from worker_service.registry import HandlerError, JobContext, Result
 
@@ -71,9 +71,7 @@ def check_result(result: job_pb2.JobResult) -> None:
     cross a pool pipe nor be sent, and a worker resending it would never be heard.
     """
     try:
-        DEFAULT_LIMITS.items(len(result.outputs) + len(result.output_blobs), "outputs")
-        payload_names([*result.outputs, *result.output_blobs], "output", "outputs")
-        DEFAULT_LIMITS.struct(result.metadata, "metadata")
+        DEFAULT_LIMITS.result(result)
     except InvalidArgument as exc:
         raise HandlerError(exc.message, code=Code.INVALID_RESULT) from None
 

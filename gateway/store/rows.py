@@ -12,6 +12,7 @@ import time
 
 from gateway.jobs import duration_seconds, ts_seconds
 from jobmesh.convert import TERMINAL_STATES
+from jobmesh.limits import payload_bytes
 from jobmesh.v1 import job_pb2
 
 
@@ -50,8 +51,7 @@ def inputs_row(spec: job_pb2.JobSpec) -> tuple[int, bytes] | None:
     """
     if not spec.inputs:
         return None
-    size = sum(len(data) for data in spec.inputs.values())
-    return size, job_pb2.JobSpec(inputs=spec.inputs).SerializeToString()
+    return payload_bytes(spec.inputs), job_pb2.JobSpec(inputs=spec.inputs).SerializeToString()
 
 
 def job_from_row(

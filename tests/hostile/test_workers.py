@@ -11,7 +11,7 @@ import pytest
 
 from jobmesh import AsyncClient
 from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc, job_pb2
-from tests.cluster import Cluster, until
+from tests.cluster import Cluster, Gateway, until
 
 
 class RawWorker:
@@ -38,9 +38,20 @@ class RawWorker:
                 return
             yield message
 
+    async def pong(self, message: dispatcher_pb2.SessionResponse) -> None:
+        """Answers the message's ping, if it carries one."""
+        if message.HasField("ping"):
+            pong = dispatcher_pb2.Pong(seq=message.ping.seq)
+            await self.call.write(dispatcher_pb2.SessionRequest(pong=pong))
+
     async def close(self) -> None:
         self.call.cancel()
         await self.channel.close()
+
+
+async def until_ponged(gw: Gateway) -> None:
+    """Until a worker has answered a ping: only then does it get work."""
+    await until(lambda: any(w.HasField("last_pong_time") for w in gw.workers()))
 
 
 async def test_a_worker_that_talks_but_never_answers_pings_is_declared_dead(
@@ -58,8 +69,7 @@ async def test_a_worker_that_talks_but_never_answers_pings_is_declared_dead(
         async for message in black_hole.messages():
             if message.HasField("ping") and not answered:
                 answered = True
-                pong = dispatcher_pb2.Pong(seq=message.ping.seq)
-                await black_hole.call.write(dispatcher_pb2.SessionRequest(pong=pong))
+                await black_hole.pong(message)
             for assign in message.assign:
                 assigned.append(assign.job_id)
                 ref = {"job_id": assign.job_id, "attempt": assign.attempt}
@@ -72,7 +82,7 @@ async def test_a_worker_that_talks_but_never_answers_pings_is_declared_dead(
 
     chatter = asyncio.create_task(accept_and_chatter())
     try:
-        await until(lambda: any(w.HasField("last_pong_time") for w in gw.workers()))
+        await until_ponged(gw)
         async with AsyncClient(gw.address) as client:
             ids = [(await client.submit("echo", params={"i": i})).job.id for i in range(4)]
             await until(lambda: len(assigned) == 4)
@@ -116,9 +126,7 @@ async def test_a_progress_message_past_the_limit_fails_the_attempt_not_the_sessi
         job_id = (await client.submit("echo")).job.id
         messages = chatty.messages()
         async for message in messages:
-            if message.HasField("ping"):
-                pong = dispatcher_pb2.Pong(seq=message.ping.seq)
-                await chatty.call.write(dispatcher_pb2.SessionRequest(pong=pong))
+            await chatty.pong(message)
             if message.assign:
                 break
         assign = message.assign[0]
@@ -136,9 +144,7 @@ async def test_a_progress_message_past_the_limit_fails_the_attempt_not_the_sessi
         assert [w.worker_id for w in gw.workers()] == ["chatty"]
         next_id = (await client.submit("echo")).job.id
         async for message in messages:
-            if message.HasField("ping"):
-                pong = dispatcher_pb2.Pong(seq=message.ping.seq)
-                await chatty.call.write(dispatcher_pb2.SessionRequest(pong=pong))
+            await chatty.pong(message)
             for cancel in message.cancel:
                 failed = dispatcher_pb2.Failed(
                     job_id=cancel.job_id,
@@ -162,14 +168,12 @@ async def test_a_worker_that_answers_pings_but_never_accepts_draws_no_more_jobs(
 
     async def pong_only() -> None:
         async for message in black_hole.messages():
-            if message.HasField("ping"):
-                pong = dispatcher_pb2.Pong(seq=message.ping.seq)
-                await black_hole.call.write(dispatcher_pb2.SessionRequest(pong=pong))
+            await black_hole.pong(message)
             assigned.extend((a.job_id, a.attempt) for a in message.assign)
 
     answering = asyncio.create_task(pong_only())
     try:
-        await until(lambda: any(w.HasField("last_pong_time") for w in gw.workers()))
+        await until_ponged(gw)
         async with AsyncClient(gw.address) as client:
             ids = [(await client.submit("echo", params={"i": i})).job.id for i in range(3)]
             await until(lambda: len(assigned) == 3)
