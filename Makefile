@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUF := tools/node_modules/.bin/buf
 PROTOS := $(wildcard protos/jobmesh/v1/*.proto)
 
-.PHONY: setup demo test test-fast lint fmt proto proto-check bench clean
+.PHONY: setup demo test test-fast lint fmt proto proto-check proto-baseline bench clean
 
 setup: $(STAMP) $(BUF)
 
@@ -36,6 +36,12 @@ lint: setup proto-check
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BUF) lint protos
+	$(BUF) breaking protos --against protos/baseline.binpb
+
+# The contract that `buf breaking` compares against: moved deliberately, in a commit that
+# says which break it accepts (the README's "Contract changes" lists them).
+proto-baseline: setup
+	$(BUF) build protos -o protos/baseline.binpb
 
 fmt: $(STAMP)
 	$(BIN)/ruff check --fix .

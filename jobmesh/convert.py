@@ -6,9 +6,10 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, TypeAlias, TypedDict, Unpack
 
-from google.protobuf import duration_pb2, json_format, struct_pb2
+from google.protobuf import duration_pb2
 
 from jobmesh.errors import InvalidArgument
+from jobmesh.params import encode
 from jobmesh.v1 import job_pb2
 
 JobState: TypeAlias = job_pb2.JobState.ValueType
@@ -58,7 +59,8 @@ def job_spec(
     inputs: Mapping[str, bytes] | None = None,
     **options: Unpack[SpecOptions],
 ) -> job_pb2.JobSpec:
-    """A JobSpec from Python values; `params` must be JSON-like (dicts, lists, str, numbers)."""
+    """A JobSpec from Python values; `params` must be JSON (dicts, lists, str, numbers,
+    bools, None; integers within ±(2^53 − 1))."""
     spec = job_pb2.JobSpec(
         kind=kind,
         inputs=dict(inputs or {}),
@@ -66,8 +68,7 @@ def job_spec(
         idempotency_key=options.get("idempotency_key", ""),
         labels=dict(options.get("labels") or {}),
     )
-    if params:
-        spec.params.CopyFrom(to_struct(params, "params"))
+    spec.params_json = encode(params, "params")
     max_attempts = options.get("max_attempts")
     if max_attempts is not None:
         if max_attempts < 1:
@@ -104,21 +105,6 @@ def _set_duration(duration: duration_pb2.Duration, value: Seconds | None, field:
     if delta <= timedelta(0):
         raise InvalidArgument("must be positive", field)
     duration.FromTimedelta(delta)
-
-
-def to_struct(values: Mapping[str, Any], field: str = "") -> struct_pb2.Struct:
-    """A Struct from a JSON-like mapping; InvalidArgument names the field when it is not one."""
-    struct = struct_pb2.Struct()
-    try:
-        struct.update(values)
-    except (TypeError, ValueError) as e:
-        raise InvalidArgument(f"not JSON-like: {e}", field) from None
-    return struct
-
-
-def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """The JSON-like dict a Struct holds (numbers come back as floats, as JSON has them)."""
-    return json_format.MessageToDict(struct)
 
 
 def terminal_event(job: job_pb2.Job) -> job_pb2.JobEvent:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
-from google.protobuf import struct_pb2
-
+from jobmesh import params
 from jobmesh.errors import InvalidArgument
 from jobmesh.v1 import job_pb2
 
@@ -75,25 +75,19 @@ class Limits:
         if self.max_params_depth > 32:
             raise ValueError("max_params_depth must be at most 32 (protobuf nests 100 deep)")
 
-    def struct(self, value: struct_pb2.Struct, field: str) -> None:
-        """Raises InvalidArgument if the Struct is too large or too deeply nested."""
-        size = value.ByteSize()
-        if size > self.max_params_bytes:
-            raise InvalidArgument(
-                f"{size} bytes; at most {self.max_params_bytes} (max_params_bytes)", field
-            )
-        depth = struct_depth(value, self.max_params_depth + 1)
-        if depth > self.max_params_depth:
-            raise InvalidArgument(
-                f"nested deeper than {self.max_params_depth} levels (max_params_depth)", field
-            )
+    def json(self, text: str, field: str) -> dict[str, Any]:
+        """The object JSON params or metadata text holds; InvalidArgument if it is not one
+        within `max_params_bytes` and `max_params_depth` (see `jobmesh.params.decode`)."""
+        return params.decode(
+            text, field, max_bytes=self.max_params_bytes, max_depth=self.max_params_depth
+        )
 
     def result(self, value: job_pb2.JobResult, prefix: str = "") -> None:
         """Raises InvalidArgument for a result with too many outputs, an output name no
-        client could write, or metadata too large or too deep; fields named after `prefix`."""
+        client could write, or metadata that is not a JSON object within the params limits; fields named after `prefix`."""
         self.items(len(value.outputs) + len(value.output_blobs), f"{prefix}outputs")
         payload_names([*value.outputs, *value.output_blobs], "output", f"{prefix}outputs")
-        self.struct(value.metadata, f"{prefix}metadata")
+        self.json(value.metadata_json, f"{prefix}metadata_json")
 
     def text(self, value: str, field: str, limit: int | None = None) -> None:
         limit = self.max_text if limit is None else limit
@@ -112,30 +106,6 @@ class Limits:
         if len(text) <= self.max_text:
             return text
         return text[: self.max_text - 20] + " [... cut]"
-
-
-def struct_depth(value: struct_pb2.Struct, stop: int) -> int:
-    """How deeply objects and lists nest in `value` (a flat Struct is 1), counting no
-    further than `stop`; iterative, so a deep value cannot exhaust the stack."""
-    deepest = 1
-    pending: list[tuple[struct_pb2.Struct | struct_pb2.ListValue, int]] = [(value, 1)]
-    while pending:
-        container, depth = pending.pop()
-        deepest = max(deepest, depth)
-        if deepest >= stop:
-            return deepest
-        children = (
-            container.fields.values()
-            if isinstance(container, struct_pb2.Struct)
-            else container.values
-        )
-        for child in children:
-            kind = child.WhichOneof("kind")
-            if kind == "struct_value":
-                pending.append((child.struct_value, depth + 1))
-            elif kind == "list_value":
-                pending.append((child.list_value, depth + 1))
-    return deepest
 
 
 DEFAULT_LIMITS = Limits()

@@ -7,7 +7,6 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
-from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from jobmesh.v1 import job_pb2 as _job_pb2
@@ -64,6 +63,7 @@ class SessionRequest(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     PONG_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def attach(self) -> Global___Attach: ...
     @_builtins.property
@@ -78,6 +78,8 @@ class SessionRequest(_message.Message):
     def pong(self) -> Global___Pong: ...
     @_builtins.property
     def draining(self) -> Global___Draining: ...
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___Refused]: ...
     def __init__(
         self,
         *,
@@ -88,10 +90,11 @@ class SessionRequest(_message.Message):
         failed: _abc.Iterable[Global___Failed] | None = ...,
         pong: Global___Pong | None = ...,
         draining: Global___Draining | None = ...,
+        refused: _abc.Iterable[Global___Refused] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "draining", b"draining", "pong", b"pong"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "attach", b"attach", "completed", b"completed", "draining", b"draining", "failed", b"failed", "pong", b"pong", "progress", b"progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "attach", b"attach", "completed", b"completed", "draining", b"draining", "failed", b"failed", "pong", b"pong", "progress", b"progress", "refused", b"refused"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -438,20 +441,20 @@ class Assign(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
-    PARAMS_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     INPUT_BLOBS_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    PARAMS_JSON_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     kind: _builtins.str
     tenant: _builtins.str
+    params_json: _builtins.str
+    """The job's params as the gateway checked them: `JobSpec.params_json`."""
     @_builtins.property
     def inputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]: ...
-    @_builtins.property
-    def params(self) -> _struct_pb2.Struct: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -477,16 +480,16 @@ class Assign(_message.Message):
         attempt: _builtins.int = ...,
         kind: _builtins.str = ...,
         inputs: _abc.Mapping[_builtins.str, _builtins.bytes] | None = ...,
-        params: _struct_pb2.Struct | None = ...,
         tenant: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
         input_blobs: _abc.Mapping[_builtins.str, _job_pb2.BlobRef] | None = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        params_json: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "input_blobs", b"input_blobs", "inputs", b"inputs", "job_id", b"job_id", "kind", b"kind", "labels", b"labels", "params", b"params", "tenant", b"tenant", "timeout", b"timeout", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "input_blobs", b"input_blobs", "inputs", b"inputs", "job_id", b"job_id", "kind", b"kind", "labels", b"labels", "params_json", b"params_json", "tenant", b"tenant", "timeout", b"timeout", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -593,6 +596,38 @@ class Completed(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Completed: _TypeAlias = Completed  # noqa: Y015
+
+@_typing.final
+class Refused(_message.Message):
+    """The worker did not start an assigned attempt: its slots are busier than the gateway
+    knew (a handler that outlived its attempt) or it no longer serves the kind. No attempt
+    is used up: the job is queued again, and the gateway sends this worker nothing more
+    until its next Pong.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    attempt: _builtins.int
+    reason: _builtins.str
+    """Why, for people: logged and put on the job's QUEUED event."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Refused: _TypeAlias = Refused  # noqa: Y015
 
 @_typing.final
 class Failed(_message.Message):

@@ -7,7 +7,6 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
-from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -184,7 +183,6 @@ class JobSpec(_message.Message):
 
     KIND_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
-    PARAMS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     RETRY_POLICY_FIELD_NUMBER: _builtins.int
@@ -194,19 +192,21 @@ class JobSpec(_message.Message):
     SCHEDULE_TO_CLOSE_TIMEOUT_FIELD_NUMBER: _builtins.int
     INPUT_BLOBS_FIELD_NUMBER: _builtins.int
     RETENTION_FIELD_NUMBER: _builtins.int
+    PARAMS_JSON_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """The handler that runs the job, e.g. "echo" or "image.thumbnail"."""
     priority: _builtins.int
     """Higher runs first; FIFO within one priority."""
     idempotency_key: _builtins.str
     """A second Submit with the same key (per tenant) returns the first job."""
+    params_json: _builtins.str
+    """The params: one JSON object as UTF-8 text, e.g. `{"width": 256}`. JSON text keeps
+    integers exact; integers beyond +-(2^53 - 1), NaN and Infinity are refused, so every JSON
+    client (JavaScript's included) reads back what was sent. Empty means `{}`.
+    """
     @_builtins.property
     def inputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]:
         """Named binary inputs, carried in the message (up to the gateway's message limit)."""
-
-    @_builtins.property
-    def params(self) -> _struct_pb2.Struct:
-        """JSON-like parameters."""
 
     @_builtins.property
     def retry_policy(self) -> Global___RetryPolicy: ...
@@ -249,7 +249,6 @@ class JobSpec(_message.Message):
         *,
         kind: _builtins.str = ...,
         inputs: _abc.Mapping[_builtins.str, _builtins.bytes] | None = ...,
-        params: _struct_pb2.Struct | None = ...,
         priority: _builtins.int = ...,
         idempotency_key: _builtins.str = ...,
         retry_policy: Global___RetryPolicy | None = ...,
@@ -259,10 +258,11 @@ class JobSpec(_message.Message):
         schedule_to_close_timeout: _duration_pb2.Duration | None = ...,
         input_blobs: _abc.Mapping[_builtins.str, Global___BlobRef] | None = ...,
         retention: _duration_pb2.Duration | None = ...,
+        params_json: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "retention", b"retention", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retention", b"retention", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "input_blobs", b"input_blobs", "inputs", b"inputs", "kind", b"kind", "labels", b"labels", "params", b"params", "priority", b"priority", "retention", b"retention", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "input_blobs", b"input_blobs", "inputs", b"inputs", "kind", b"kind", "labels", b"labels", "params_json", b"params_json", "priority", b"priority", "retention", b"retention", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -369,12 +369,14 @@ class JobResult(_message.Message):
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     OUTPUTS_FIELD_NUMBER: _builtins.int
-    METADATA_FIELD_NUMBER: _builtins.int
     OUTPUT_BLOBS_FIELD_NUMBER: _builtins.int
+    METADATA_JSON_FIELD_NUMBER: _builtins.int
+    metadata_json: _builtins.str
+    """What the handler said about its work: one JSON object as text, under the same rules
+    as `JobSpec.params_json`. Empty means `{}`.
+    """
     @_builtins.property
     def outputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]: ...
-    @_builtins.property
-    def metadata(self) -> _struct_pb2.Struct: ...
     @_builtins.property
     def output_blobs(self) -> _containers.MessageMap[_builtins.str, Global___BlobRef]:
         """Large outputs, kept by the gateway: fetch them with BlobService.Download."""
@@ -383,12 +385,12 @@ class JobResult(_message.Message):
         self,
         *,
         outputs: _abc.Mapping[_builtins.str, _builtins.bytes] | None = ...,
-        metadata: _struct_pb2.Struct | None = ...,
         output_blobs: _abc.Mapping[_builtins.str, Global___BlobRef] | None = ...,
+        metadata_json: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "output_blobs", b"output_blobs", "outputs", b"outputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata_json", b"metadata_json", "output_blobs", b"output_blobs", "outputs", b"outputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
