@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from worker_service.registry import JobContext, Result, handler
+from jobmesh.worker import JobContext, Result, handler
 
 
 # One at a time per replica, each taking a while: the soak submits these three at once, and

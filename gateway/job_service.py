@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
-from gateway import params, validation
+from gateway import validation
 from gateway.blobs import BlobStore
 from gateway.jobs import S, ts_seconds
 from gateway.scheduler import Scheduler
@@ -87,12 +87,10 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         )
 
     def _check(self, spec: job_pb2.JobSpec, field: str = "spec") -> None:
-        validation.spec(spec, self._limits, field)
+        # The params are stored as the client sent them: checked here, never re-encoded.
+        validation.spec(spec, self._limits, field, self._scheduler.params_schema(spec.kind))
         for name, ref in spec.input_blobs.items():
             self._blobs.check(ref, f"{field}.input_blobs.{name}")
-        schema = self._scheduler.params_schema(spec.kind)
-        if schema is not None:
-            params.check(spec.kind, spec.params, schema, f"{field}.params")
 
     async def Submit(
         self,

@@ -43,6 +43,7 @@ from jobmesh.convert import TERMINAL_STATES, state_name
 from jobmesh.errors import InvalidArgument, NotFound, ResourceExhausted
 from jobmesh.limits import payload_bytes
 from jobmesh.logs import job_fields
+from jobmesh.params import Schema
 from jobmesh.v1 import dispatcher_pb2, job_pb2
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class Scheduler:
         """Job id -> (attempt, worker id) of attempts whose worker's stream broke."""
         self._sessions: dict[str, WorkerSession] = {}
         self._kinds_seen: set[str] = set()
-        self._schemas: dict[str, dispatcher_pb2.ParamsSchema] = {}
+        self._schemas: dict[str, Schema] = {}
         """Params schema of each kind, as the latest worker serving it declared."""
         self._timers = Timers()
         self._rng = random.Random()
@@ -118,7 +119,7 @@ class Scheduler:
         """Whether any worker has attached serving the kind since the gateway started."""
         return kind in self._kinds_seen
 
-    def params_schema(self, kind: str) -> dispatcher_pb2.ParamsSchema | None:
+    def params_schema(self, kind: str) -> Schema | None:
         """The kind's params schema, if a worker serving it declared one."""
         return self._schemas.get(kind)
 
@@ -217,13 +218,13 @@ class Scheduler:
         self,
         session: WorkerSession,
         running: Iterable[AttemptKey],
-        schemas: Iterable[tuple[str, dispatcher_pb2.ParamsSchema]] = (),
+        schemas: Mapping[str, Schema] | None = None,
     ) -> None:
         for old in [s for s in self._sessions.values() if s.worker_id == session.worker_id]:
             self.detach(old, "replaced by a new session of the same worker")
         self._sessions[session.session_id] = session
         self._kinds_seen.update(session.kinds)
-        self._schemas.update(schemas)
+        self._schemas.update(schemas or {})
         taken_back = 0
         for key in running:
             if self._current(*key, session) is not None:
@@ -271,7 +272,7 @@ class Scheduler:
         if request.HasField("pong"):
             session.heard(request.pong)
         acked: list[dispatcher_pb2.AttemptRef] = []
-        if request.accepted or request.completed or request.failed:
+        if request.accepted or request.completed or request.failed or request.refused:
             session.stalled = False
         for accepted in request.accepted:
             key = (accepted.job_id, accepted.attempt)
@@ -313,16 +314,29 @@ class Scheduler:
             session.release(key)
             if job is None:
                 continue
-            if failed.error.code == Code.REJECTED:
-                # Its slots are busier than the gateway knew (a handler that outlived its
-                # attempt): send it nothing more until it reports in again.
-                session.paused = True
-                self._unassign(job)
-            else:
-                self._attempt_failed(job, self._worker_error(failed.error), backoff=True)
+            self._attempt_failed(job, self._worker_error(failed.error), backoff=True)
+        for refused in request.refused:
+            self._refused(session, refused)
         if acked:
             self._ack_when_durable(session, acked)
         self._dispatch()
+
+    def _refused(self, session: WorkerSession, refused: dispatcher_pb2.Refused) -> None:
+        """A worker did not start an attempt: its slots are busier than the gateway knew (a
+        handler that outlived its attempt) or it no longer serves the kind. It gets nothing
+        more until its next pong; the job goes back to the queue, no attempt used."""
+        try:
+            reason = validation.refused(refused, self._limits)
+        except InvalidArgument as e:
+            log.warning("worker %s sent a refusal that names no attempt: %s", session.worker_id, e)
+            return
+        key = (refused.job_id, refused.attempt)
+        job = self._current(*key, session)
+        session.release(key)
+        if job is None:
+            return
+        session.paused = True
+        self._unassign(job, session.worker_id, reason)
 
     def _ack_when_durable(
         self, session: WorkerSession, acked: list[dispatcher_pb2.AttemptRef]
@@ -526,7 +540,7 @@ class Scheduler:
             attempt=job.attempt,
             kind=job.spec.kind,
             inputs=self._inputs.get(job.id, {}),
-            params=job.spec.params,
+            params_json=job.spec.params_json,
             tenant=job.tenant,
             labels=job.spec.labels,
             input_blobs=job.spec.input_blobs,
@@ -608,15 +622,19 @@ class Scheduler:
 
         self._timers.after(limit + margin, expire)
 
-    def _unassign(self, job: job_pb2.Job) -> None:
+    def _unassign(self, job: job_pb2.Job, worker_id: str, reason: str) -> None:
         """Puts back a job its worker refused before starting it; no attempt was used."""
         self._owner.pop(job.id, None)
-        self._tracer.attempt_ended(job, Code.REJECTED.error("the worker refused it"))
+        self._tracer.refused(job, reason)
         if job.attempts and job.attempts[-1].number == job.attempt:
             del job.attempts[-1]
         self._set_state(job, S.JOB_STATE_QUEUED)
         job.worker_id = ""
-        self._save(job, next_event(job, message="the worker refused the job; queued again"))
+        message = self._limits.cut(f"worker {worker_id} refused the job; queued again: {reason}")
+        log.info(
+            "job %s: %s", job.id, message, extra=job_fields(job.id, job.attempt, job.trace_context)
+        )
+        self._save(job, next_event(job, message=message))
         self._enqueue(job)
 
     def _send_cancel(self, session: WorkerSession, key: AttemptKey, reason: str) -> None:

@@ -53,7 +53,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         if not first.HasField("attach"):
             raise InvalidArgument("the first message must carry attach", "attach")
         attach = first.attach
-        validation.attach(attach, self._settings.limits, self._settings.max_worker_slots)
+        schemas = validation.attach(attach, self._settings.limits, self._settings.max_worker_slots)
         session = WorkerSession(
             session_id=uuid.uuid4().hex,
             worker_id=attach.worker_id,
@@ -75,7 +75,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self._scheduler.attach(
             session,
             ((r.job_id, r.attempt) for r in attach.running),
-            ((k.kind, k.params_schema) for k in attach.kinds if k.HasField("params_schema")),
+            schemas,
         )
         reader = asyncio.create_task(self._read(session, requests))
         pinger = asyncio.create_task(self._ping(session))

@@ -69,6 +69,14 @@ class JobTracer:
                 span.set_status(Status(StatusCode.ERROR, error.message))
         span.end()
 
+    def refused(self, job: job_pb2.Job, reason: str) -> None:
+        """Ends the attempt's span: its worker refused it without starting it. Not an error:
+        the job is queued again, no attempt used."""
+        span = self._attempts.pop(job.id, None)
+        if span is not None:
+            span.add_event("refused", {"reason": reason})
+            span.end()
+
     def forget(self, job_id: str) -> None:
         self._queued_at.pop(job_id, None)
         span = self._attempts.pop(job_id, None)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from gateway.jobs import duration_seconds
 from jobmesh.errors import InvalidArgument
 from jobmesh.limits import Limits, payload_bytes, payload_names
+from jobmesh.params import Schema, schema_from_proto, typed
 from jobmesh.v1 import dispatcher_pb2, job_pb2
 
 KIND = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -47,7 +48,11 @@ def labels(values: Mapping[str, str], field: str) -> None:
             raise InvalidArgument(f"value of {key!r} is longer than {MAX_LABEL_VALUE}", field)
 
 
-def spec(value: job_pb2.JobSpec, limits: Limits, field: str = "spec") -> None:
+def spec(
+    value: job_pb2.JobSpec, limits: Limits, field: str = "spec", schema: Schema | None = None
+) -> None:
+    """Refuses a spec past the limits, or whose params do not fit `schema` (the one its
+    kind's workers declared, if any)."""
     kind(value.kind, f"{field}.kind")
     limits.items(len(value.inputs) + len(value.input_blobs), f"{field}.inputs")
     payload_names(value.inputs, "input", f"{field}.inputs")
@@ -59,7 +64,9 @@ def spec(value: job_pb2.JobSpec, limits: Limits, field: str = "spec") -> None:
             "with BlobService; the SDK does so by itself)",
             f"{field}.inputs",
         )
-    limits.struct(value.params, f"{field}.params")
+    params = limits.json(value.params_json, f"{field}.params_json")
+    if schema is not None:
+        typed(schema, params, f"{field}.params_json", value.kind)
     both = set(value.inputs) & set(value.input_blobs)
     if both:
         raise InvalidArgument(f"{sorted(both)[0]!r} is also in inputs", f"{field}.input_blobs")
@@ -124,7 +131,9 @@ def decode_page_token(token: str) -> str:
     return text.removeprefix(_TOKEN_PREFIX)
 
 
-def attach(value: dispatcher_pb2.Attach, limits: Limits, max_slots: int) -> None:
+def attach(value: dispatcher_pb2.Attach, limits: Limits, max_slots: int) -> dict[str, Schema]:
+    """Refuses an Attach past the limits; returns the params schema of each kind that
+    declares one, converted once here."""
     if not value.worker_id:
         raise InvalidArgument("must not be empty", "attach.worker_id")
     limits.name(value.worker_id, "attach.worker_id")
@@ -138,18 +147,23 @@ def attach(value: dispatcher_pb2.Attach, limits: Limits, max_slots: int) -> None
     if not value.kinds:
         raise InvalidArgument("a worker must serve at least one kind", "attach.kinds")
     limits.items(len(value.kinds), "attach.kinds")
+    schemas: dict[str, Schema] = {}
     for i, capacity in enumerate(value.kinds):
         where = f"attach.kinds[{i}]"
         kind(capacity.kind, f"{where}.kind")
-        _params_schema(capacity.params_schema, limits, f"{where}.params_schema")
+        if capacity.HasField("params_schema"):
+            schemas[capacity.kind] = _params_schema(
+                capacity.params_schema, limits, f"{where}.params_schema"
+            )
     if len(value.running) > max_slots:
         raise InvalidArgument(f"more running attempts than {max_slots} slots", "attach.running")
     for ref in value.running:
         job_id(ref.job_id, "attach.running.job_id")
     labels(value.labels, "attach.labels")
+    return schemas
 
 
-def _params_schema(schema: dispatcher_pb2.ParamsSchema, limits: Limits, field: str) -> None:
+def _params_schema(schema: dispatcher_pb2.ParamsSchema, limits: Limits, field: str) -> Schema:
     limits.items(len(schema.params), f"{field}.params")
     for spec in schema.params:
         limits.name(spec.name, f"{field}.params.name")
@@ -157,6 +171,19 @@ def _params_schema(schema: dispatcher_pb2.ParamsSchema, limits: Limits, field: s
         limits.items(len(spec.choices), f"{field}.params.choices")
         for choice in spec.choices:
             limits.name(choice, f"{field}.params.choices")
+    try:
+        return schema_from_proto(schema)
+    except (ValueError, TypeError) as e:  # e.g. minimum above maximum, an unknown type
+        raise InvalidArgument(str(e), field) from None
+
+
+def refused(value: dispatcher_pb2.Refused, limits: Limits) -> str:
+    """The reason a worker gave for refusing an attempt, cut to `max_text`; InvalidArgument
+    if the item names no attempt."""
+    job_id(value.job_id, "refused.job_id")
+    if value.attempt < 1:
+        raise InvalidArgument("must be at least 1", "refused.attempt")
+    return limits.cut(value.reason)
 
 
 def result(value: job_pb2.JobResult, limits: Limits) -> None:

@@ -20,10 +20,10 @@ from typing import Any
 
 from jobmesh import codes
 from jobmesh.codes import Code
+from jobmesh.errors import InvalidArgument
 from jobmesh.v1 import job_pb2
 from worker_service import outcomes
 from worker_service.outcomes import Outcome
-from worker_service.params import params_problem
 from worker_service.pool import ProcessPool
 from worker_service.progress import ProgressFn, loop_reporter
 from worker_service.registry import HandlerSpec
@@ -125,9 +125,12 @@ class Executor:
             spec = self._specs.get(task.kind)
             if spec is None:
                 return Code.UNKNOWN_KIND.error(f"no handler for kind {task.kind!r}")
-            # The gateway checks too; this covers a job submitted before the schema changed.
-            if spec.params is not None and (problem := params_problem(spec.params, task.params)):
-                return Code.INVALID_PARAMS.error(problem)
+            # Once, here: the handler reads typed values and checks nothing. The gateway
+            # checked at Submit too; this covers a job submitted before the schema changed.
+            try:
+                attempt.task = task = task.with_params(spec.params)
+            except InvalidArgument as exc:
+                return Code.INVALID_PARAMS.error(exc.message)
             # Not checked for size here: the replica moves large outputs to blobs first.
             return await self._watch(spec, attempt, on_progress)
         finally:

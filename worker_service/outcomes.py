@@ -10,23 +10,17 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
-
 from jobmesh import codes, telemetry
 from jobmesh.codes import Code
 from jobmesh.errors import InvalidArgument
 from jobmesh.limits import DEFAULT_LIMITS
+from jobmesh.params import encode
 from jobmesh.v1 import job_pb2
 from worker_service.registry import HandlerError, JobContext, Result
 
 Outcome = job_pb2.JobResult | job_pb2.JobError
 
 log = logging.getLogger("worker_service")
-
-
-def params_to_dict(params: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as plain Python values (numbers are floats)."""
-    return json_format.MessageToDict(params)
 
 
 def to_result(value: object) -> job_pb2.JobResult:
@@ -46,17 +40,17 @@ def to_result(value: object) -> job_pb2.JobResult:
                 f"output {name!r} is {type(data).__name__}; outputs map str to bytes",
                 code=Code.INVALID_RESULT,
             )
-    result = job_pb2.JobResult(outputs={k: bytes(v) for k, v in value.outputs.items()})
     try:
-        result.metadata.update(value.metadata)
-    except RecursionError:
+        result = job_pb2.JobResult(
+            outputs={k: bytes(v) for k, v in value.outputs.items()},
+            metadata_json=encode(value.metadata, "metadata"),
+        )
+    except InvalidArgument as exc:  # not JSON, or an integer JSON clients cannot read
+        raise HandlerError(exc.message, code=Code.INVALID_RESULT) from None
+    except ValueError as exc:  # text protobuf cannot carry, e.g. a lone surrogate
         raise HandlerError(
-            "metadata: nested too deeply to convert", code=Code.INVALID_RESULT
+            f"the result cannot be encoded: {exc}", code=Code.INVALID_RESULT
         ) from None
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise HandlerError(
-            f"metadata is not JSON-like: {type(exc).__name__}: {exc}", code=Code.INVALID_RESULT
-        ) from exc
     check_result(result)
     return result
 
@@ -66,9 +60,8 @@ def check_result(result: job_pb2.JobResult) -> None:
     (`jobmesh.limits`): too many outputs, a name that is no payload name, metadata too large
     or too deep.
 
-    Checked where the handler ran, before the result is copied anywhere: protobuf cannot
-    even parse metadata nested near its 100-level limit, so such a result could neither
-    cross a pool pipe nor be sent, and a worker resending it would never be heard.
+    Checked where the handler ran, before the result is sent: the gateway would refuse it,
+    and an attempt that fails here says why instead of costing a delivery.
     """
     try:
         DEFAULT_LIMITS.result(result)

@@ -1,4 +1,5 @@
-"""What handler authors write against: `@handler`, `JobContext`, `Result`, `HandlerError`.
+"""What handler authors write against: `@handler`, `JobContext`, `Result`, `HandlerError`
+(imported as `jobmesh.worker`).
 
 `@handler` records a function in a registry keyed by job kind and returns the function
 unchanged, so process-pool children find it again by importing the same module.
@@ -20,7 +21,7 @@ from opentelemetry import trace
 
 from jobmesh import telemetry
 from jobmesh.codes import Code
-from worker_service.params import Param, check_schema
+from jobmesh.params import Param, Schema, check_schema
 
 _tracer = trace.get_tracer("jobmesh.worker")
 
@@ -70,7 +71,8 @@ class JobCancelled(HandlerError):
 
 @dataclass
 class Result:
-    """What a handler returns: named binary outputs and JSON-like metadata."""
+    """What a handler returns: named binary outputs and metadata, a JSON object (integers
+    within +-(2^53 - 1)); anything else fails the attempt as INVALID_RESULT."""
 
     outputs: dict[str, bytes] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -99,7 +101,10 @@ class JobContext:
         self.tenant = tenant
         self.labels: dict[str, str] = dict(labels or {})
         self.params: dict[str, Any] = dict(params or {})
-        """Numbers arrive as floats: the job's params travel as a protobuf Struct."""
+        """The job's params, decoded and checked once by the worker. With a declared schema
+        they are typed: an `integer` param is an `int`, a `number` a `float`, a choice in its
+        declared spelling, and params not given (or null) are absent. Without one they are
+        the JSON as sent (integers exact)."""
         self.inputs: dict[str, bytes] = dict(inputs or {})
         self._report = report
         self._is_cancelled = is_cancelled
@@ -144,7 +149,7 @@ class HandlerSpec:
     """Where it runs: a pool child process, a thread, or the worker's event loop."""
     concurrency: int = 0
     """At most this many at once on one replica; 0 means up to the replica's slots."""
-    params: tuple[Param, ...] | None = None
+    params: Schema | None = None
     """The params the kind takes; None: any (no schema is declared)."""
 
     @property
@@ -207,7 +212,8 @@ def handler(
     A plain function runs in the worker's process pool unless `executor="thread"`;
     an `async def` runs on the worker's event loop. `concurrency` caps how many jobs of
     the kind one replica runs at once. `params` declares every param the kind takes
-    (`Param`s; an empty list: none): jobs with others, or ill-typed ones, are refused.
+    (`Param`s; an empty list: none): jobs with others, or ill-typed ones, are refused,
+    and the handler gets the params typed (see `JobContext.params`).
     """
     return _DEFAULT.handler(kind, executor=executor, concurrency=concurrency, params=params)
 
@@ -244,7 +250,7 @@ def _search_cwd() -> None:
         sys.path.insert(0, cwd)
 
 
-def _schema(kind: str, params: Sequence[Param]) -> tuple[Param, ...]:
+def _schema(kind: str, params: Sequence[Param]) -> Schema:
     if isinstance(params, str | bytes | Mapping):
         raise TypeError(f"@handler({kind!r}): params must be a list of Param")
     try:
@@ -258,7 +264,7 @@ def _spec(
     fn: Callable[..., Any],
     executor: ExecutorName | None,
     concurrency: int,
-    params: tuple[Param, ...] | None = None,
+    params: Schema | None = None,
 ) -> HandlerSpec:
     if not isinstance(kind, str) or not kind:
         raise ValueError("a handler's kind must be a non-empty string")

@@ -25,12 +25,12 @@ from jobmesh.codes import Code
 from jobmesh.errors import JobmeshError
 from jobmesh.limits import DEFAULT_LIMITS
 from jobmesh.logs import bind_job, job_fields
+from jobmesh.params import schema_proto
 from jobmesh.v1 import dispatcher_pb2, job_pb2
 from worker_service.config import WorkerSettings
 from worker_service.executor import Executor
 from worker_service.metrics import WorkerMetrics
 from worker_service.outcomes import Outcome
-from worker_service.params import schema_proto
 from worker_service.payloads import Payloads
 from worker_service.progress import ProgressThrottle
 from worker_service.registry import HandlerSpec
@@ -172,19 +172,20 @@ class Replica:
         if key in self._running:  # sent again after a reconnect: it runs already
             self._send(dispatcher_pb2.SessionRequest(accepted=[_accepted(key)]))
             return
-        refusal = self._refusal(assign.kind)
-        if refusal:
+        reason = self._refusal(assign.kind)
+        if reason:
             log.info(
-                "job %s attempt %d rejected: %s",
+                "job %s attempt %d refused: %s",
                 key[0],
                 key[1],
-                refusal,
+                reason,
                 extra=job_fields(*key, assign.trace_context),
             )
-            failed = dispatcher_pb2.Failed(
-                job_id=key[0], attempt=key[1], error=Code.REJECTED.error(refusal)
+            # Not a result: no attempt is used and none is acknowledged (see Session).
+            refused = dispatcher_pb2.Refused(
+                job_id=key[0], attempt=key[1], reason=DEFAULT_LIMITS.cut(reason)
             )
-            self._send(dispatcher_pb2.SessionRequest(failed=[failed]))
+            self._send(dispatcher_pb2.SessionRequest(refused=[refused]))
             return
         self._send(dispatcher_pb2.SessionRequest(accepted=[_accepted(key)]))
         span = _tracer.start_span(

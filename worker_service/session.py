@@ -9,6 +9,13 @@ stale (fencing), so a duplicate costs nothing, while a lost result would cost a 
 A result that every stream it goes out on breaks without acknowledging is one the gateway
 cannot take; after `DELIVERY_TRIES` such streams in a row it is reported as failed
 (RESULT_UNDELIVERABLE) instead, so no message is resent forever.
+
+A refusal (Refused) is not a result: the gateway does not acknowledge it, and it is not
+kept once written. One still queued, or whose write failed, when a stream breaks goes out
+after the next Attach, where it still finds the attempt (the gateway gives a re-attaching
+worker its attempts back). One written is not sent again: the gateway may have queued the
+job and assigned it anew under the same attempt number, which a late copy would refuse.
+If a written one was lost with the stream, the attempt goes the way of the stream's others.
 """
 
 from __future__ import annotations
@@ -340,7 +347,8 @@ class Session:
         fresh: Outbox[dispatcher_pb2.SessionRequest] = Outbox()
         for message in pending:
             message.ClearField("pong")
-            # Unacknowledged results go again from `_unacked` after the next Attach.
+            # Unacknowledged results go again from `_unacked` after the next Attach; refusals
+            # go as they are.
             message.ClearField("completed")
             message.ClearField("failed")
             if message.ByteSize():

@@ -5,14 +5,17 @@ Plain, picklable values only, so the same object crosses into a pool process.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import duration_pb2
 
+from jobmesh import params
+from jobmesh.limits import DEFAULT_LIMITS, Limits
+from jobmesh.params import Schema
 from jobmesh.v1 import dispatcher_pb2
-from worker_service.outcomes import params_to_dict
 from worker_service.registry import JobContext
 
 AttemptKey = tuple[str, int]
@@ -25,7 +28,10 @@ class Task:
     kind: str
     tenant: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    params_json: str = ""
+    """The params as the gateway sent them: one JSON object as text, '' for {}."""
     params: dict[str, Any] = field(default_factory=dict)
+    """What the handler gets as `ctx.params`: `params_json` as `with_params` made it."""
     inputs: dict[str, bytes] = field(default_factory=dict)
     timeout: float | None = None
     """Seconds the attempt may run, from its assignment; None: no limit."""
@@ -44,10 +50,19 @@ class Task:
             kind=assign.kind,
             tenant=assign.tenant,
             labels=dict(assign.labels),
-            params=params_to_dict(assign.params),
+            params_json=assign.params_json,
             inputs=dict(assign.inputs),
             timeout=_seconds(assign.timeout) if assign.HasField("timeout") else None,
         )
+
+    def with_params(self, schema: Schema | None, limits: Limits = DEFAULT_LIMITS) -> Task:
+        """This task with `params_json` decoded into `params`, typed by the kind's `schema`
+        when it declares one (`jobmesh.params.typed`); InvalidArgument naming the param
+        that does not fit."""
+        values = limits.json(self.params_json, "params")
+        if schema is not None:
+            values = params.typed(schema, values, "params", self.kind)
+        return dataclasses.replace(self, params=values)
 
     def context(
         self, report: Callable[[float, str], None], is_cancelled: Callable[[], bool]

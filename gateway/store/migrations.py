@@ -14,7 +14,9 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from gateway.store import rows
+from google.protobuf.message import DecodeError
+
+from gateway.store import legacy, rows
 from jobmesh.convert import TERMINAL_STATES
 
 log = logging.getLogger(__name__)
@@ -136,11 +138,51 @@ def _v4_incremental_vacuum(conn: sqlite3.Connection, retention: float) -> None:
         conn.execute("VACUUM")
 
 
+def _v5_params_as_json(conn: sqlite3.Connection, retention: float) -> None:
+    # Params and result metadata were Structs; now they are JSON text (see legacy.py).
+    for rowid, spec_data, status_data in _jobs(conn):
+        spec, status = _legacy(legacy.spec, spec_data), _legacy(legacy.status, status_data)
+        if spec != spec_data or status != status_data:
+            conn.execute(
+                "UPDATE jobs SET spec = ?, status = ? WHERE rowid = ?", (spec, status, rowid)
+            )
+    # Events keep a result only if an old version stored it with them; read a page at a
+    # time, by key, as there may be many.
+    after: tuple[str, int] = ("", -1)
+    while True:
+        page = conn.execute(
+            "SELECT job_id, seq, data FROM events WHERE (job_id, seq) > (?, ?) "
+            "ORDER BY job_id, seq LIMIT 1000",
+            after,
+        ).fetchall()
+        if not page:
+            return
+        for job_id, seq, data in page:
+            rewritten = _legacy(legacy.event, data)
+            if rewritten != data:
+                conn.execute(
+                    "UPDATE events SET data = ? WHERE job_id = ? AND seq = ?",
+                    (rewritten, job_id, seq),
+                )
+        after = page[-1][0], page[-1][1]
+
+
+def _legacy(rewrite: Callable[[bytes], bytes], data: bytes) -> bytes:
+    """The row rewritten; as it was if it does not parse (it would not read either way, and
+    one damaged row must not keep the gateway from starting)."""
+    try:
+        return rewrite(data)
+    except (ValueError, DecodeError) as e:
+        log.warning("a stored row does not parse (%s); left as it was", e)
+        return data
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "jobs and events", _v1_jobs_and_events),
     Migration(2, "inline inputs and blob references apart from the spec", _v2_payloads_apart),
     Migration(3, "expiry of finished jobs, tombstones of purged ones", _v3_retention),
     Migration(4, "incremental auto-vacuum", _v4_incremental_vacuum, transaction=False),
+    Migration(5, "params and result metadata as JSON text", _v5_params_as_json),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -73,7 +73,8 @@ class Code(StrEnum):
         "INVALID_RESULT",
         NOT_RETRIED,
         JOB,
-        "the handler's result is not one (bad output names, metadata too large or too deep)",
+        "the handler's result is not one (bad output names; metadata not a JSON object, too large "
+        "or too deep)",
     )
     INVALID_PROGRESS = (
         "INVALID_PROGRESS",
@@ -88,12 +89,6 @@ class Code(StrEnum):
         "a worker reported an error whose code is empty, too long or unprintable",
     )
     # Set by the worker.
-    REJECTED = (
-        "REJECTED",
-        RETRIED,
-        JOB,
-        "a worker refused an assignment it had no room for; queued again, no attempt used",
-    )
     UNKNOWN_KIND = "UNKNOWN_KIND", NOT_RETRIED, JOB, "the worker has no handler for the kind"
     INVALID_PARAMS = (
         "INVALID_PARAMS",

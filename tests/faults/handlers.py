@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from jobmesh.worker import JobContext, Result, handler
 from tests.integration.handlers import record_start
-from worker_service import JobContext, Result, handler
 
 POLL_SECONDS = 0.02
 

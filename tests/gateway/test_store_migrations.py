@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
+from google.protobuf import struct_pb2
 
 from gateway.jobs import S, next_event
-from gateway.store import JobFilter
+from gateway.store import JobFilter, legacy
 from gateway.store.migrations import LATEST, SchemaTooNew
 from gateway.store.sqlite import SqliteStore
 from tests.gateway.fixtures.make_jobmesh_v1 import (
@@ -24,6 +27,43 @@ from tests.gateway.test_store import Committed, new_job
 
 FIXTURE = Path(__file__).parent / "fixtures" / "jobmesh-v1.db"
 RETENTION = 100.0
+# What jobs of the first release held as Structs: params (JobSpec field 3) and a result's
+# metadata (JobResult field 2; the result is Job field 8 and JobEvent field 10).
+OLD_PARAMS = {"width": 256, "big": 2**53 - 1, "ratio": 0.5, "name": "é", "tags": ["a", 2]}
+OLD_METADATA = {"format": "png", "pixels": 65536, "box": {"w": 256, "h": 0}}
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field, encoded by hand: today's messages have no field
+    for a Struct here."""
+    out = bytearray()
+    for value in (number << 3 | 2, len(payload)):
+        while value > 0x7F:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out) + payload
+
+
+def _struct(values: dict[str, Any]) -> bytes:
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct.SerializeToString()
+
+
+def _add_old_params_and_metadata(path: Path) -> None:
+    """Gives the fixture's jobs params and metadata as the first release stored them (a
+    field appended to a message is merged into it, as protobuf reads it)."""
+    metadata = _field(2, _struct(OLD_METADATA))
+    changes = [
+        ("jobs", "spec", "id = ?", (QUEUED_ID,), _field(3, _struct(OLD_PARAMS))),
+        ("jobs", "status", "id = ?", (SUCCEEDED_ID,), _field(8, metadata)),
+        ("events", "data", "job_id = ? AND seq = 3", (SUCCEEDED_ID,), _field(10, metadata)),
+    ]
+    with sqlite3.connect(path) as conn:
+        for table, column, where, key, field in changes:
+            [(data,)] = conn.execute(f"SELECT {column} FROM {table} WHERE {where}", key)
+            conn.execute(f"UPDATE {table} SET {column} = ? WHERE {where}", (data + field, *key))
 
 
 def pragma(path: Path, name: str) -> int:
@@ -35,6 +75,7 @@ def pragma(path: Path, name: str) -> int:
 async def test_a_database_of_the_first_release_upgrades_in_place(tmp_path: Path) -> None:
     path = tmp_path / "jobmesh.db"
     shutil.copy(FIXTURE, path)
+    _add_old_params_and_metadata(path)
     assert pragma(path, "user_version") == 0
     store = SqliteStore(str(path), retention=RETENTION)
     await store.open(Committed())
@@ -44,6 +85,10 @@ async def test_a_database_of_the_first_release_upgrades_in_place(tmp_path: Path)
         assert queued.state == S.JOB_STATE_QUEUED
         assert queued.spec.inputs == {"in": b"queued input", "more": b"\x00\x01\x02"}
         assert queued.spec.labels == {"team": "a"}
+        # Integers were doubles in a Struct; they read back as the integers submitted.
+        params = json.loads(queued.spec.params_json)
+        assert params == OLD_PARAMS
+        assert [type(params[k]) for k in ("width", "big", "ratio")] == [int, int, float]
         succeeded = await store.get("default", SUCCEEDED_ID)
         assert succeeded is not None
         assert succeeded.state == S.JOB_STATE_SUCCEEDED
@@ -52,6 +97,9 @@ async def test_a_database_of_the_first_release_upgrades_in_place(tmp_path: Path)
         assert succeeded.spec.start_to_close_timeout.seconds == 30
         assert succeeded.result.outputs == {"out": b"thumbnail"}
         assert succeeded.result.output_blobs["large"].id == OUTPUT_BLOB
+        metadata = json.loads(succeeded.result.metadata_json)
+        assert metadata == OLD_METADATA
+        assert type(metadata["pixels"]) is int
         failed = await store.get("default", FAILED_ID)
         assert failed is not None
         assert failed.error.code == "HANDLER_ERROR"
@@ -63,6 +111,7 @@ async def test_a_database_of_the_first_release_upgrades_in_place(tmp_path: Path)
             S.JOB_STATE_RUNNING,
             S.JOB_STATE_SUCCEEDED,
         ]
+        assert json.loads(events[-1].result.metadata_json) == OLD_METADATA
         assert [e.state for e in await store.events(FAILED_ID, 0)] == [
             S.JOB_STATE_QUEUED,
             S.JOB_STATE_FAILED,
@@ -102,8 +151,40 @@ async def test_a_database_of_the_first_release_upgrades_in_place(tmp_path: Path)
     await reopened.open(Committed())
     try:
         assert await reopened.inputs(QUEUED_ID) == {"in": b"queued input", "more": b"\x00\x01\x02"}
+        [unfinished] = await reopened.unfinished()
+        assert json.loads(unfinished.job.spec.params_json) == OLD_PARAMS
     finally:
         await reopened.close()
+
+
+@pytest.mark.parametrize(
+    ("values", "text"),
+    [
+        ({}, ""),
+        (
+            {"n": 3, "x": 2.5, "s": "a", "b": True, "z": None},
+            '{"b":true,"n":3,"s":"a","x":2.5,"z":null}',
+        ),
+        # Past 2^53 a double is no longer sure to have been an integer: it stays a number.
+        (
+            {"big": 2.0**60, "edge": -(2**53 - 1)},
+            '{"big":1.152921504606847e+18,"edge":-9007199254740991}',
+        ),
+        # JSON has no NaN or Infinity: kept, spelled as protobuf's JSON spells them.
+        ({"l": [float("nan"), {"i": float("-inf")}]}, '{"l":["NaN",{"i":"-Infinity"}]}'),
+    ],
+)
+def test_an_old_struct_becomes_json_text_without_losing_a_value(
+    values: dict[str, Any], text: str
+) -> None:
+    assert legacy.struct_json(_struct(values)) == text
+
+
+def test_rows_without_old_fields_are_left_byte_for_byte() -> None:
+    status = new_job().SerializeToString()
+    assert legacy.status(status) is status
+    spec = new_job().spec.SerializeToString()
+    assert legacy.spec(spec) is spec
 
 
 async def test_a_new_database_starts_at_the_latest_version(tmp_path: Path) -> None:

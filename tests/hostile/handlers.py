@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker_service import JobContext, handler
+from jobmesh.worker import JobContext, handler
 
 
 def nested(depth: int) -> dict[str, object]:

@@ -188,3 +188,56 @@ async def test_a_worker_that_answers_pings_but_never_accepts_draws_no_more_jobs(
     assert [j.state for j in jobs] == [job_pb2.JOB_STATE_SUCCEEDED] * 6
     assert all(j.attempts[-1].worker_id == "honest" for j in jobs)
     assert sorted(assigned) == sorted((job_id, 1) for job_id in ids)
+
+
+async def test_a_refused_assign_is_queued_again_without_using_an_attempt(
+    cluster: Cluster,
+) -> None:
+    gw = cluster.gateway()
+    worker = RawWorker(gw.address)
+    await worker.attach("refuser", slots=1)
+    reason = "no free slot: a handler outlived its attempt " + "x" * 5000
+    params = '{"n": 9007199254740991}'
+    async with AsyncClient(gw.address) as client:
+        [submitted] = await client.submit_batch([job_pb2.JobSpec(kind="echo", params_json=params)])
+        job_id = submitted.job.id
+        assigns: list[dispatcher_pb2.Assign] = []
+        async for message in worker.messages():
+            await worker.pong(message)
+            if not message.assign:
+                continue
+            assign = message.assign[0]
+            assigns.append(assign)
+            ref = {"job_id": assign.job_id, "attempt": assign.attempt}
+            if len(assigns) == 1:
+                refused = dispatcher_pb2.Refused(**ref, reason=reason)
+                await worker.call.write(dispatcher_pb2.SessionRequest(refused=[refused]))
+            elif len(assigns) == 2:
+                # An old worker's refusal: a failure like any other now, retried as it says.
+                error = job_pb2.JobError(code="REJECTED", message="old worker", retryable=True)
+                failed = dispatcher_pb2.Failed(**ref, error=error)
+                await worker.call.write(dispatcher_pb2.SessionRequest(failed=[failed]))
+            else:
+                result = job_pb2.JobResult(metadata_json='{"big": 9007199254740991}')
+                done = dispatcher_pb2.Completed(**ref, result=result)
+                await worker.call.write(dispatcher_pb2.SessionRequest(completed=[done]))
+                break
+        job = await client.wait(job_id)
+        events = [e async for e in client.watch(job_id)]
+    await worker.close()
+    assert [(a.job_id, a.attempt) for a in assigns] == [(job_id, 1), (job_id, 1), (job_id, 2)]
+    assert all(a.params_json == params for a in assigns)
+    assert job.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert [a.number for a in job.attempts] == [1, 2]
+    assert job.attempts[0].error.code == "REJECTED"
+    assert job.result is not None
+    assert job.result.metadata == {"big": 2**53 - 1}
+    [requeued] = [e for e in events if "refused" in e.message]
+    assert requeued.state == job_pb2.JOB_STATE_QUEUED
+    assert requeued.attempt == 1
+    assert requeued.message.startswith(
+        "worker refuser refused the job; queued again: no free slot: a handler outlived"
+    )
+    assert requeued.message.endswith("[... cut]")
+    assert len(requeued.message) <= 4096
+    assert "Traceback" not in gw.output()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from worker_service import JobContext, Result, handler
+from jobmesh.worker import JobContext, Result, handler
 
 
 def record_start(ctx: JobContext) -> None:

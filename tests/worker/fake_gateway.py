@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime
 import itertools
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ Item = (
     | dispatcher_pb2.Progress
     | dispatcher_pb2.Completed
     | dispatcher_pb2.Failed
+    | dispatcher_pb2.Refused
     | dispatcher_pb2.Pong
     | dispatcher_pb2.Draining
 )
@@ -53,13 +55,14 @@ class FakeSession:
         inputs: dict[str, bytes] | None = None,
         **params: Any,
     ) -> None:
+        """Assigns a job; its params go as JSON text, as the gateway sends them."""
         a = dispatcher_pb2.Assign(
             job_id=job_id,
             attempt=attempt,
             kind=kind,
             inputs={"in": b"hi"} if inputs is None else inputs,
+            params_json=json.dumps(params) if params else "",
         )
-        a.params.update(params)
         if timeout is not None:
             a.timeout.FromTimedelta(datetime.timedelta(seconds=timeout))
         self.send(dispatcher_pb2.SessionResponse(assign=[a]))
@@ -95,16 +98,18 @@ class FakeSession:
                 seen.append(item)
 
     async def result_of(self, job_id: str) -> Item:
-        """The Completed or Failed of `job_id`; other results seen meanwhile are kept."""
+        """How the worker ended `job_id`'s assignment: Completed, Failed or Refused; others
+        seen meanwhile are kept."""
+        ends = (dispatcher_pb2.Completed, dispatcher_pb2.Failed, dispatcher_pb2.Refused)
         async with asyncio.timeout(TIMEOUT):
             while job_id not in self._results:
-                item = await self.next(dispatcher_pb2.Completed, dispatcher_pb2.Failed)
-                assert isinstance(item, dispatcher_pb2.Completed | dispatcher_pb2.Failed)
+                item = await self.next(*ends)
+                assert isinstance(item, ends)
                 self._results[item.job_id] = item
             return self._results.pop(job_id)
 
     def _record(self, request: dispatcher_pb2.SessionRequest) -> None:
-        for field in ("accepted", "progress", "completed", "failed"):
+        for field in ("accepted", "progress", "completed", "failed", "refused"):
             for item in getattr(request, field):
                 self.items.put_nowait(item)
         if request.HasField("pong"):

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 
-from worker_service import HandlerError, JobCancelled, JobContext, Param, Result, handler
+from jobmesh.worker import HandlerError, JobCancelled, JobContext, Param, Result, handler
 
 
 @handler("test.pid")
@@ -132,12 +132,16 @@ def count(ctx: JobContext) -> None:
 
 
 @handler(
-    "test.typed",
-    executor="thread",
-    params=[Param("n", "integer", required=True, minimum=0), Param("tag", "string")],
+    "test.types",
+    params=[
+        Param("count", "integer", minimum=0),
+        Param("ratio", "number"),
+        Param("mode", "string", choices=("Fast", "Slow")),
+    ],
 )
-def typed(ctx: JobContext) -> dict[str, object]:
-    return {"n": ctx.params["n"]}
+def types(ctx: JobContext) -> dict[str, object]:
+    """The params it got, and the Python type of each."""
+    return {"params": ctx.params, "types": {k: type(v).__name__ for k, v in ctx.params.items()}}
 
 
 @handler("test.deep")

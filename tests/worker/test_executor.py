@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from google.protobuf import json_format
 
 from jobmesh.v1 import job_pb2
 from tests.worker.fake_gateway import until
@@ -30,7 +30,7 @@ async def executor() -> AsyncIterator[Executor]:
 
 
 def task(kind: str, **params: object) -> Task:
-    return Task(job_id="j", attempt=1, kind=kind, params=dict(params))
+    return Task(job_id="j", attempt=1, kind=kind, params_json=json.dumps(params))
 
 
 async def test_thread_handlers_run_in_a_thread_and_report_progress(executor: Executor) -> None:
@@ -45,7 +45,7 @@ async def test_async_handlers_run_in_this_process(executor: Executor) -> None:
     seen: list[tuple[float, str]] = []
     outcome = await executor.run(task("test.async"), lambda f, m: seen.append((f, m)))
     assert isinstance(outcome, job_pb2.JobResult)
-    assert json_format.MessageToDict(outcome.metadata) == {"pid": os.getpid()}
+    assert json.loads(outcome.metadata_json) == {"pid": os.getpid()}
     assert seen == [(0.5, "halfway")]
 
 
@@ -98,7 +98,9 @@ async def stopper(pool: ProcessPool) -> AsyncIterator[Executor]:
 
 
 def timed(kind: str, timeout: float | None, job_id: str = "j", **params: object) -> Task:
-    return Task(job_id=job_id, attempt=1, kind=kind, params=dict(params), timeout=timeout)
+    return Task(
+        job_id=job_id, attempt=1, kind=kind, params_json=json.dumps(params), timeout=timeout
+    )
 
 
 def failure(outcome: Outcome) -> job_pb2.JobError:

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import threading
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from google.protobuf import json_format
 from PIL import Image
 
 from jobmesh.v1 import job_pb2
+from jobmesh.worker import JobContext
 from tests.worker.pictures import decoded, encoded, gradient, picture, quadrants, with_exif
+from worker_service.executor import Executor
 from worker_service.handlers.images import configure
 from worker_service.handlers.imaging import FORMATS
 from worker_service.outcomes import Outcome
 from worker_service.pool import ProcessPool
-from worker_service.registry import JobContext, default_registry
+from worker_service.registry import default_registry, load_handlers
 from worker_service.task import Task
 
 LIMIT = 1_000_000  # pixels: low, so the bombs below stay small and quick
@@ -40,7 +41,8 @@ class Run:
     @property
     def metadata(self) -> dict[str, Any]:
         assert isinstance(self.outcome, job_pb2.JobResult), self.outcome
-        return json_format.MessageToDict(self.outcome.metadata)
+        meta: dict[str, Any] = json.loads(self.outcome.metadata_json)
+        return meta
 
     @property
     def image(self) -> Image.Image:
@@ -56,11 +58,14 @@ class Run:
 async def run(
     pool: ProcessPool, kind: str, params: dict[str, Any], inputs: dict[str, bytes]
 ) -> Run:
+    """Runs a job as the worker does: its params as JSON text, decoded and typed once."""
     progress: list[tuple[float, str]] = []
-    # Params travel as a protobuf Struct: numbers arrive as floats.
-    floats = {k: float(v) if type(v) is int else v for k, v in params.items()}
-    task = Task(job_id="j", attempt=1, kind=kind, params=floats, inputs=inputs)
-    outcome = await pool.run(task, threading.Event(), lambda f, m: progress.append((f, m)))
+    executor = Executor(load_handlers(products=("images",)), pool, threads=1)
+    task = Task(job_id="j", attempt=1, kind=kind, params_json=json.dumps(params), inputs=inputs)
+    try:
+        outcome = await executor.run(task, lambda f, m: progress.append((f, m)))
+    finally:
+        executor.close()
     return Run(outcome, progress)
 
 
@@ -87,7 +92,7 @@ def test_each_stage_is_reported_in_turn(kind: str) -> None:
         job_id="j",
         attempt=1,
         kind=kind,
-        params={"width": 10.0} if kind == "image.resize" else {},
+        params={"width": 10} if kind == "image.resize" else {},
         inputs={"image": picture()},
         report=lambda f, m: seen.append((f, m)),
     )
@@ -161,6 +166,7 @@ async def test_orientation_from_exif_is_applied_unless_turned_off(pool: ProcessP
         ({"width": 30, "height": 30, "fit": "cover"}, (30, 30)),
         ({"width": 30, "height": 10, "fit": "fill", "resample": "nearest"}, (30, 10)),
         ({"width": 30, "height": 30, "resample": "bilinear", "format": "png"}, (30, 22)),
+        ({"width": 30.0, "resample": "LANCZOS", "fit": "Cover"}, (30, 22)),  # any case
     ],
 )
 async def test_resize_fits_as_asked(
@@ -169,6 +175,18 @@ async def test_resize_fits_as_asked(
     done = await run(pool, "image.resize", params, {"image": picture(size=(64, 48))})
     assert done.image.size == size
     assert (done.metadata["width"], done.metadata["height"]) == size
+
+
+async def test_choices_are_taken_in_any_case(pool: ProcessPool) -> None:
+    done = await run(
+        pool,
+        "image.resize",
+        {"width": 16, "resample": "Bicubic", "format": "PNG"},
+        {"image": picture()},
+    )
+    assert (done.metadata["format"], done.image.format, done.image.size) == ("png", "PNG", (16, 12))
+    done = await run(pool, "image.convert", {"format": "JPG"}, {"image": picture("PNG")})
+    assert (done.metadata["format"], done.metadata["extension"]) == ("jpeg", "jpg")
 
 
 async def test_resize_cover_crops_the_middle(pool: ProcessPool) -> None:
@@ -342,6 +360,26 @@ async def test_bad_images_and_params_fail_with_a_code_not_retried(
     error = (await run(pool, kind, params, inputs)).error
     assert (error.code, error.retryable) == (code, False), error.message
     assert error.message
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "message"),
+    [
+        ("image.resize", {}, "image.resize needs width, height or both"),
+        ("image.resize", {"width": "wide"}, "params.width: must be an integer"),
+        ("image.thumbnail", {"size": 2.5}, "params.size: must be an integer, got 2.5"),
+        ("image.thumbnail", {"colour": "red"}, "params: image.thumbnail takes no param 'colour'"),
+        ("image.convert", {}, "params.format: image.convert needs this param"),
+        ("image.convert", {"format": "pcx"}, "params.format: must be one of: "),
+        ("image.resize", {"width": 8, "resample": "sharp"}, "params.resample: must be one of"),
+    ],
+)
+async def test_bad_params_are_named(
+    pool: ProcessPool, kind: str, params: dict[str, Any], message: str
+) -> None:
+    error = (await run(pool, kind, params, {"image": picture()})).error
+    assert error.code == "INVALID_PARAMS"
+    assert error.message.startswith(message), error.message
 
 
 async def test_the_limit_names_the_setting_and_the_pool_goes_on(pool: ProcessPool) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from google.protobuf import json_format
 
 from jobmesh.v1 import job_pb2
 from tests.worker.pictures import encoded, gradient, picture
@@ -26,12 +26,13 @@ CLEAN_CODES = {
     "UNSUPPORTED_FORMAT",
     "IMAGE_PROCESS_ERROR",
 }
+# As the executor hands them to the pool: typed.
 KINDS: dict[str, dict[str, object]] = {
-    "image.thumbnail": {"size": 16.0},
-    "image.resize": {"width": 20.0, "height": 12.0, "fit": "cover"},
+    "image.thumbnail": {"size": 16},
+    "image.resize": {"width": 20, "height": 12, "fit": "cover"},
     "image.convert": {"format": "png"},
     "image.transform": {"rotate": 30.0, "flip": "horizontal"},
-    "image.composite": {"width": 40.0, "height": 30.0, "layers": [{"input": "image", "x": 3.0}]},
+    "image.composite": {"width": 40, "height": 30, "layers": [{"input": "image", "x": 3}]},
     "image.info": {},
 }
 
@@ -104,4 +105,4 @@ async def test_broken_bytes_end_in_a_result_or_a_clean_error(pool: ProcessPool, 
     )
     outcome = await pool.run(good, threading.Event(), lambda f, m: None)
     assert isinstance(outcome, job_pb2.JobResult)
-    assert json_format.MessageToDict(outcome.metadata)["width"] == 30
+    assert json.loads(outcome.metadata_json)["width"] == 30

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
-from google.protobuf import json_format
 
+from jobmesh.params import MAX_SAFE_INTEGER
 from jobmesh.v1 import job_pb2
-from worker_service import HandlerError, JobContext, Result
+from jobmesh.worker import HandlerError, JobContext, Result
+from worker_service.executor import Executor
 from worker_service.handlers import builtin
 from worker_service.outcomes import Outcome, run_async, run_sync
+from worker_service.registry import load_handlers
+from worker_service.task import Task
 
 
 def ctx(params: dict[str, Any] | None = None, **kw: Any) -> JobContext:
@@ -28,14 +32,21 @@ def error(outcome: Outcome) -> job_pb2.JobError:
     return outcome
 
 
+def metadata(outcome: Outcome) -> Any:
+    return json.loads(result(outcome).metadata_json)
+
+
 def test_result_dict_and_none_are_results() -> None:
     r = result(run_sync(lambda c: Result({"a": b"1"}, {"n": 2, "s": ["x"]}), ctx()))
     assert dict(r.outputs) == {"a": b"1"}
-    assert json_format.MessageToDict(r.metadata) == {"n": 2.0, "s": ["x"]}
-    assert json_format.MessageToDict(result(run_sync(lambda c: {"k": True}, ctx())).metadata) == {
-        "k": True
-    }
+    assert r.metadata_json == '{"n":2,"s":["x"]}'  # JSON text, the integer exact
+    assert metadata(run_sync(lambda c: {"k": True}, ctx())) == {"k": True}
     assert result(run_sync(lambda c: None, ctx())) == job_pb2.JobResult()
+
+
+def test_metadata_keeps_the_largest_exact_integers_and_text_as_it_is() -> None:
+    value = {"max": MAX_SAFE_INTEGER, "min": -MAX_SAFE_INTEGER, "text": "naïve ☃", "x": 0.1}
+    assert metadata(run_sync(lambda c: value, ctx())) == value
 
 
 def test_handler_error_keeps_its_code_and_is_not_retried_by_default() -> None:
@@ -64,19 +75,30 @@ def test_async_handlers_map_the_same_way() -> None:
 
 
 @pytest.mark.parametrize(
-    "value",
-    [42, Result(outputs={"a": "text"}), Result(metadata={"b": b"bytes"})],  # type: ignore[dict-item]
+    ("value", "message"),
+    [
+        (42, "handler returned int"),
+        (Result(outputs={"a": "text"}), "output 'a' is str"),  # type: ignore[dict-item]
+        (Result(metadata={"b": b"bytes"}), "metadata: not JSON"),
+        ({"n": float("nan")}, "metadata: not JSON"),
+        ({"s": {1, 2}}, "metadata: not JSON"),
+        ({"big": MAX_SAFE_INTEGER + 1}, "metadata.big: the integer 9007199254740992 is beyond"),
+        ({"deep": [[-(2**64)]]}, "metadata.deep[0][0]: the integer"),
+        (Result(metadata=[1, 2]), "metadata: must be a mapping"),  # type: ignore[arg-type]
+        ({"bad": "\ud800"}, "the result cannot be encoded"),
+    ],
 )
-def test_malformed_results_fail_without_retry(value: object) -> None:
+def test_malformed_results_fail_without_retry(value: object, message: str) -> None:
     e = error(run_sync(lambda c: value, ctx()))
     assert (e.code, e.retryable) == ("INVALID_RESULT", False)
+    assert e.message.startswith(message), e.message
 
 
 def test_echo_returns_inputs_and_params() -> None:
-    c = JobContext(job_id="j", attempt=1, kind="echo", params={"p": 1.0}, inputs={"in": b"x"})
+    c = JobContext(job_id="j", attempt=1, kind="echo", params={"p": 1}, inputs={"in": b"x"})
     r = result(asyncio.run(run_async(builtin.echo, c)))
     assert dict(r.outputs) == {"in": b"x"}
-    assert json_format.MessageToDict(r.metadata) == {"p": 1.0}
+    assert r.metadata_json == '{"p":1}'
 
 
 def test_sleep_reports_every_tenth_and_returns_what_it_slept() -> None:
@@ -86,13 +108,19 @@ def test_sleep_reports_every_tenth_and_returns_what_it_slept() -> None:
     )
     assert [f for f, _ in reports] == pytest.approx([i / 10 for i in range(1, 11)])
     assert reports[-1][1] == "slept 0.05 of 0.05 s"
-    assert json_format.MessageToDict(r.metadata) == {"slept": 0.05}
+    assert metadata(r) == {"slept": 0.05}
 
 
 @pytest.mark.parametrize("seconds", [-1, 3601, "1", True])
-def test_sleep_refuses_bad_seconds(seconds: object) -> None:
-    e = error(run_sync(builtin.sleep, ctx({"seconds": seconds})))
+async def test_the_worker_refuses_bad_seconds_before_sleep_runs(seconds: object) -> None:
+    executor = Executor(load_handlers(), None, threads=1)  # sleep runs in no process here
+    task = Task(job_id="j", attempt=1, kind="sleep", params_json=json.dumps({"seconds": seconds}))
+    try:
+        e = error(await executor.run(task, lambda f, m: None))
+    finally:
+        executor.close()
     assert (e.code, e.retryable) == ("INVALID_PARAMS", False)
+    assert e.message.startswith("params.seconds: must be")
 
 
 def test_sleep_stops_when_cancelled() -> None:

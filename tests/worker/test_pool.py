@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-from google.protobuf import json_format
 
 from jobmesh.v1 import job_pb2
 from worker_service.outcomes import Outcome
@@ -30,6 +30,7 @@ def pool() -> Iterator[ProcessPool]:
 
 
 def task(kind: str, job_id: str = "job", **params: object) -> Task:
+    """A task as the executor hands it to the pool: params already decoded and typed."""
     return Task(job_id=job_id, attempt=1, kind=kind, params=dict(params), inputs={"in": b"data"})
 
 
@@ -39,7 +40,8 @@ async def run(pool: ProcessPool, t: Task, cancelled: threading.Event | None = No
 
 def metadata(outcome: Outcome) -> dict[str, object]:
     assert isinstance(outcome, job_pb2.JobResult), outcome
-    return json_format.MessageToDict(outcome.metadata)
+    meta: dict[str, object] = json.loads(outcome.metadata_json)
+    return meta
 
 
 def error(outcome: Outcome) -> job_pb2.JobError:

@@ -4,8 +4,9 @@ long messages are cut; the session carries on either way."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from google.protobuf import json_format
 
 from jobmesh import AsyncClient
 from jobmesh.limits import DEFAULT_LIMITS
@@ -32,6 +33,7 @@ async def test_outputs_too_large_for_a_message_go_to_blobs_and_the_job_succeeds(
             job = await client.wait(submitted.job.id)
             assert job.state == job_pb2.JOB_STATE_SUCCEEDED, job.error
             result = job.result
+            assert result is not None
             assert sorted([*result.outputs, *result.output_blobs]) == [
                 f"out{i}" for i in range(count)
             ]
@@ -39,7 +41,7 @@ async def test_outputs_too_large_for_a_message_go_to_blobs_and_the_job_succeeds(
             for name, ref in result.output_blobs.items():
                 data = await client.download(ref.id)
                 assert data == bytes([65 + int(name[3:])]) * size
-            assert result.ByteSize() < 2 * MiB
+            assert result.proto.ByteSize() < 2 * MiB
 
 
 async def test_inline_outputs_over_what_the_gateway_takes_inline_go_to_blobs(
@@ -52,6 +54,7 @@ async def test_inline_outputs_over_what_the_gateway_takes_inline_go_to_blobs(
         submitted = await client.submit("test.outputs", params={"size": MiB, "count": count})
         job = await client.wait(submitted.job.id)
     assert job.state == job_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert job.result is not None
     assert len(job.result.outputs) + len(job.result.output_blobs) == count
     assert sum(len(data) for data in job.result.outputs.values()) <= DEFAULT_LIMITS.max_inline_bytes
 
@@ -81,7 +84,7 @@ async def test_metadata_too_deep_fails_the_attempt_and_the_session_serves_on(
     session.assign("e1", "echo", p="v")
     done = await session.result_of("e1")
     assert isinstance(done, d.Completed)
-    assert json_format.MessageToDict(done.result.metadata) == {"p": "v"}
+    assert json.loads(done.result.metadata_json) == {"p": "v"}
     assert gateway.sessions.empty()  # the same stream all along: no reconnect
 
 

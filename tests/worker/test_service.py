@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from pathlib import Path
 
 import psutil
-from google.protobuf import json_format
 
 from jobmesh.v1 import dispatcher_pb2 as d
 from tests.worker.fake_gateway import FakeGateway, FakeSession, StartWorker, until
@@ -42,7 +42,7 @@ async def test_an_assigned_job_is_accepted_runs_and_completes(
     done = await session.result_of("e1")
     assert isinstance(done, d.Completed)
     assert dict(done.result.outputs) == {"in": b"hi"}
-    assert json_format.MessageToDict(done.result.metadata) == {"p": "v"}
+    assert json.loads(done.result.metadata_json) == {"p": "v"}
 
     session.assign("s1", "sleep", seconds=0.6)
     progress: list[float] = []
@@ -52,9 +52,38 @@ async def test_an_assigned_job_is_accepted_runs_and_completes(
             break
         progress.append(item.fraction)
     assert isinstance(item, d.Completed), item
-    assert json_format.MessageToDict(item.result.metadata) == {"slept": 0.6}
+    assert json.loads(item.result.metadata_json) == {"slept": 0.6}
     assert progress, "no progress arrived"
     assert progress == sorted(progress)
+
+
+async def test_params_reach_a_pool_handler_typed_and_exact(
+    gateway: FakeGateway, start_worker: StartWorker
+) -> None:
+    session = await attached(gateway, start_worker)
+    session.assign("t1", "test.types", count=3.0, ratio=2, mode="fast")
+    done = await session.result_of("t1")
+    assert isinstance(done, d.Completed), done
+    assert json.loads(done.result.metadata_json) == {
+        "params": {"count": 3, "ratio": 2.0, "mode": "Fast"},
+        "types": {"count": "int", "ratio": "float", "mode": "str"},
+    }
+    # Without a schema the handler gets the JSON as sent; the largest exact integer stays so.
+    session.assign("e1", "echo", big=2**53 - 1, neg=-(2**53 - 1))
+    done = await session.result_of("e1")
+    assert isinstance(done, d.Completed), done
+    assert json.loads(done.result.metadata_json) == {"big": 2**53 - 1, "neg": -(2**53 - 1)}
+
+    session.assign("t2", "test.types", count=-1)
+    failed = await session.result_of("t2")
+    assert isinstance(failed, d.Failed), failed
+    assert (failed.error.code, failed.error.retryable) == ("INVALID_PARAMS", False)
+    assert failed.error.message == "params.count: must be at least 0, got -1"
+    session.assign("e2", "echo", big=2**53)  # past what JSON clients read exactly
+    failed = await session.result_of("e2")
+    assert isinstance(failed, d.Failed), failed
+    assert failed.error.code == "INVALID_PARAMS"
+    assert failed.error.message.startswith("params.big: the integer 9007199254740992 is beyond")
 
 
 async def test_pings_are_answered_with_stats_and_cancel_reaches_the_job(
@@ -85,37 +114,38 @@ async def test_a_cancel_in_the_same_message_as_its_assign_is_not_lost(
     gateway: FakeGateway, start_worker: StartWorker
 ) -> None:
     session = await attached(gateway, start_worker)
-    assign = d.Assign(job_id="s1", attempt=1, kind="sleep")
-    assign.params.update({"seconds": 30})
+    assign = d.Assign(job_id="s1", attempt=1, kind="sleep", params_json='{"seconds": 30}')
     session.send(d.SessionResponse(assign=[assign], cancel=[d.Cancel(job_id="s1", attempt=1)]))
     failed = await session.result_of("s1")
     assert isinstance(failed, d.Failed)
     assert failed.error.code == "CANCELLED"
 
 
-async def test_assigns_it_cannot_take_are_rejected(
+async def test_assigns_it_cannot_take_are_refused_not_failed(
     gateway: FakeGateway, start_worker: StartWorker
 ) -> None:
     session = await attached(gateway, start_worker)
 
-    async def rejected(job_id: str) -> bool:
-        item = await session.next(d.Accepted, d.Failed)
-        assert item.job_id == job_id  # type: ignore[union-attr]
-        if isinstance(item, d.Failed):
-            assert (item.error.code, item.error.retryable) == ("REJECTED", True)
-            return True
-        return False
+    async def refused(job_id: str) -> str:
+        """Why the worker refused the job; '' if it accepted it."""
+        item = await session.next(d.Accepted, d.Refused, d.Failed)
+        assert isinstance(item, d.Accepted | d.Refused), item  # a refusal is not a failure
+        assert (item.job_id, item.attempt) == (job_id, 1)
+        return item.reason if isinstance(item, d.Refused) else ""
 
     session.assign("x", "no.such.kind")
-    assert await rejected("x")
+    assert "no handler for kind 'no.such.kind'" in await refused("x")
     session.assign("o1", "test.one_at_a_time", seconds=30)
-    assert not await rejected("o1")
+    assert not await refused("o1")
     session.assign("o2", "test.one_at_a_time", seconds=30)
-    assert await rejected("o2")  # the kind's limit
+    assert "its limit" in await refused("o2")
     session.assign("s1", "sleep", seconds=30)
-    assert not await rejected("s1")
+    assert not await refused("s1")
     session.assign("s2", "sleep", seconds=30)
-    assert await rejected("s2")  # both slots busy
+    assert "all 2 slots are busy" in await refused("s2")
+    # Nothing else about the refused jobs follows: no result to acknowledge, none resent.
+    later = [i for i in await session.settled() if isinstance(i, d.Completed | d.Failed)]
+    assert not later
 
 
 async def test_a_dying_pool_process_fails_its_job_and_the_worker_keeps_serving(
@@ -146,7 +176,7 @@ async def test_jobs_outlive_a_broken_stream_and_report_after_reconnect(
     assert [(r.job_id, r.attempt) for r in again.attach.running] == [("long", 1)]
     short = await again.result_of("short")
     assert isinstance(short, d.Completed)
-    assert json_format.MessageToDict(short.result.metadata) == {"slept": 0.3}
+    assert json.loads(short.result.metadata_json) == {"slept": 0.3}
     assert isinstance(await again.result_of("long"), d.Completed)
 
 
@@ -160,9 +190,9 @@ async def test_sigterm_drains_in_flight_jobs_then_exits_0(
     proc.send_signal(signal.SIGTERM)
     await session.next(d.Draining)
     session.assign("late", "echo")
-    rejected = await session.result_of("late")
-    assert isinstance(rejected, d.Failed)
-    assert rejected.error.code == "REJECTED"
+    refused = await session.result_of("late")
+    assert isinstance(refused, d.Refused)
+    assert refused.reason == "the worker is draining"
     assert isinstance(await session.result_of("s1"), d.Completed)
     await asyncio.wait_for(session.ended.wait(), 30)
     assert await exit_code(proc) == 0
@@ -203,7 +233,7 @@ async def test_pool_processes_exit_when_the_worker_is_killed(
     session.assign("p", "test.pid")
     done = await session.result_of("p")
     assert isinstance(done, d.Completed)
-    child = psutil.Process(int(json_format.MessageToDict(done.result.metadata)["pid"]))
+    child = psutil.Process(json.loads(done.result.metadata_json)["pid"])
     proc.kill()
     await proc.wait()
 
@@ -231,7 +261,7 @@ async def pids_serve(session: FakeSession, n: int = 3) -> set[int]:
         session.assign(f"pid{i}", "test.pid")
         done = await session.result_of(f"pid{i}")
         assert isinstance(done, d.Completed), done
-        pids.add(int(json_format.MessageToDict(done.result.metadata)["pid"]))
+        pids.add(json.loads(done.result.metadata_json)["pid"])
     return pids
 
 
@@ -360,9 +390,9 @@ async def test_a_thread_handler_that_outlives_its_timeout_keeps_its_slot_until_i
     assert isinstance(pong, d.Pong)
     assert (pong.stats.active_jobs, pong.stats.free_slots) == (0, 0)
     session.assign("e1", "echo")
-    rejected = await failure(session, "e1")
-    assert rejected.error.code == "REJECTED"
-    assert "held" in rejected.error.message
+    refused = await session.result_of("e1")
+    assert isinstance(refused, d.Refused)
+    assert "held" in refused.reason
 
     async def echo_runs() -> bool:
         session.assign("e2", "echo")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
-
-from google.protobuf import json_format
 
 from jobmesh.v1 import dispatcher_pb2 as d
 from tests.worker.fake_gateway import FakeGateway, StartWorker
 from tests.worker.pictures import decoded, picture
+from worker_service.handlers.imaging import FORMAT_CHOICES
 
 
 async def test_attach_carries_the_schemas_and_image_jobs_run(
@@ -40,20 +40,35 @@ async def test_attach_carries_the_schemas_and_image_jobs_run(
         1,
         10_000,
     )
-    assert {"jpeg", "png"} <= set(thumbnail["format"].choices)
+    # The formats this worker's Pillow writes, so the gateway refuses others at Submit.
+    assert thumbnail["format"].choices == list(FORMAT_CHOICES)
     assert kinds["image.convert"].params_schema.params[0].required  # format
 
     session.assign("t1", "image.thumbnail", inputs={"image": picture(size=(640, 480))}, size=64)
     done = await session.result_of("t1")
     assert isinstance(done, d.Completed), done
     assert decoded(done.result.outputs["image"]).size == (64, 48)
-    assert json_format.MessageToDict(done.result.metadata)["extension"] == "jpg"
+    assert json.loads(done.result.metadata_json)["extension"] == "jpg"
 
     session.assign("t2", "image.thumbnail", inputs={"image": picture()}, size="big")
     failed = await session.result_of("t2")
     assert isinstance(failed, d.Failed)
     assert (failed.error.code, failed.error.retryable) == ("INVALID_PARAMS", False)
-    assert "param 'size'" in failed.error.message
+    assert failed.error.message.startswith("params.size: must be an integer")
+
+    # Choices in any case reach the handler in their declared spelling.
+    session.assign(
+        "r1",
+        "image.resize",
+        inputs={"image": picture(size=(64, 48))},
+        width=32,
+        resample="LANCZOS",
+        format="PNG",
+    )
+    done = await session.result_of("r1")
+    assert isinstance(done, d.Completed), done
+    assert json.loads(done.result.metadata_json)["format"] == "png"
+    assert decoded(done.result.outputs["image"]).size == (32, 24)
 
 
 async def test_the_config_file_chooses_products_limits_and_the_pixel_cap(

@@ -6,22 +6,27 @@ and content_type, and reports progress at each stage: decode (0.2), process (0.6
 encode (1.0). Only the first frame of an animated image is used. Failures have codes,
 none retried: INVALID_PARAMS, MISSING_INPUT, IMAGE_DECODE_ERROR, UNSUPPORTED_FORMAT,
 IMAGE_TOO_LARGE (over `max_image_pixels`), IMAGE_PROCESS_ERROR.
+
+The params are those of `jobmesh.image_params`, with the `format` choices narrowed to what
+this worker's Pillow writes; the handlers read them typed, as the worker checked them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 from PIL import Image
 
+from jobmesh import image_params
 from jobmesh.codes import Code
+from jobmesh.image_params import MAX_LAYERS
+from jobmesh.params import Schema
+from jobmesh.worker import HandlerError, JobContext, Result, handler
 from worker_service.handlers.imaging import (
-    AUTO_ORIENT_PARAM,
-    FORMAT_PARAM,
-    QUALITY_PARAM,
+    FORMAT_CHOICES,
     Format,
-    Params,
     check_pixels,
     configure,
     decode,
@@ -38,151 +43,61 @@ from worker_service.handlers.imaging import (
     placements,
     stage,
 )
-from worker_service.params import Param
-from worker_service.registry import HandlerError, JobContext, Result, handler
 
 __all__ = ["configure"]
 
-MAX_SIDE = 20_000
-MAX_LAYERS = 64
 DEFAULT_QUALITY = 85
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
+_RESAMPLE = {name: Image.Resampling[name.upper()] for name in image_params.RESAMPLE_CHOICES}
 
 
-def _side(name: str, what: str, required: bool = False) -> Param:
-    return Param(name, "integer", required=required, minimum=1, maximum=MAX_SIDE, description=what)
+def _writable(schema: Schema) -> Schema:
+    """`schema` with the `format` choices this worker's Pillow can write, so the gateway
+    refuses the others at Submit."""
+    return tuple(
+        dataclasses.replace(p, choices=FORMAT_CHOICES) if p.name == "format" else p for p in schema
+    )
 
 
-THUMBNAIL = (
-    Param(
-        "size",
-        "integer",
-        minimum=1,
-        maximum=10_000,
-        description="fit within size x size, keeping the aspect; never enlarges (default 256)",
-    ),
-    FORMAT_PARAM,
-    QUALITY_PARAM,
-    AUTO_ORIENT_PARAM,
-)
-RESIZE = (
-    _side("width", "output width in pixels (give width, height or both)"),
-    _side("height", "output height in pixels (give width, height or both)"),
-    Param(
-        "fit",
-        "string",
-        choices=("contain", "cover", "fill"),
-        description="with both sides: fit inside, fill and crop the overflow, or stretch "
-        "(default contain)",
-    ),
-    Param(
-        "resample",
-        "string",
-        choices=tuple(_RESAMPLE),
-        description="resampling filter (default lanczos)",
-    ),
-    FORMAT_PARAM,
-    QUALITY_PARAM,
-    AUTO_ORIENT_PARAM,
-)
-CONVERT = (
-    Param(
-        "format",
-        "string",
-        required=True,
-        choices=FORMAT_PARAM.choices,
-        description="output format",
-    ),
-    QUALITY_PARAM,
-    Param(
-        "strip_metadata",
-        "boolean",
-        description="drop EXIF; the ICC colour profile is kept (default true)",
-    ),
-)
-TRANSFORM = (
-    Param(
-        "rotate",
-        "number",
-        minimum=-360,
-        maximum=360,
-        description="degrees clockwise; the canvas grows to fit, corners transparent",
-    ),
-    Param("flip", "string", choices=("horizontal", "vertical"), description="mirror the image"),
-    Param(
-        "crop",
-        "object",
-        description="{left, top, width, height} in pixels, within the (upright) image",
-    ),
-    AUTO_ORIENT_PARAM,
-    FORMAT_PARAM,
-    QUALITY_PARAM,
-)
-COMPOSITE = (
-    _side("width", "canvas width in pixels", required=True),
-    _side("height", "canvas height in pixels", required=True),
-    Param(
-        "background",
-        "string",
-        description="canvas color, e.g. #ffffff or #00000000 (default transparent; white "
-        "in formats without alpha)",
-    ),
-    Param(
-        "layers",
-        "list",
-        description="[{input, x, y, opacity 0..1, z}]: images by input name, drawn by z "
-        "then list order",
-    ),
-    Param(
-        "format",
-        "string",
-        choices=FORMAT_PARAM.choices,
-        description="output format (default png)",
-    ),
-    QUALITY_PARAM,
-    AUTO_ORIENT_PARAM,
-)
+THUMBNAIL = _writable(image_params.THUMBNAIL)
+RESIZE = _writable(image_params.RESIZE)
+CONVERT = _writable(image_params.CONVERT)
+TRANSFORM = _writable(image_params.TRANSFORM)
+COMPOSITE = _writable(image_params.COMPOSITE)
+INFO: Schema = ()
 
 
 @handler("image.thumbnail", params=THUMBNAIL)
 def thumbnail(ctx: JobContext) -> Result:
     """A thumbnail that fits within size x size."""
-    p = Params(ctx, THUMBNAIL)
-    size = p.integer("size", 256) or 256
+    size = ctx.params.get("size", 256)
     data = input_image(ctx)
     with stage("decode"):
         # JPEGs decode straight at a scale twice the box at least: far less work.
         image, source = decode(data, draft=(2 * size, 2 * size))
-    fmt = output_format(p.text("format"), source)
+    fmt = output_format(ctx.params.get("format"), source)
     _progress(ctx, 0.2, "decode")
     with stage("process"):
-        if p.flag("auto_orient", True):
+        if ctx.params.get("auto_orient", True):
             image = orient(image)
         image.thumbnail((size, size), Image.Resampling.LANCZOS)
-    return _finish(ctx, image, fmt, p)
+    return _finish(ctx, image, fmt)
 
 
 @handler("image.resize", params=RESIZE)
 def resize(ctx: JobContext) -> Result:
     """Resized to width and/or height: contain, cover or fill."""
-    p = Params(ctx, RESIZE)
-    width, height = p.integer("width"), p.integer("height")
-    if width is None and height is None:
+    width, height = ctx.params.get("width"), ctx.params.get("height")
+    if width is None and height is None:  # beyond what a schema says
         raise HandlerError("image.resize needs width, height or both", code=Code.INVALID_PARAMS)
-    fit = p.text("fit", "contain")
-    resample = _RESAMPLE[p.text("resample", "lanczos") or "lanczos"]
+    fit = ctx.params.get("fit", "contain")
+    resample = _RESAMPLE[ctx.params.get("resample", "lanczos")]
     data = input_image(ctx)
     with stage("decode"):
         image, source = decode(data)
-    fmt = output_format(p.text("format"), source)
+    fmt = output_format(ctx.params.get("format"), source)
     _progress(ctx, 0.2, "decode")
     with stage("process"):
-        if p.flag("auto_orient", True):
+        if ctx.params.get("auto_orient", True):
             image = orient(image)
         target = _target_size(image.size, width, height, fit)
         check_pixels(*target, "the resized image")
@@ -191,59 +106,59 @@ def resize(ctx: JobContext) -> Result:
             image = image.resize(target, resample, box=box, reducing_gap=3.0)
         else:
             image = image.resize(target, resample, reducing_gap=3.0)
-    return _finish(ctx, image, fmt, p)
+    return _finish(ctx, image, fmt)
 
 
 @handler("image.convert", params=CONVERT)
 def convert(ctx: JobContext) -> Result:
     """The same pixels in another format."""
-    p = Params(ctx, CONVERT)
     data = input_image(ctx)
     with stage("decode"):
         image, source = decode(data)
-        keep = not p.flag("strip_metadata", True)
+        keep = not ctx.params.get("strip_metadata", True)
         exif = image.getexif() if keep else None
-    fmt = output_format(p.text("format"), source)
+    fmt = output_format(ctx.params["format"], source)
     _progress(ctx, 0.2, "decode")
-    return _finish(ctx, image, fmt, p, exif=exif)
+    return _finish(ctx, image, fmt, exif=exif)
 
 
 @handler("image.transform", params=TRANSFORM)
 def transform(ctx: JobContext) -> Result:
     """Auto-oriented, cropped, rotated and flipped, in that order."""
-    p = Params(ctx, TRANSFORM)
-    crop = p.raw("crop")
+    crop = ctx.params.get("crop")
     data = input_image(ctx)
     with stage("decode"):
         image, source = decode(data)
-    fmt = output_format(p.text("format"), source)
+    fmt = output_format(ctx.params.get("format"), source)
     _progress(ctx, 0.2, "decode")
     with stage("process"):
-        if p.flag("auto_orient", True):
+        if ctx.params.get("auto_orient", True):
             image = orient(image)
         if crop is not None:
             image = image.crop(_crop_box(crop, image.size))
-        image = _rotated(image, p.number("rotate", 0.0))
-        flip = p.text("flip")
+        image = _rotated(image, ctx.params.get("rotate", 0.0))
+        flip = ctx.params.get("flip")
         if flip == "horizontal":
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         elif flip == "vertical":
             image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-    return _finish(ctx, image, fmt, p)
+    return _finish(ctx, image, fmt)
 
 
 @handler("image.composite", params=COMPOSITE)
 def composite(ctx: JobContext) -> Result:
     """Layers (inputs by name) drawn onto a canvas by z-order, with position and opacity."""
-    p = Params(ctx, COMPOSITE)
-    width, height = p.integer("width") or 1, p.integer("height") or 1
+    width, height = ctx.params["width"], ctx.params["height"]
     check_pixels(width, height, "the canvas")
-    fmt = output_format(p.text("format", "png"), None)
-    given = p.text("background")
+    fmt = output_format(ctx.params.get("format", "png"), None)
+    given = ctx.params.get("background")
     background = parse_color(given, "background") if given else (0, 0, 0, 0)
     if given is None and not fmt.alpha:
         background = (255, 255, 255, 255)
-    layers = [_layer(i, item, ctx) for i, item in enumerate(_layer_list(p))]
+    layers = [
+        _layer(i, item, ctx)
+        for i, item in enumerate(placements(ctx.params.get("layers", []), MAX_LAYERS))
+    ]
     images: dict[str, Image.Image] = {}
     with stage("decode"):
         decoded = 0
@@ -255,19 +170,18 @@ def composite(ctx: JobContext) -> Result:
                     f"the layers hold {decoded} pixels in all, over 4 x max_image_pixels",
                     code=Code.IMAGE_TOO_LARGE,
                 )
-            images[name] = orient(image) if p.flag("auto_orient", True) else image
+            images[name] = orient(image) if ctx.params.get("auto_orient", True) else image
     _progress(ctx, 0.2, "decode")
     with stage("process"):
         canvas = Image.new("RGBA", (width, height), background)
         for layer in sorted(layers, key=lambda layer: layer["z"]):  # stable: list order next
             _draw(canvas, images[layer["input"]], layer)
-    return _finish(ctx, canvas, fmt, p, background=background[:3])
+    return _finish(ctx, canvas, fmt, background=background[:3])
 
 
-@handler("image.info", params=[])
+@handler("image.info", params=INFO)
 def info(ctx: JobContext) -> dict[str, Any]:
     """What the image is: format, size, mode, frames and a few EXIF tags; no output."""
-    Params(ctx, ())
     data = input_image(ctx)
     with stage("decode"):
         image = open_image(data)
@@ -288,7 +202,6 @@ def _finish(
     ctx: JobContext,
     image: Image.Image,
     fmt: Format,
-    p: Params,
     *,
     background: tuple[int, ...] = (255, 255, 255),
     exif: Image.Exif | None = None,
@@ -299,7 +212,7 @@ def _finish(
         data = encode(
             image,
             fmt,
-            p.integer("quality", DEFAULT_QUALITY) or DEFAULT_QUALITY,
+            ctx.params.get("quality", DEFAULT_QUALITY),
             background=(background[0], background[1], background[2]),
             exif=exif,
             icc_profile=icc if isinstance(icc, bytes) else None,
@@ -379,11 +292,6 @@ def _rotated(image: Image.Image, degrees: float) -> Image.Image:
     if image.mode not in ("RGBA", "LA"):
         image = image.convert("RGBA")  # transparent corners
     return image.rotate(-degrees, Image.Resampling.BICUBIC, expand=True)
-
-
-def _layer_list(p: Params) -> list[Any]:
-    layers = p.raw("layers")
-    return [] if layers is None else list(placements(layers, MAX_LAYERS))
 
 
 def _layer(i: int, item: Any, ctx: JobContext) -> dict[str, Any]:

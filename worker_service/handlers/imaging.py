@@ -19,9 +19,10 @@ from typing import Any
 from opentelemetry import trace
 from PIL import ExifTags, Image, ImageColor, ImageOps, UnidentifiedImageError, features
 
+from jobmesh import image_params
 from jobmesh.codes import Code
-from worker_service.params import Param, params_problem
-from worker_service.registry import HandlerError, JobContext
+from jobmesh.params import MAX_SAFE_INTEGER
+from jobmesh.worker import HandlerError, JobContext
 
 _tracer = trace.get_tracer("jobmesh.worker")
 
@@ -108,9 +109,8 @@ def _writable() -> dict[str, Format]:
 
 FORMATS = _writable()
 """What the installed Pillow can encode, by name."""
-FORMAT_CHOICES = tuple(
-    sorted([*FORMATS, *(alias for alias, name in _ALIASES.items() if name in FORMATS)])
-)
+FORMAT_CHOICES = tuple(c for c in image_params.FORMAT_CHOICES if _ALIASES.get(c, c) in FORMATS)
+"""The `format` choices this worker declares: those of `jobmesh.image_params` it can write."""
 
 
 @dataclass
@@ -131,47 +131,6 @@ def configure(max_image_pixels: int) -> None:
 
 def max_pixels() -> int:
     return _LIMITS.max_pixels
-
-
-# Params shared by the kinds that write an image.
-FORMAT_PARAM = Param(
-    "format",
-    "string",
-    choices=FORMAT_CHOICES,
-    description="output format (default: the input's if it can be written, else jpeg)",
-)
-QUALITY_PARAM = Param(
-    "quality", "integer", minimum=1, maximum=100, description="for jpeg, webp, avif (default 85)"
-)
-AUTO_ORIENT_PARAM = Param(
-    "auto_orient", "boolean", description="turn the image upright from its EXIF (default true)"
-)
-
-
-class Params:
-    """A job's params, checked against its kind's schema (INVALID_PARAMS otherwise)."""
-
-    def __init__(self, ctx: JobContext, schema: tuple[Param, ...]) -> None:
-        if problem := params_problem(schema, ctx.params):
-            raise HandlerError(problem, code=Code.INVALID_PARAMS)
-        self._values = {k: v for k, v in ctx.params.items() if v is not None}
-
-    def integer(self, name: str, default: int | None = None) -> int | None:
-        value = self._values.get(name)
-        return default if value is None else int(value)
-
-    def number(self, name: str, default: float) -> float:
-        return float(self._values.get(name, default))
-
-    def text(self, name: str, default: str | None = None) -> str | None:
-        value = self._values.get(name)
-        return default if value is None else str(value)
-
-    def flag(self, name: str, default: bool) -> bool:
-        return bool(self._values.get(name, default))
-
-    def raw(self, name: str) -> Any:
-        return self._values.get(name)
 
 
 def input_image(ctx: JobContext) -> bytes:
@@ -273,15 +232,10 @@ def format_name(pillow_format: str | None) -> str:
 
 
 def output_format(name: str | None, source: str | None) -> Format:
-    """The format asked for; else the `source` format if it can be written, else jpeg."""
+    """The format asked for (one of `FORMAT_CHOICES`); else the `source` format if it can be
+    written, else jpeg."""
     if name is not None:
-        key = _ALIASES.get(name.lower(), name.lower())
-        if key not in FORMATS:
-            raise HandlerError(
-                f"param 'format' must be one of {', '.join(FORMAT_CHOICES)}, got {name!r}",
-                code=Code.INVALID_PARAMS,
-            )
-        return FORMATS[key]
+        return FORMATS[_ALIASES.get(name, name)]
     return FORMATS.get(source or "", FORMATS["jpeg"])
 
 
@@ -389,8 +343,8 @@ def _plain(value: object) -> Any:
         return text[:200] or None
     if isinstance(value, bool):
         return value
-    if isinstance(value, int):
-        return value
+    if isinstance(value, int):  # metadata takes what every JSON client reads exactly
+        return value if abs(value) <= MAX_SAFE_INTEGER else None
     if isinstance(value, tuple | list):
         items = [_plain(v) for v in value[:16]]
         return items if all(i is not None for i in items) and items else None
