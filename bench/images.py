@@ -36,8 +36,7 @@ import PIL
 import psutil
 from PIL import Image, ImageDraw, ImageOps
 
-from jobmesh import AsyncClient, job_spec
-from jobmesh.v1 import job_pb2
+from jobmesh import AsyncClient, JobEvent, JobState, job_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = (1600, 1200)
@@ -104,12 +103,10 @@ async def through_jobmesh(client: AsyncClient, images: list[bytes]) -> float:
     started = time.perf_counter()
     gate = asyncio.Semaphore(WATCHES)
 
-    async def end(job_id: str) -> job_pb2.JobEvent:
+    async def end(job_id: str) -> JobEvent:
         async with gate:
-            last = job_pb2.JobEvent()
-            async for event in client.watch(job_id):
-                last = event
-            return last
+            events = [event async for event in client.watch(job_id)]
+            return events[-1]
 
     ends = []
     for offset in range(0, len(images), BATCH):
@@ -121,10 +118,12 @@ async def through_jobmesh(client: AsyncClient, images: list[bytes]) -> float:
             ends.append(asyncio.create_task(end(submitted.job.id)))
     events = await asyncio.gather(*ends)
     elapsed = time.perf_counter() - started
-    failed = [e for e in events if e.state != job_pb2.JOB_STATE_SUCCEEDED]
+    failed = [e for e in events if e.state is not JobState.SUCCEEDED]
     if failed:
         raise RuntimeError(f"{len(failed)} jobs did not succeed, e.g. {failed[0].error}")
-    meta = events[0].result.metadata
+    result = events[0].result
+    assert result is not None
+    meta = result.metadata
     assert (meta["width"], meta["height"]) == (256, 192), meta
     return len(images) / elapsed
 

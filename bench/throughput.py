@@ -25,8 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobmesh import AsyncClient, job_spec
-from jobmesh.v1 import job_pb2
+from jobmesh import AsyncClient, JobState, job_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +48,7 @@ async def submit_and_wait(client: AsyncClient, payload: bytes) -> float:
     started = time.perf_counter()
     submitted = await client.submit("echo", inputs={"in": payload})
     job = await client.wait(submitted.job.id)
-    if job.state != job_pb2.JOB_STATE_SUCCEEDED:
+    if job.state is not JobState.SUCCEEDED:
         raise RuntimeError(f"job {job.id} ended {job.state}")
     return time.perf_counter() - started
 

@@ -2,14 +2,15 @@
 
 from jobmesh import Client
 
-with Client("127.0.0.1:50051") as client:
+with Client() as client:  # $JOBMESH_GATEWAY, else 127.0.0.1:50051
     job = client.wait(client.submit("echo", params={"text": "hi"}).job.id)
+    print(job.state, job.result.metadata)
 """
 
 from jobmesh.blocking import Client
 from jobmesh.client import AsyncClient, Submitted
 from jobmesh.codes import Code
-from jobmesh.convert import job_spec
+from jobmesh.convert import JobRequest, job_spec
 from jobmesh.errors import (
     AlreadyExists,
     Cancelled,
@@ -23,23 +24,48 @@ from jobmesh.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from jobmesh.jobs import (
+    Attempt,
+    BlobRef,
+    EventType,
+    Job,
+    JobError,
+    JobEvent,
+    JobResult,
+    JobSpec,
+    JobState,
+    RetryPolicy,
+)
+from jobmesh.settings import ClientSettings
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyExists",
     "AsyncClient",
+    "Attempt",
+    "BlobRef",
     "Cancelled",
     "Client",
+    "ClientSettings",
     "Code",
     "DeadlineExceeded",
+    "EventType",
     "FailedPrecondition",
     "Internal",
     "InvalidArgument",
+    "Job",
+    "JobError",
+    "JobEvent",
     "JobFailed",
+    "JobRequest",
+    "JobResult",
+    "JobSpec",
+    "JobState",
     "JobmeshError",
     "NotFound",
     "ResourceExhausted",
+    "RetryPolicy",
     "Submitted",
     "Unavailable",
     "__version__",

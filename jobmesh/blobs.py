@@ -10,41 +10,57 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from types import TracebackType
+from typing import TYPE_CHECKING, BinaryIO, TypeAlias
 
 import grpc
 
-from jobmesh.errors import Internal, from_rpc_error
+from jobmesh.errors import Internal, InvalidArgument, file_error, from_rpc_error
 from jobmesh.v1 import blob_service_pb2, blob_service_pb2_grpc, job_pb2
 
 CHUNK_BYTES = 1 << 20
 DEFAULT_INLINE_LIMIT = 1 << 20
+# Uploads of one submit at once: enough to fill a link, few enough to leave the gateway's
+# transfer slots (`--max-transfers`) to others.
+MAX_UPLOADS = 4
 
-Payload = bytes | os.PathLike[str]
+Payload = bytes | str | os.PathLike[str]
+"""Bytes, or a file's path."""
+
+if TYPE_CHECKING:  # the async stub exists in the generated stubs only
+    Stub: TypeAlias = blob_service_pb2_grpc.BlobServiceAsyncStub
 
 
-async def _chunks(source: Payload) -> AsyncIterator[bytes]:
+async def _chunks(source: bytes | BinaryIO) -> AsyncIterator[bytes]:
     if isinstance(source, bytes):
         view = memoryview(source)
         for start in range(0, len(source), CHUNK_BYTES):
             yield bytes(view[start : start + CHUNK_BYTES])
         return
-    with open(source, "rb") as handle:  # noqa: ASYNC230  # each read goes to a thread below
-        while chunk := await asyncio.to_thread(handle.read, CHUNK_BYTES):
-            yield chunk
+    while chunk := await asyncio.to_thread(source.read, CHUNK_BYTES):
+        yield chunk
 
 
-def payload_size(source: Payload) -> int:
-    return len(source) if isinstance(source, bytes) else os.stat(source).st_size
+async def upload(stub: Stub, source: Payload, field: str = "source") -> job_pb2.BlobRef:
+    """Uploads bytes or a file and returns the reference a job can carry; a file that cannot
+    be read is an InvalidArgument naming `field`."""
+    if isinstance(source, bytes):
+        return await _upload(stub, source, len(source))
+    try:
+        handle = await asyncio.to_thread(open, source, "rb")
+    except OSError as e:
+        raise file_error(e, source, field) from e
+    try:
+        with handle:
+            return await _upload(stub, handle, os.fstat(handle.fileno()).st_size)
+    except OSError as e:
+        raise file_error(e, source, field) from e
 
 
-async def upload(
-    stub: blob_service_pb2_grpc.BlobServiceAsyncStub, source: Payload
-) -> job_pb2.BlobRef:
-    """Uploads bytes or a file and returns the reference a job can carry."""
-    size = payload_size(source)
+async def _upload(stub: Stub, source: bytes | BinaryIO, size: int) -> job_pb2.BlobRef:
     call = stub.Upload()  # type: ignore[call-arg]  # written to with call.write()
     try:
         await call.write(blob_service_pb2.UploadRequest(size=size))
@@ -57,46 +73,127 @@ async def upload(
         response = await call.read()
     except grpc.aio.AioRpcError as e:
         raise from_rpc_error(e) from e
+    finally:
+        call.cancel()  # a no-op once it ended; else (a local error) the stream is dropped
     if not isinstance(response, blob_service_pb2.UploadResponse) or not response.HasField("blob"):
         raise Internal("the gateway ended the upload without a blob")
     return response.blob
 
 
 async def download(
-    stub: blob_service_pb2_grpc.BlobServiceAsyncStub, blob_id: str, sink: BinaryIO | None = None
+    stub: Stub, blob_id: str, sink: BinaryIO | str | os.PathLike[str] | None = None
 ) -> bytes:
-    """The blob's content; with `sink`, written there chunk by chunk instead (returns b'')."""
-    parts: list[bytes] = []
+    """The blob's content; with `sink` (a binary file, or a path) written there chunk by
+    chunk instead, and b'' returned. A path gets the whole blob or nothing: it is written
+    aside and renamed into place. A sink that cannot be written is an InvalidArgument."""
+    if sink is None:
+        parts: list[bytes] = []
+        async for chunk in _download(stub, blob_id):
+            parts.append(chunk)
+        return b"".join(parts)
+    if isinstance(sink, str | os.PathLike):
+        await _download_to_path(stub, blob_id, Path(sink))
+        return b""
+    async for chunk in _download(stub, blob_id):
+        try:
+            await asyncio.to_thread(sink.write, chunk)
+        except OSError as e:
+            raise InvalidArgument(f"cannot write: {e.strerror or e}", "sink") from e
+    return b""
+
+
+async def _download(stub: Stub, blob_id: str) -> AsyncIterator[bytes]:
     try:
         async for response in stub.Download(blob_service_pb2.DownloadRequest(blob_id=blob_id)):
-            if sink is None:
-                parts.append(response.chunk)
-            else:
-                await asyncio.to_thread(sink.write, response.chunk)
+            yield response.chunk
     except grpc.aio.AioRpcError as e:
         raise from_rpc_error(e) from e
-    return b"".join(parts)
 
 
-async def offload(
-    stub: blob_service_pb2_grpc.BlobServiceAsyncStub,
-    spec: job_pb2.JobSpec,
-    files: Mapping[str, Path],
-    inline_limit: int,
-) -> None:
-    """Moves the spec's inputs over `inline_limit`, and all `files`, into uploaded blobs."""
-    large = {name: data for name, data in spec.inputs.items() if len(data) > inline_limit}
-    uploads: dict[str, Payload] = {**large, **files}
-    refs = await asyncio.gather(*(upload(stub, source) for source in uploads.values()))
-    for name, ref in zip(uploads, refs, strict=True):
-        if name in spec.inputs:
-            del spec.inputs[name]
-        spec.input_blobs[name].CopyFrom(ref)
+async def _download_to_path(stub: Stub, blob_id: str, path: Path) -> None:
+    part = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    try:
+        handle = await asyncio.to_thread(part.open, "xb")
+    except OSError as e:
+        raise file_error(e, path, "sink") from e
+    try:
+        with handle:
+            async for chunk in _download(stub, blob_id):
+                await asyncio.to_thread(handle.write, chunk)
+        await asyncio.to_thread(os.replace, part, path)
+    except OSError as e:
+        raise file_error(e, path, "sink") from e
+    finally:
+        part.unlink(missing_ok=True)
 
 
-async def fetch(
-    stub: blob_service_pb2_grpc.BlobServiceAsyncStub, refs: Mapping[str, job_pb2.BlobRef]
-) -> dict[str, bytes]:
+class Uploads:
+    """The uploads of one submit: at most MAX_UPLOADS at once, and each file once however
+    many of its jobs name it. Use it with `async with`: leaving cancels what is still
+    running."""
+
+    def __init__(self, stub: Stub, concurrency: int = MAX_UPLOADS) -> None:
+        self._stub = stub
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: dict[object, asyncio.Task[job_pb2.BlobRef]] = {}
+
+    async def __aenter__(self) -> Uploads:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def upload(self, source: Payload, field: str) -> job_pb2.BlobRef:
+        key = object() if isinstance(source, bytes) else os.fspath(source)
+        task = self._tasks.get(key)
+        if task is None:
+            task = self._tasks[key] = asyncio.create_task(self._upload(source, field))
+        return await asyncio.shield(task)
+
+    async def _upload(self, source: Payload, field: str) -> job_pb2.BlobRef:
+        async with self._slots:
+            return await upload(self._stub, source, field)
+
+    async def resolve(
+        self, spec: job_pb2.JobSpec, files: Mapping[str, Path], inline_limit: int
+    ) -> job_pb2.JobSpec:
+        """A copy of `spec` with `files` among its inputs, read into it when they are at
+        most `inline_limit` bytes, else uploaded; inline inputs over the limit are uploaded
+        too. A file that cannot be read is an InvalidArgument naming the input."""
+        out = job_pb2.JobSpec()
+        out.CopyFrom(spec)
+        large: dict[str, Payload] = {}
+        for name, path in files.items():
+            where = f"inputs.{name}"
+            try:
+                size = (await asyncio.to_thread(os.stat, path)).st_size
+                if size > inline_limit:
+                    large[name] = path
+                    continue
+                out.inputs[name] = await asyncio.to_thread(path.read_bytes)
+            except OSError as e:
+                raise file_error(e, path, where) from e
+        for name, data in out.inputs.items():
+            if len(data) > inline_limit:
+                large[name] = data  # bytes, or a file that grew since its size was taken
+        refs = await asyncio.gather(
+            *(self.upload(source, f"inputs.{name}") for name, source in large.items())
+        )
+        for name, ref in zip(large, refs, strict=True):
+            if name in out.inputs:
+                del out.inputs[name]
+            out.input_blobs[name].CopyFrom(ref)
+        return out
+
+
+async def fetch(stub: Stub, refs: Mapping[str, job_pb2.BlobRef]) -> dict[str, bytes]:
     """Downloads every referenced blob into memory."""
     names = list(refs)
     contents = await asyncio.gather(*(download(stub, refs[n].id) for n in names))

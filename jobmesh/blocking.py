@@ -17,6 +17,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from opentelemetry import context as otel_context
 
 from jobmesh.client import AsyncClient
+from jobmesh.errors import FailedPrecondition
 from jobmesh.settings import ClientSettings
 
 P = ParamSpec("P")
@@ -103,7 +104,7 @@ class Client:
         """Runs `coro` on the client's loop and waits for it; an interrupt cancels it."""
         if self._closed:
             coro.close()
-            raise RuntimeError("the client is closed")
+            raise FailedPrecondition("the client is closed")
         # The caller's trace context, so that its span is the parent of the calls made.
         carried = _carrying(otel_context.get_current(), coro)
         future: Future[T] = asyncio.run_coroutine_threadsafe(carried, self._loop)

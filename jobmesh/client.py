@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
-import math
+import os
 import random
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, TypeVar, Unpack
 
@@ -18,16 +17,16 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from jobmesh import blobs, telemetry
-from jobmesh.blobs import Payload
-from jobmesh.convert import (
-    JobState,
-    SpecOptions,
-    is_terminal,
-    job_spec,
-    parse_state,
-    state_name,
+from jobmesh.convert import Input, JobRequest, SpecOptions, is_terminal, job_spec, parse_state
+from jobmesh.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    JobFailed,
+    Unavailable,
+    from_rpc_error,
 )
-from jobmesh.errors import InvalidArgument, JobFailed, Unavailable, from_rpc_error
+from jobmesh.jobs import BlobRef, Job, JobEvent, JobState
+from jobmesh.limits import Limits
 from jobmesh.settings import ClientSettings
 from jobmesh.v1 import (
     admin_service_pb2,
@@ -56,7 +55,7 @@ _RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 class Submitted:
     """What Submit answered."""
 
-    job: job_pb2.Job
+    job: Job
     """The job as accepted, QUEUED (or the earlier job, when `existing`)."""
     existing: bool
     """True when the idempotency key matched an earlier job."""
@@ -64,18 +63,26 @@ class Submitted:
     """Things worth telling the caller, e.g. that no worker serves the kind yet."""
 
     @classmethod
-    def of(cls, response: job_service_pb2.SubmitResponse) -> Submitted:
-        return cls(response.job, response.existing, tuple(response.warnings))
+    def of(cls, response: job_service_pb2.SubmitResponse, limits: Limits) -> Submitted:
+        return cls(
+            Job.from_proto(response.job, limits), response.existing, tuple(response.warnings)
+        )
 
 
 class AsyncClient:
-    """Talks to one gateway over one channel; use it with `async with` or call `close()`."""
+    """Talks to one gateway over one channel; use it with `async with` or call `close()`.
+
+    Without `gateway`, it is `$JOBMESH_GATEWAY`, else 127.0.0.1:50051. Every failure is a
+    `JobmeshError`.
+    """
 
     def __init__(self, gateway: str | None = None, *, settings: ClientSettings | None = None):
         settings = settings or ClientSettings.from_env()
         if gateway is not None:
             settings = replace(settings, gateway=gateway)
         self.settings = settings
+        self._limits = settings.limits
+        self._closed = False
         self._channel = grpc.aio.insecure_channel(
             settings.gateway,
             options=[
@@ -99,82 +106,102 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        self._closed = True
         await self._channel.close(None)
+
+    def _open(self) -> None:
+        if self._closed:
+            raise FailedPrecondition("the client is closed")
 
     async def submit(
         self,
         kind: str,
         *,
         params: Mapping[str, Any] | None = None,
-        inputs: Mapping[str, Payload] | None = None,
+        inputs: Mapping[str, Input] | None = None,
         **options: Unpack[SpecOptions],
     ) -> Submitted:
         """Submits a job; returns at once with it QUEUED. See SpecOptions for the options.
 
-        An input is bytes or a file's path; large ones are uploaded in chunks first.
+        An input is bytes, a file's path or a `BlobRef`; large ones are uploaded in chunks
+        first (see `job_spec`).
         """
-        spec = await self._spec(kind, params, inputs, options)
+        [spec] = await self._specs([job_spec(kind, params=params, inputs=inputs, **options)])
         response = await _unary(
             self._jobs.Submit(job_service_pb2.SubmitRequest(spec=spec), metadata=_traced())
         )
-        return Submitted.of(response)
+        return Submitted.of(response, self._limits)
 
-    async def _spec(
-        self,
-        kind: str,
-        params: Mapping[str, Any] | None,
-        inputs: Mapping[str, Payload] | None,
-        options: SpecOptions,
-    ) -> job_pb2.JobSpec:
-        inline = {k: v for k, v in (inputs or {}).items() if isinstance(v, bytes)}
-        files = {k: Path(v) for k, v in (inputs or {}).items() if not isinstance(v, bytes)}
-        spec = job_spec(kind, params=params, inputs=inline, **options)
-        await self._offload(spec, files)
-        return spec
+    async def submit_batch(
+        self, specs: Iterable[JobRequest | job_pb2.JobSpec]
+    ) -> builtins.list[Submitted]:
+        """Submits many jobs (each made by `job_spec`, or a JobSpec message): all are
+        accepted or none is. Input files are read, or uploaded when large, first."""
+        specs = builtins.list(specs)
+        request = job_service_pb2.SubmitBatchRequest(specs=await self._specs(specs))
+        response = await _unary(self._jobs.SubmitBatch(request, metadata=_traced()))
+        return [Submitted.of(r, self._limits) for r in response.results]
 
-    async def _offload(self, spec: job_pb2.JobSpec, files: Mapping[str, Path]) -> None:
-        await blobs.offload(self._blobs, spec, files, self.settings.inline_limit)
+    async def _specs(
+        self, requests: builtins.list[JobRequest | job_pb2.JobSpec]
+    ) -> builtins.list[job_pb2.JobSpec]:
+        """The messages to send: files read in or uploaded, large inline inputs uploaded."""
+        self._open()
+        limit = self.settings.inline_limit
+        async with blobs.Uploads(self._blobs) as uploads:
+            return await asyncio.gather(
+                *(
+                    uploads.resolve(r.spec, r.files, limit)
+                    if isinstance(r, JobRequest)
+                    else uploads.resolve(r, {}, limit)
+                    for r in requests
+                )
+            )
 
-    async def upload(self, source: Payload) -> job_pb2.BlobRef:
-        """Uploads bytes or a file in chunks; a job can then name it in `input_blobs`."""
-        return await blobs.upload(self._blobs, source)
+    async def upload(self, source: blobs.Payload) -> BlobRef:
+        """Uploads bytes or a file in chunks; jobs can then name it among their inputs."""
+        self._open()
+        return BlobRef.from_proto(await blobs.upload(self._blobs, source))
 
-    async def download(self, blob_id: str, sink: BinaryIO | None = None) -> bytes:
-        """A blob's content, or with `sink` written there chunk by chunk (returns b'')."""
+    async def download(
+        self, blob_id: str, sink: BinaryIO | str | os.PathLike[str] | None = None
+    ) -> bytes:
+        """A blob's content; with `sink`, a path or a binary file, written there chunk by
+        chunk instead (and b'' returned). A path gets the whole blob or is left as it was."""
+        self._open()
         return await blobs.download(self._blobs, blob_id, sink)
 
-    async def outputs(self, job: job_pb2.Job) -> dict[str, bytes]:
-        """All of a finished job's outputs, downloading those kept as blobs."""
-        return {**job.result.outputs, **await blobs.fetch(self._blobs, job.result.output_blobs)}
+    async def outputs(self, job: Job) -> dict[str, bytes]:
+        """All of a finished job's outputs, downloading those kept as blobs ({} for a job
+        without a result)."""
+        self._open()
+        if job.result is None:
+            return {}
+        refs = {name: ref.proto for name, ref in job.result.output_blobs.items()}
+        return {**job.result.outputs, **await blobs.fetch(self._blobs, refs)}
 
-    async def submit_batch(self, specs: Iterable[job_pb2.JobSpec]) -> builtins.list[Submitted]:
-        """Submits many jobs (see `job_spec`): all are accepted or none is. Inputs over the
-        inline limit are uploaded first."""
-        specs = builtins.list(specs)
-        await asyncio.gather(*(self._offload(spec, {}) for spec in specs))
-        request = job_service_pb2.SubmitBatchRequest(specs=specs)
-        response = await _unary(self._jobs.SubmitBatch(request, metadata=_traced()))
-        return [Submitted.of(r) for r in response.results]
-
-    async def get(self, job_id: str) -> job_pb2.Job:
+    async def get(self, job_id: str) -> Job:
+        self._open()
         response = await _unary(
             self._jobs.Get(job_service_pb2.GetRequest(job_id=job_id), metadata=_traced())
         )
-        return response.job
+        return Job.from_proto(response.job, self._limits)
 
-    async def cancel(self, job_id: str, reason: str = "") -> job_pb2.Job:
+    async def cancel(self, job_id: str, reason: str = "") -> Job:
         """Cancels a queued or running job; cancelling an ended job changes nothing."""
+        self._open()
         request = job_service_pb2.CancelRequest(job_id=job_id, reason=reason)
         response = await _unary(self._jobs.Cancel(request, metadata=_traced()))
-        return response.job
+        return Job.from_proto(response.job, self._limits)
 
-    async def watch(self, job_id: str, after_seq: int = 0) -> AsyncIterator[job_pb2.JobEvent]:
+    async def watch(self, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
         """The job's events after `after_seq`, then live ones, ending after the terminal one.
 
         A stream that breaks is resumed from the last event seen, so none is lost or repeated.
         """
+        self._open()
         async for event in self._watch(job_id, after_seq, _Retry(self._channel)):
-            yield event
+            yield JobEvent.from_proto(event, self._limits)
 
     async def _watch(
         self, job_id: str, after_seq: int, retry: _Retry
@@ -220,17 +247,17 @@ class AsyncClient:
         kind: str,
         *,
         params: Mapping[str, Any] | None = None,
-        inputs: Mapping[str, Payload] | None = None,
+        inputs: Mapping[str, Input] | None = None,
         **options: Unpack[SpecOptions],
-    ) -> AsyncIterator[job_pb2.JobEvent]:
+    ) -> AsyncIterator[JobEvent]:
         """Submits a job and streams its events, like `submit` then `watch`, in one call."""
-        spec = await self._spec(kind, params, inputs, options)
+        [spec] = await self._specs([job_spec(kind, params=params, inputs=inputs, **options)])
         call = self._jobs.Run(job_service_pb2.RunRequest(spec=spec), metadata=_traced())
         last: job_pb2.JobEvent | None = None
         try:
             async for response in call:
                 last = response.event
-                yield last
+                yield JobEvent.from_proto(last, self._limits)
                 if is_terminal(last.state):
                     return
         except grpc.aio.AioRpcError as e:
@@ -244,58 +271,64 @@ class AsyncClient:
         # The Run stream connected: its watch resumes even if the gateway is down right now.
         retry = _Retry(self._channel, connected=True)
         async for event in self._watch(last.job_id, last.seq, retry):
-            yield event
+            yield JobEvent.from_proto(event, self._limits)
 
-    async def wait(self, job_id: str, *, check: bool = False) -> job_pb2.Job:
+    async def wait(self, job_id: str, *, check: bool = False) -> Job:
         """Waits until the job ends and returns it; with `check`, raises JobFailed unless it
         SUCCEEDED."""
         job = await self.get(job_id)
-        if not is_terminal(job.state):
+        if not job.state.terminal:
             # Only what happens next matters, not the events so far; the Get reached the
             # gateway, so the watch resumes if the gateway goes away now.
             retry = _Retry(self._channel, connected=True)
             async for _ in self._watch(job_id, job.event_seq, retry):
                 pass
             job = await self.get(job_id)
-        if check and job.state != job_pb2.JOB_STATE_SUCCEEDED:
-            raise JobFailed(job.id, state_name(job.state), job.error.code, job.error.message)
+        if check and job.state is not JobState.SUCCEEDED:
+            code, message = (job.error.code, job.error.message) if job.error else ("", "")
+            raise JobFailed(job.id, str(job.state), code, message, job)
         return job
 
     async def list(
         self,
         *,
-        states: Iterable[JobState | str] = (),
+        states: Iterable[JobState | str | int] = (),
         kind: str = "",
         labels: Mapping[str, str] | None = None,
         created_after: datetime | None = None,
         created_before: datetime | None = None,
         page_size: int = 0,
         page_token: str = "",
-    ) -> tuple[builtins.list[job_pb2.Job], str]:
+    ) -> tuple[builtins.list[Job], str]:
         """One page of jobs, newest first, without inputs and outputs, and the next page's
-        token ('' on the last page)."""
-        request = job_service_pb2.ListRequest(
-            states=[parse_state(s) if isinstance(s, str) else s for s in states],
-            kind=kind,
-            labels=dict(labels or {}),
-            created_after=_timestamp(created_after),
-            created_before=_timestamp(created_before),
-            page_size=page_size,
-            page_token=page_token,
-        )
+        token ('' on the last page). A state is a JobState or its name ('succeeded')."""
+        self._open()
+        try:
+            request = job_service_pb2.ListRequest(
+                states=[_state(s) for s in states],
+                kind=kind,
+                labels=dict(labels or {}),
+                created_after=_timestamp(created_after, "created_after"),
+                created_before=_timestamp(created_before, "created_before"),
+                page_size=page_size,
+                page_token=page_token,
+            )
+        except ValueError as e:  # a number out of its field's range, e.g. page_size=-1
+            raise InvalidArgument(str(e)) from None
         response = await _unary(self._jobs.List(request))
-        return builtins.list(response.jobs), response.next_page_token
+        jobs = [Job.from_proto(job, self._limits) for job in response.jobs]
+        return jobs, response.next_page_token
 
     async def list_all(
         self,
         *,
-        states: Iterable[JobState | str] = (),
+        states: Iterable[JobState | str | int] = (),
         kind: str = "",
         labels: Mapping[str, str] | None = None,
         created_after: datetime | None = None,
         created_before: datetime | None = None,
         page_size: int = 0,
-    ) -> AsyncIterator[job_pb2.Job]:
+    ) -> AsyncIterator[Job]:
         """Every matching job, newest first, fetching page after page."""
         states = builtins.list(states)
         token = ""
@@ -316,6 +349,7 @@ class AsyncClient:
 
     async def list_workers(self) -> builtins.list[admin_service_pb2.Worker]:
         """The worker replicas attached to this gateway."""
+        self._open()
         response = await _unary(self._admin.ListWorkers(admin_service_pb2.ListWorkersRequest()))
         return builtins.list(response.workers)
 
@@ -324,10 +358,13 @@ class AsyncClient:
     ) -> AsyncIterator[admin_service_pb2.ClusterStats]:
         """The cluster's stats now, then every `interval` seconds (0.1 to 60), until the
         caller stops iterating. A broken stream is resumed; the rates start over then."""
-        if not math.isfinite(interval):
-            raise InvalidArgument(f"must be a number of seconds, got {interval}", "interval")
+        self._open()
         request = admin_service_pb2.WatchStatsRequest()
-        request.interval.FromNanoseconds(round(interval * 1e9))
+        try:
+            request.interval.FromNanoseconds(round(interval * 1e9))
+        except (ValueError, OverflowError):
+            problem = f"must be a number of seconds, got {interval}"
+            raise InvalidArgument(problem, "interval") from None
         retry = _Retry(self._channel)
         while True:
             retry.started()
@@ -368,11 +405,20 @@ async def _unary(call: grpc.aio.UnaryUnaryCall[Any, T]) -> T:
         raise from_rpc_error(e) from e
 
 
-def _timestamp(when: datetime | None) -> timestamp_pb2.Timestamp | None:
+def _state(state: JobState | str | int) -> job_pb2.JobState.ValueType:
+    """A state for a request: a JobState, its name, or a number of the contract."""
+    return job_pb2.JobState.ValueType(parse_state(state) if isinstance(state, str) else state)
+
+
+def _timestamp(when: datetime | None, field: str) -> timestamp_pb2.Timestamp | None:
+    """A datetime as a Timestamp; a naive one is taken as UTC."""
     if when is None:
         return None
     ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(when)
+    try:
+        ts.FromDatetime(when)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise InvalidArgument(f"not a time: {e}", field) from None
     return ts
 
 

@@ -1,26 +1,32 @@
-"""Conversions between Python values and jobmesh.v1 messages."""
+"""Conversions between Python values and jobmesh.v1 messages: the job a caller asks for
+(`job_spec`), and job states by name."""
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeAlias, TypedDict, Unpack
 
 from google.protobuf import duration_pb2
+from google.protobuf.message import Message
 
-from jobmesh.errors import InvalidArgument
+from jobmesh.blobs import Payload
+from jobmesh.errors import InvalidArgument, file_error
+from jobmesh.jobs import TERMINAL_STATES as TERMINAL_STATES
+from jobmesh.jobs import BlobRef
+from jobmesh.jobs import JobState as JobState
 from jobmesh.params import encode
 from jobmesh.v1 import job_pb2
 
-JobState: TypeAlias = job_pb2.JobState.ValueType
-
-TERMINAL_STATES: frozenset[JobState] = frozenset(
-    {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
-)
 _STATE_PREFIX = "JOB_STATE_"
 
-
 Seconds: TypeAlias = float | timedelta
+Input: TypeAlias = Payload | BlobRef
+"""An input: bytes, a file's path, or a blob uploaded before (`AsyncClient.upload`)."""
 
 
 class SpecOptions(TypedDict, total=False):
@@ -52,35 +58,68 @@ class SpecOptions(TypedDict, total=False):
     """How long the job is kept after it ends (default: the gateway's `--retention`)."""
 
 
+@dataclass(frozen=True)
+class JobRequest:
+    """A job to submit, as `job_spec` makes it: its message, and the inputs that are files.
+
+    The client reads the small files (up to `ClientSettings.inline_limit`) into the message
+    and streams the large ones up as blobs when it submits, so a file is never held in memory
+    whole; inline bytes over the limit are uploaded too. The request itself is not changed:
+    one request may be submitted many times.
+    """
+
+    spec: job_pb2.JobSpec
+    """Everything but the files."""
+    files: Mapping[str, Path] = field(default_factory=dict)
+    """Input name → the file to send as that input."""
+
+
 def job_spec(
     kind: str,
     *,
     params: Mapping[str, Any] | None = None,
-    inputs: Mapping[str, bytes] | None = None,
+    inputs: Mapping[str, Input] | None = None,
     **options: Unpack[SpecOptions],
-) -> job_pb2.JobSpec:
-    """A JobSpec from Python values; `params` must be JSON (dicts, lists, str, numbers,
-    bools, None; integers within ±(2^53 − 1))."""
-    spec = job_pb2.JobSpec(
-        kind=kind,
-        inputs=dict(inputs or {}),
-        priority=options.get("priority", 0),
-        idempotency_key=options.get("idempotency_key", ""),
-        labels=dict(options.get("labels") or {}),
-    )
+) -> JobRequest:
+    """A job for `AsyncClient.submit_batch`, from Python values (`submit` takes the same).
+
+    `params` must be JSON (dicts, lists, str, numbers, bools, None; integers within
+    +-(2^53 - 1)). An input is bytes, a file's path (str or os.PathLike), read or uploaded
+    when the job is submitted, or a `BlobRef` from `upload`. InvalidArgument names what is
+    wrong: a param that is not JSON, a bad option, an input file that is missing or is not
+    a regular file.
+    """
+    spec = job_pb2.JobSpec()
+    _set(spec, "kind", kind)
+    _set(spec, "priority", options.get("priority", 0))
+    _set(spec, "idempotency_key", options.get("idempotency_key", ""))
+    _set(spec, "labels", options.get("labels") or {})
     spec.params_json = encode(params, "params")
+    files: dict[str, Path] = {}
+    for name, value in (inputs or {}).items():
+        where = f"inputs.{name}"
+        if isinstance(value, bytes | bytearray):
+            _set(spec, "inputs", {name: bytes(value)}, where)
+        elif isinstance(value, BlobRef | job_pb2.BlobRef):
+            spec.input_blobs[name].CopyFrom(value.proto if isinstance(value, BlobRef) else value)
+        elif isinstance(value, str | os.PathLike):
+            files[name] = _file(value, where)
+        else:
+            raise InvalidArgument(
+                f"must be bytes, a file's path or a BlobRef, got {type(value).__name__}", where
+            )
     max_attempts = options.get("max_attempts")
     if max_attempts is not None:
         if max_attempts < 1:
             raise InvalidArgument("must be at least 1", "max_attempts")
-        spec.retry_policy.max_attempts = max_attempts
+        _set(spec.retry_policy, "max_attempts", max_attempts, "max_attempts")
     policy = spec.retry_policy
     _set_duration(policy.initial_backoff, options.get("initial_backoff"), "initial_backoff")
     _set_duration(policy.max_backoff, options.get("max_backoff"), "max_backoff")
     if "backoff_multiplier" in options:
-        policy.backoff_multiplier = options["backoff_multiplier"]
+        _set(policy, "backoff_multiplier", options["backoff_multiplier"], "backoff_multiplier")
     if "retry_jitter" in options:
-        policy.jitter = options["retry_jitter"]
+        _set(policy, "jitter", options["retry_jitter"], "retry_jitter")
     _set_duration(
         spec.start_to_close_timeout, options.get("start_to_close_timeout"), "start_to_close_timeout"
     )
@@ -95,16 +134,44 @@ def job_spec(
         "schedule_to_close_timeout",
     )
     _set_duration(spec.retention, options.get("retention"), "retention")
-    return spec
+    return JobRequest(spec, files)
+
+
+def _set(message: Message, name: str, value: Any, where: str = "") -> None:
+    """Sets a field (merges a map), with a value protobuf refuses as InvalidArgument."""
+    try:
+        target = getattr(message, name)
+        if isinstance(value, Mapping):
+            target.update(value)
+        else:
+            setattr(message, name, value)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(str(e), where or name) from None
+
+
+def _file(path: str | os.PathLike[str], where: str) -> Path:
+    """The path of an input file that is there and readable now."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise file_error(e, path, where) from e
+    if not stat.S_ISREG(mode):
+        raise InvalidArgument(f"{os.fspath(path)!r} is not a file", where)
+    if not os.access(path, os.R_OK):
+        raise InvalidArgument(f"{os.fspath(path)!r} cannot be read", where)
+    return Path(path)
 
 
 def _set_duration(duration: duration_pb2.Duration, value: Seconds | None, field: str) -> None:
     if value is None:
         return
-    delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
-    if delta <= timedelta(0):
-        raise InvalidArgument("must be positive", field)
-    duration.FromTimedelta(delta)
+    try:
+        delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
+        if delta <= timedelta(0):
+            raise InvalidArgument("must be positive", field)
+        duration.FromTimedelta(delta)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise InvalidArgument(f"not a number of seconds: {e}", field) from None
 
 
 def terminal_event(job: job_pb2.Job) -> job_pb2.JobEvent:
@@ -117,28 +184,20 @@ def terminal_event(job: job_pb2.Job) -> job_pb2.JobEvent:
     return end
 
 
-def is_terminal(state: JobState) -> bool:
+def is_terminal(state: int) -> bool:
     return state in TERMINAL_STATES
 
 
-def state_name(state: JobState) -> str:
-    """'SUCCEEDED' for JOB_STATE_SUCCEEDED; the number for a state this client does not know."""
-    try:
-        return job_pb2.JobState.Name(state).removeprefix(_STATE_PREFIX)
-    except ValueError:
-        return str(state)
+def state_name(state: int) -> str:
+    """'SUCCEEDED' for JOB_STATE_SUCCEEDED; 'UNKNOWN_7' for a state this client does not know."""
+    return str(JobState(state))
 
 
 def parse_state(text: str) -> JobState:
     """A JobState from 'succeeded', 'SUCCEEDED' or 'JOB_STATE_SUCCEEDED'."""
-    name = text.strip().upper()
-    if not name.startswith(_STATE_PREFIX):
-        name = _STATE_PREFIX + name
+    name = text.strip().upper().removeprefix(_STATE_PREFIX)
     try:
-        state = job_pb2.JobState.Value(name)
-    except ValueError:
-        state = job_pb2.JOB_STATE_UNSPECIFIED
-    if state == job_pb2.JOB_STATE_UNSPECIFIED:
-        known = ", ".join(state_name(s) for s in job_pb2.JobState.values() if s)
-        raise InvalidArgument(f"{text!r} is not a job state (one of {known})")
-    return state
+        return JobState[name]
+    except KeyError:
+        known = ", ".join(state.name for state in JobState)
+        raise InvalidArgument(f"{text!r} is not a job state (one of {known})") from None

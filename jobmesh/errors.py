@@ -2,12 +2,20 @@
 
 Servers raise these; one interceptor turns them into gRPC status codes. Clients
 get them back: `from_rpc_error` wraps `grpc.aio.AioRpcError` once, into the same
-types.
+types. Whatever the SDK raises on purpose is a `JobmeshError`: a file it cannot read or
+write is an `InvalidArgument` naming it (`file_error`), a closed client a
+`FailedPrecondition`.
 """
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 import grpc
+
+if TYPE_CHECKING:
+    from jobmesh.jobs import Job
 
 
 class JobmeshError(Exception):
@@ -67,13 +75,23 @@ class Internal(JobmeshError):
 
 
 class JobFailed(JobmeshError):
-    """A job the caller waited for ended FAILED or CANCELLED."""
+    """A job the caller waited for ended FAILED or CANCELLED; `job` is the ended job, when the
+    SDK has it."""
 
-    def __init__(self, job_id: str, state: str, error_code: str, message: str) -> None:
+    def __init__(
+        self, job_id: str, state: str, error_code: str, message: str, job: Job | None = None
+    ) -> None:
         super().__init__(f"job {job_id} {state}: [{error_code}] {message}")
         self.job_id = job_id
         self.state = state
         self.error_code = error_code
+        self.job = job
+
+
+def file_error(error: OSError, path: str | os.PathLike[str], field: str) -> InvalidArgument:
+    """A file that cannot be read or written, as the InvalidArgument naming `field` and the
+    file; raise it `from` the OSError, which keeps the errno."""
+    return InvalidArgument(f"{os.fspath(path)!r}: {error.strerror or error}", field)
 
 
 _BY_CODE: dict[grpc.StatusCode, type[JobmeshError]] = {

@@ -84,7 +84,8 @@ class Limits:
 
     def result(self, value: job_pb2.JobResult, prefix: str = "") -> None:
         """Raises InvalidArgument for a result with too many outputs, an output name no
-        client could write, or metadata that is not a JSON object within the params limits; fields named after `prefix`."""
+        client could write, or metadata that is not a JSON object within the params limits;
+        fields named after `prefix`."""
         self.items(len(value.outputs) + len(value.output_blobs), f"{prefix}outputs")
         payload_names([*value.outputs, *value.output_blobs], "output", f"{prefix}outputs")
         self.json(value.metadata_json, f"{prefix}metadata_json")

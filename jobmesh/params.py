@@ -1,7 +1,7 @@
 """Params, once: how a job's params (and a result's metadata) travel, and what a kind takes.
 
 On the wire params are one JSON object as text (`JobSpec.params_json`), which keeps
-integers exact. Integers beyond ±(2^53 − 1), NaN and Infinity are refused, so that every
+integers exact. Integers beyond ±(2^53 - 1), NaN and Infinity are refused, so that every
 JSON client, JavaScript's included, reads back exactly what was sent; so are duplicate keys.
 
 A kind declares its params with `Param`s (`@handler(params=[...])`). The worker sends the
@@ -47,7 +47,7 @@ def encode(values: Mapping[str, Any] | None, field: str = "params") -> str:
     """Compact JSON text of a params (or metadata) mapping; '' for none.
 
     InvalidArgument names the field when a value is not JSON (sets, bytes, NaN...) or an
-    integer is beyond ±(2^53 − 1).
+    integer is beyond ±(2^53 - 1).
     """
     if not values:
         return ""
@@ -67,7 +67,7 @@ def encode(values: Mapping[str, Any] | None, field: str = "params") -> str:
 
 def decode(text: str, field: str = "params", *, max_bytes: int, max_depth: int) -> dict[str, Any]:
     """The mapping JSON text holds ('' is {}); InvalidArgument if it is not one JSON object
-    within the limits, has a duplicate key, NaN, Infinity or an integer beyond ±(2^53 − 1)."""
+    within the limits, has a duplicate key, NaN, Infinity or an integer beyond ±(2^53 - 1)."""
     if not text:
         return {}
     size = len(text.encode("utf-8", "surrogatepass"))

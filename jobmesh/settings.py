@@ -6,9 +6,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from jobmesh.errors import InvalidArgument
+from jobmesh.limits import Limits
+
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 # Large enough for the payloads of ordinary jobs; the gateway sets its own limit.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+RECEIVED_LIMITS = Limits(max_params_bytes=DEFAULT_MAX_MESSAGE_BYTES, max_params_depth=32)
+"""What the client decodes of params and metadata from a gateway: the most any gateway can be
+configured to accept (the gateway holds requests to its own, smaller, limits)."""
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -22,20 +28,25 @@ def parse_address(address: str) -> tuple[str, int]:
 @dataclass(frozen=True)
 class ClientSettings:
     gateway: str = DEFAULT_GATEWAY
-    """The gateway's HOST:PORT."""
+    """The gateway's HOST:PORT (`JOBMESH_GATEWAY`)."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     """Largest message the client sends or receives."""
     inline_limit: int = 1 << 20
     """Inputs larger than this are uploaded in chunks before Submit instead of inlined."""
+    limits: Limits = RECEIVED_LIMITS
+    """Largest and deepest params or result metadata the client decodes from the gateway."""
 
     def __post_init__(self) -> None:
-        parse_address(self.gateway)
+        try:
+            parse_address(self.gateway)
+        except ValueError as e:
+            raise InvalidArgument(str(e), "gateway") from None
         if self.max_message_bytes <= 0:
-            raise ValueError("max_message_bytes must be positive")
+            raise InvalidArgument("must be positive", "max_message_bytes")
         if not 0 <= self.inline_limit < self.max_message_bytes:
-            raise ValueError("inline_limit must be between 0 and max_message_bytes")
+            raise InvalidArgument("must be between 0 and max_message_bytes", "inline_limit")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ClientSettings:
         env = os.environ if env is None else env
-        return cls(gateway=env.get("JOBMESH_GATEWAY", DEFAULT_GATEWAY))
+        return cls(gateway=env.get("JOBMESH_GATEWAY") or DEFAULT_GATEWAY)

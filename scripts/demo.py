@@ -77,20 +77,22 @@ def thumbnail_info(address: str, tmp: Path) -> None:
 
 def convert_with_sdk(address: str, tmp: Path) -> None:
     heading("A conversion through the Python SDK")
-    print('client.submit("image.convert", params={"format": "webp", "quality": 80}, ...)')
+    print('client.submit("image.convert", params={"format": "webp", "quality": 80}, inputs=...)')
     source = tmp / "photos" / "photo01.jpg"
     with Client(address) as client:
         submitted = client.submit(
             "image.convert",
             params={"format": "webp", "quality": 80},
-            inputs={"image": source.read_bytes()},
+            inputs={"image": source},  # a path: read, or streamed up when large
         )
         job = client.wait(submitted.job.id, check=True)
         webp = client.outputs(job)["image"]  # downloads it if the gateway kept it as a blob
+    assert job.result is not None
     meta = job.result.metadata
     print(
-        f"  {job.id} on {job.worker_id}: {source.name} ({source.stat().st_size // 1024} KiB JPEG)"
-        f" -> {meta['width']:.0f}x{meta['height']:.0f} {meta['format']} ({len(webp) // 1024} KiB)"
+        f"  {job.id} {job.state} on {job.worker_id}: {source.name}"
+        f" ({source.stat().st_size // 1024} KiB JPEG) -> {meta['width']}x{meta['height']}"
+        f" {meta['format']} ({len(webp) // 1024} KiB)"
     )
 
 

@@ -32,6 +32,8 @@ PRODUCTS: dict[str, tuple[str, ...]] = {
     "images": ("worker_service.handlers.images",),
 }
 """The built-in products, each a set of kinds, and the modules that hold them."""
+EXTRAS = {"images": "images"}
+"""The pip extra (`jobmesh[images]`) that installs what a product needs."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -236,7 +238,18 @@ def load_handlers(
     modules = tuple(modules)
     if modules:
         _search_cwd()
-    for name in (*(m for p in PRODUCTS if p in enabled for m in PRODUCTS[p]), *modules):
+    for product in (p for p in PRODUCTS if p in enabled):
+        try:
+            for name in PRODUCTS[product]:
+                importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if product not in EXTRAS:
+                raise
+            raise ValueError(
+                f"the {product} product needs {e.name}: pip install 'jobmesh[{EXTRAS[product]}]' "
+                f"(or leave the product out: --products with the others)"
+            ) from None
+    for name in modules:
         importlib.import_module(name)
     left_out = {m for p, ms in PRODUCTS.items() if p not in enabled for m in ms}
     return {k: s for k, s in _DEFAULT.specs().items() if s.module not in left_out}

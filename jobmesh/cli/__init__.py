@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="the gateway (default: $JOBMESH_GATEWAY, else 127.0.0.1:50051)",
     )
-    common.add_argument("--json", action="store_true", help="print JSON for programs")
+    common.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON for programs: one object per line (README: JSON output)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     jobs.add_commands(commands, common)
     top.add_commands(commands, common)

@@ -152,11 +152,12 @@ async def _spec(
     """The item's job: small files inline, large ones streamed up first as blobs."""
     limit = client.settings.inline_limit
     inline = {name: path for name, path in item.files.items() if item.sizes[name] <= limit}
-    spec = job_spec(kind, params=params, inputs=await asyncio.to_thread(_read, inline), **options)
+    inputs = await asyncio.to_thread(_read, inline)
+    spec = job_spec(kind, params=params, inputs=inputs, **options).spec
     for name, path in item.files.items():
         if name not in inline:
             async with uploads:
-                spec.input_blobs[name].CopyFrom(await client.upload(path))
+                spec.input_blobs[name].CopyFrom((await client.upload(path)).proto)
     return spec
 
 
@@ -173,7 +174,8 @@ def _read(files: Mapping[str, Path]) -> dict[str, bytes]:
 async def _end(client: AsyncClient, job_id: str, tracker: Tracker) -> job_pb2.JobEvent:
     """Follows the job, passing on its progress; returns its terminal event."""
     last: job_pb2.JobEvent | None = None
-    async for event in client.watch(job_id):
+    async for watched in client.watch(job_id):
+        event = watched.proto
         if event.type == job_pb2.JOB_EVENT_TYPE_PROGRESS:
             tracker.progress(job_id, event.progress)
         elif event.state == job_pb2.JOB_STATE_QUEUED:
@@ -181,4 +183,4 @@ async def _end(client: AsyncClient, job_id: str, tracker: Tracker) -> job_pb2.Jo
         last = event
     if last is not None and is_terminal(last.state):
         return last
-    return terminal_event(await client.get(job_id))
+    return terminal_event((await client.get(job_id)).proto)

@@ -9,20 +9,23 @@ import functools
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from jobmesh import image_params
 from jobmesh.cli import args as cli_args
 from jobmesh.cli import batch
 from jobmesh.cli.batch import Item, Outcome
+from jobmesh.cli.jsonout import decode_object, print_json
 from jobmesh.cli.progress import BatchLines, batch_view
 from jobmesh.cli.render import size, stdout_console
 from jobmesh.client import AsyncClient
-from jobmesh.convert import SpecOptions, from_struct, state_name
+from jobmesh.convert import SpecOptions, state_name
 from jobmesh.errors import InvalidArgument, JobmeshError
+from jobmesh.params import Param
 from jobmesh.v1 import job_pb2
 
 # The input, and the main output, of every image kind but composite's layers.
@@ -31,6 +34,13 @@ IMAGE = "image"
 NOT_WRITTEN = "NOT_WRITTEN"
 EXIF_WIDTH = 60
 
+# How a flag's text becomes a param's value, and what to say when it cannot.
+_READERS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "integer": (int, "must be an integer"),
+    "number": (float, "must be a number"),
+    "list": (json.loads, "must be a JSON list"),
+    "object": (json.loads, "must be a JSON object"),
+}
 _PLACEMENT = re.compile(r"(-?\d+),(-?\d+)(?:,(\d*\.?\d+)(?:,(-?\d+))?)?")
 
 
@@ -46,49 +56,15 @@ def add_commands(
     ops = image.add_subparsers(dest="op", required=True, metavar="OP")
     job = _job_options()
 
-    p = _op(ops, "thumbnail", "shrink images to fit a square, keeping their aspect", common, job)
-    p.add_argument("--size", type=cli_args.positive, help="longest side in pixels (default: 256)")
-    _encoding(p)
-    _auto_orient(p)
-    p.set_defaults(params=("size", "format", "quality", "auto_orient"))
-
-    p = _op(ops, "resize", "resize images to a width and/or height", common, job)
-    p.add_argument("--width", type=cli_args.positive, help="in pixels")
-    p.add_argument("--height", type=cli_args.positive, help="in pixels")
-    p.add_argument(
-        "--fit",
-        choices=("contain", "cover", "fill"),
-        help="with both: fit inside, fill and crop, or stretch (default: contain)",
-    )
-    p.add_argument(
-        "--resample",
-        choices=("nearest", "bilinear", "bicubic", "lanczos"),
-        help="the filter (default: lanczos)",
-    )
-    _encoding(p)
-    _auto_orient(p)
-    p.set_defaults(
-        params=("width", "height", "fit", "resample", "format", "quality", "auto_orient")
-    )
-
-    p = _op(ops, "convert", "convert images to another format", common, job)
-    _encoding(p, format_required=True)
-    p.add_argument(
-        "--strip-metadata",
-        action=argparse.BooleanOptionalAction,
-        help="drop EXIF; the colour profile stays (default: strip)",
-    )
-    p.set_defaults(params=("format", "quality", "strip_metadata"))
-
-    p = _op(ops, "transform", "rotate, flip, crop or auto-orient images", common, job)
-    p.add_argument(
-        "--rotate", type=float, metavar="DEGREES", help="clockwise; the canvas grows to fit"
-    )
-    p.add_argument("--flip", choices=("horizontal", "vertical"))
-    p.add_argument("--crop", type=crop, metavar="LEFT,TOP,WIDTH,HEIGHT", help="in pixels")
-    _encoding(p)
-    _auto_orient(p)
-    p.set_defaults(params=("rotate", "flip", "crop", "auto_orient", "format", "quality"))
+    for op, what in (
+        ("thumbnail", "shrink images to fit a square, keeping their aspect"),
+        ("resize", "resize images to a width and/or height"),
+        ("convert", "convert images to another format"),
+        ("transform", "rotate, flip, crop or auto-orient images"),
+    ):
+        p = _op(ops, op, what, common, job)
+        _output(p)
+        _flags(p, image_params.KINDS[f"image.{op}"])
 
     p = ops.add_parser(
         "composite",
@@ -106,18 +82,10 @@ def add_commands(
         metavar="FILE[:X,Y[,OPACITY[,Z]]]",
         help="an image and where it goes (repeatable; later layers are drawn on top)",
     )
-    p.add_argument("--width", type=cli_args.positive, required=True, help="of the canvas")
-    p.add_argument("--height", type=cli_args.positive, required=True, help="of the canvas")
-    p.add_argument(
-        "--background",
-        help="the canvas colour, e.g. white, #ff8800 or #00000000 (default: transparent)",
-    )
-    _encoding(p, default_format="png")
-    _auto_orient(p)
-    p.set_defaults(
-        func=composite,
-        params=("width", "height", "background", "format", "quality", "auto_orient"),
-    )
+    _output(p)
+    # The layers are the --layer flags.
+    _flags(p, [param for param in image_params.COMPOSITE if param.name != "layers"])
+    p.set_defaults(func=composite)
 
     p = _op(ops, "info", "show images' format, size, mode and EXIF", common, job, writes=False)
     p.set_defaults(params=())
@@ -159,12 +127,7 @@ def _job_options() -> argparse.ArgumentParser:
     return job
 
 
-def _encoding(
-    p: argparse.ArgumentParser,
-    *,
-    format_required: bool = False,
-    default_format: str = "the input's",
-) -> None:
+def _output(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-o",
         "--output",
@@ -173,20 +136,56 @@ def _encoding(
         metavar="DIR",
         help="where the images go",
     )
-    p.add_argument(
-        "--format",
-        required=format_required,
-        help="jpeg, png, webp... " + ("" if format_required else f"(default: {default_format})"),
-    )
-    p.add_argument("--quality", type=int, help="for jpeg, webp, avif: 1-100 (default: 85)")
 
 
-def _auto_orient(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--auto-orient",
-        action=argparse.BooleanOptionalAction,
-        help="turn upright as the EXIF orientation says (default: on)",
-    )
+def _flags(p: argparse.ArgumentParser, schema: Sequence[Param]) -> None:
+    """A flag for each param the kind declares (`--auto-orient` for `auto_orient`), with its
+    choices, bounds and description, checked by the param itself; `args.params` names them."""
+    for param in schema:
+        options: dict[str, Any] = {
+            "required": param.required,
+            "help": param.description.replace("%", "%%"),
+        }
+        if param.type == "boolean":
+            options["action"] = argparse.BooleanOptionalAction
+        elif param.name == "crop":
+            options |= {"type": crop, "metavar": "LEFT,TOP,WIDTH,HEIGHT"}
+        else:
+            options["type"] = functools.partial(_typed, param)
+            if param.choices:
+                options["choices"] = param.choices
+            elif param.type in ("integer", "number"):
+                options["metavar"] = _bounds(param)
+        p.add_argument(f"--{param.name.replace('_', '-')}", **options)
+    p.set_defaults(params=tuple(param.name for param in schema))
+
+
+def _typed(param: Param, text: str) -> Any:
+    """argparse type of a param's flag: the value as the param takes it, else the reason."""
+    value: Any = text
+    if param.choices:
+        # Any case goes; a value that is no choice is left for argparse to list them.
+        try:
+            return param.typed(text)
+        except ValueError:
+            return text
+    try:
+        if param.type in _READERS:
+            reader, problem = _READERS[param.type]
+            try:
+                value = reader(text)
+            except ValueError:
+                raise ValueError(problem) from None
+        return param.typed(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e}, got {text!r}") from None
+
+
+def _bounds(param: Param) -> str:
+    """'1..100' for an integer from 1 to 100."""
+    low = "" if param.minimum is None else f"{param.minimum:g}"
+    high = "" if param.maximum is None else f"{param.maximum:g}"
+    return f"{low}..{high}" if low or high else param.type.upper()
 
 
 def crop(text: str) -> dict[str, int]:
@@ -340,11 +339,12 @@ class _Report:
     async def on_end(self, client: AsyncClient, outcome: Outcome) -> None:
         end, name = outcome.end, outcome.item.name
         state = state_name(end.state)
-        line: dict[str, Any] = {"file": name, "job_id": outcome.job_id, "state": state, "ok": True}
-        error: tuple[str, str] | None = None
+        # The line of `--json`: every key always there (see `file_line`).
+        line: dict[str, Any] = file_line(name, outcome.job_id, state)
+        error: job_pb2.JobError | None = None
         text = ""
         if end.state == job_pb2.JOB_STATE_SUCCEEDED:
-            metadata = plain(from_struct(end.result.metadata))
+            metadata = decode_object(end.result.metadata_json, "result.metadata_json")
             line["metadata"] = metadata
             if self._output is None:
                 self.infos.append((name, metadata))
@@ -355,18 +355,26 @@ class _Report:
                     line |= {"output": str(path), "bytes": written}
                     text = f"{name} -> {path} ({size(written)})"
                 except _NotWritten as e:
-                    error = (NOT_WRITTEN, str(e))
+                    error = job_pb2.JobError(code=NOT_WRITTEN, message=str(e))
         else:
-            error = (end.error.code or state, end.error.message)
+            error = job_pb2.JobError(
+                code=end.error.code or state,
+                message=end.error.message,
+                retryable=end.error.retryable,
+            )
         self.ended += 1
         if error is not None:
             line["ok"] = False
             self.failed += 1
-            line["error"] = {"code": error[0], "message": error[1]}
-            text = f"jobmesh: {name}: {error[0]}: {error[1]}"
+            line["error"] = {
+                "code": error.code,
+                "message": error.message,
+                "retryable": error.retryable,
+            }
+            text = f"jobmesh: {name}: {error.code}: {error.message}"
         self._view.ended(outcome.job_id, text, failed=error is not None)
         if self._json:
-            print(json.dumps(line), flush=True)
+            print_json(line)
 
     async def _write(
         self,
@@ -439,15 +447,18 @@ def info_table(infos: Sequence[tuple[str, Mapping[str, Any]]]) -> Table:
     return table
 
 
-def plain(value: Any) -> Any:
-    """JSON numbers as they were meant: 256.0 (how a Struct holds 256) is 256 again."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    return value
+def file_line(name: str, job_id: str, state: str) -> dict[str, Any]:
+    """The `--json` line of one file, as its job ended; what is not known yet is empty."""
+    return {
+        "file": name,
+        "job_id": job_id,
+        "state": state,
+        "ok": True,
+        "output": None,
+        "bytes": 0,
+        "metadata": {},
+        "error": None,
+    }
 
 
 def _dimensions(metadata: Mapping[str, Any]) -> str:

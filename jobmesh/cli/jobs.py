@@ -8,16 +8,10 @@ from pathlib import Path
 
 from jobmesh.blocking import Client
 from jobmesh.cli import args as cli_args
+from jobmesh.cli.jsonout import decode_object, print_json
 from jobmesh.cli.progress import event_view
-from jobmesh.cli.render import (
-    job_details,
-    jobs_table,
-    print_json,
-    size,
-    stdout_console,
-    workers_table,
-)
-from jobmesh.convert import from_struct, is_terminal, state_name, terminal_event
+from jobmesh.cli.render import job_details, jobs_table, size, stdout_console, workers_table
+from jobmesh.convert import is_terminal, state_name, terminal_event
 from jobmesh.errors import FailedPrecondition, InvalidArgument, JobFailed
 from jobmesh.v1 import admin_service_pb2, job_pb2, job_service_pb2
 
@@ -147,12 +141,12 @@ def submit(args: argparse.Namespace) -> int:
         )
         for warning in submitted.warnings:
             print(f"jobmesh: warning: {warning}", file=sys.stderr)
-        job = submitted.job
+        job = submitted.job.proto
         if args.json:
             response = job_service_pb2.SubmitResponse(
                 job=job, existing=submitted.existing, warnings=submitted.warnings
             )
-            print_json(response, lines=args.wait)
+            print_json(response)
         else:
             print(job.id, flush=True)
             if submitted.existing:
@@ -173,7 +167,7 @@ def watch(args: argparse.Namespace) -> int:
 
 def get(args: argparse.Namespace) -> int:
     with Client(args.gateway) as client:
-        job = client.get(args.job)
+        job = client.get(args.job).proto
         if args.json:
             print_json(job)
         else:
@@ -191,7 +185,7 @@ def get(args: argparse.Namespace) -> int:
 
 def cancel(args: argparse.Namespace) -> int:
     with Client(args.gateway) as client:
-        job = client.cancel(args.job, args.reason)
+        job = client.cancel(args.job, args.reason).proto
     if args.json:
         print_json(job)
     else:
@@ -211,7 +205,7 @@ def list_jobs(args: argparse.Namespace) -> int:
                 page_size=min(args.limit - len(jobs), MAX_PAGE),
                 page_token=token,
             )
-            jobs += page
+            jobs += [job.proto for job in page]
             if not token:
                 break
     if args.json:
@@ -237,13 +231,14 @@ def _follow(client: Client, job_id: str, after_seq: int, json_lines: bool) -> jo
     """Shows the job's events as they happen; returns the terminal one."""
     last: job_pb2.JobEvent | None = None
     with event_view(json_lines) as view:
-        for event in client.watch(job_id, after_seq):
+        for watched in client.watch(job_id, after_seq):
+            event = watched.proto
             view.show(event)
             last = event
     if last is not None and is_terminal(last.state):
         return last
     # `after_seq` was already past the terminal event: the job tells how it ended.
-    return terminal_event(client.get(job_id))
+    return terminal_event(client.get(job_id).proto)
 
 
 def _outcome(end: job_pb2.JobEvent) -> int:
@@ -255,7 +250,7 @@ def _outcome(end: job_pb2.JobEvent) -> int:
 def _write_outputs(client: Client, directory: Path, result: job_pb2.JobResult) -> None:
     # Every name is checked before anything is written, so a bad one leaves no partial result.
     names = [*result.outputs, *result.output_blobs]
-    metadata = from_struct(result.metadata)
+    metadata = decode_object(result.metadata_json, "result.metadata_json")
     paths = {name: cli_args.output_file(directory, name, metadata) for name in names}
     directory.mkdir(parents=True, exist_ok=True)
     for name, path in sorted(paths.items()):

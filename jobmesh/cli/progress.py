@@ -17,8 +17,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from jobmesh.cli.jsonout import print_json
 from jobmesh.cli.render import console as make_console
-from jobmesh.cli.render import event_line, print_json
+from jobmesh.cli.render import event_line
 from jobmesh.convert import is_terminal, state_name
 from jobmesh.v1 import job_pb2
 
@@ -48,7 +49,7 @@ class JsonLines(EventView):
     """One JSON event per line on stdout, for programs."""
 
     def show(self, event: job_pb2.JobEvent) -> None:
-        print_json(event, lines=True)
+        print_json(event)
 
 
 class ProgressBar(EventView):

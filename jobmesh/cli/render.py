@@ -1,30 +1,22 @@
-"""How jobs, events and workers read in a terminal, and as JSON."""
+"""How jobs, events and workers read in a terminal (their JSON: `jobmesh.cli.jsonout`)."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
-from google.protobuf import json_format, timestamp_pb2
-from google.protobuf.message import Message
+from google.protobuf import timestamp_pb2
 from rich.console import Console
 from rich.table import Table
 
-from jobmesh.convert import from_struct, state_name
+from jobmesh.convert import state_name
 from jobmesh.v1 import admin_service_pb2, job_pb2
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 # The width of a console that is not a terminal: wider than any line it prints.
 UNWRAPPED = 100_000
-
-
-def print_json(message: Message, *, lines: bool = False) -> None:
-    """One JSON document on stdout; `lines` keeps it on one line (a stream of events)."""
-    data = json_format.MessageToDict(message)
-    print(json.dumps(data, indent=None if lines else 2), flush=lines)
 
 
 def stdout_console() -> Console:
@@ -132,14 +124,14 @@ def job_details(job: job_pb2.Job) -> Table:
         ("ended", when(job.end_time)),
         ("took", between(job.create_time, job.end_time) or "-"),
         ("inputs", blobs(job.spec.inputs)),
-        ("params", json.dumps(from_struct(job.spec.params)) if job.spec.params.fields else "-"),
+        ("params", job.spec.params_json or "-"),
     ]
     if job.HasField("error"):
         rows.append(("error", error(job.error)))
     if job.HasField("result"):
         rows.append(("outputs", blobs(job.result.outputs)))
-        if job.result.metadata.fields:
-            rows.append(("metadata", json.dumps(from_struct(job.result.metadata))))
+        if job.result.metadata_json:
+            rows.append(("metadata", job.result.metadata_json))
     for name, value in rows:
         grid.add_row(name, value)
     if job.attempts:

@@ -12,11 +12,12 @@ import logging
 import os
 import signal
 import sys
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from jobmesh import logs
 from jobmesh.cli import args as cli_args
-from jobmesh.errors import InvalidArgument
+from jobmesh.errors import FailedPrecondition, InvalidArgument
 from jobmesh.settings import parse_address
 from jobmesh.supervisor import ChildSpec, Supervisor
 
@@ -31,6 +32,23 @@ GATEWAY_GRACE = 5.0
 WORKER_EXIT_MARGIN = 5.0
 
 SERVE = "run a gateway with embedded worker replicas, on one machine"
+# Top-level modules of the distributions that `jobmesh[server]` adds to the client.
+SERVER_MODULES = frozenset(
+    {"grpc_health", "grpc_reflection", "opentelemetry", "prometheus_client", "psutil"}
+)
+
+
+def import_service(module: str) -> ModuleType:
+    """The service's module; FailedPrecondition naming the extra when it is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in SERVER_MODULES:
+            raise
+        raise FailedPrecondition(
+            f"running a gateway or a worker needs the server extra ({e.name} is missing): "
+            "pip install 'jobmesh[server]'"
+        ) from None
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,8 +82,8 @@ REPLICA_SETTINGS = (
 
 def serve_parser() -> argparse.ArgumentParser:
     """`jobmesh serve`'s flags: the gateway's and the replicas', from their declarations."""
-    from gateway import config as gateway_config
-    from worker_service import config as worker_config
+    gateway_config = import_service("gateway.config")
+    worker_config = import_service("worker_service.config")
 
     p = argparse.ArgumentParser(prog="jobmesh serve", description=f"{SERVE[0].upper()}{SERVE[1:]}.")
     p.add_argument(
@@ -91,7 +109,7 @@ def serve_parser() -> argparse.ArgumentParser:
 
 def _delegate(args: argparse.Namespace) -> int:
     """Runs `python -m gateway` or `python -m worker_service` as `jobmesh gateway|worker`."""
-    app = importlib.import_module(args.module)
+    app = import_service(args.module)
     parser = argparse.ArgumentParser(prog=f"jobmesh {args.command}", description=app.__doc__)
     app.add_arguments(parser)
     own = parser.parse_args(args.rest)
@@ -105,10 +123,12 @@ def _delegate(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    parser = serve_parser()
+    import_service("gateway.app")
+    import_service("worker_service.app")
     from gateway import config as gateway_config
     from worker_service import config as worker_config
 
-    parser = serve_parser()
     own = parser.parse_args(args.rest)
     if own.otlp_endpoint:
         # Read by the gateway here and inherited by the replicas: one switch for all.

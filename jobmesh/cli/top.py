@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Generator, Iterable, Iterator
 from contextlib import closing
-from typing import Any, cast
+from typing import cast
 
-from google.protobuf import json_format
 from rich.console import Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -17,6 +15,7 @@ from rich.text import Text
 
 from jobmesh.blocking import Client
 from jobmesh.cli import args as cli_args
+from jobmesh.cli.jsonout import print_json
 from jobmesh.cli.render import ago, duration, size, stdout_console, worker_state
 from jobmesh.v1 import admin_service_pb2
 
@@ -49,7 +48,7 @@ def top(args: argparse.Namespace) -> int:
         )
         if args.json:
             for stats in stream:
-                print(json.dumps(stats_json(stats)), flush=True)
+                print_json(stats)
             return 0
         console = stdout_console()
         title = f"jobmesh top · {client.settings.gateway} · every {args.interval:g}s"
@@ -76,11 +75,6 @@ def _first_with_rates(
         if stats.period.ToNanoseconds() > 0:
             yield stats
             return
-
-
-def stats_json(stats: admin_service_pb2.ClusterStats) -> dict[str, Any]:
-    """The update as JSON, zero values included, so every key is always there."""
-    return json_format.MessageToDict(stats, always_print_fields_with_no_presence=True)
 
 
 def view(stats: admin_service_pb2.ClusterStats, title: str) -> RenderableType:

@@ -68,11 +68,11 @@ def test_submit_sleep_waits_showing_progress(cluster: Cluster) -> None:
     done = jobmesh(gw.address, "submit", "sleep", "-p", "seconds=0.5", "--wait", "--json")
     assert done.returncode == 0, done.stderr
     [submitted, *events] = [json.loads(line) for line in done.stdout.splitlines()]
-    assert submitted["job"]["state"] == "JOB_STATE_QUEUED"
-    assert [int(e["seq"]) for e in events] == list(range(1, len(events) + 1))
-    progress = [e["progress"] for e in events if e["type"] == "JOB_EVENT_TYPE_PROGRESS"]
+    assert submitted["job"]["state"] == "QUEUED"
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    progress = [e["progress"] for e in events if e["type"] == "PROGRESS"]
     assert progress == pytest.approx([i / 10 for i in range(1, 11)])
-    assert events[-1]["state"] == "JOB_STATE_SUCCEEDED"
+    assert events[-1]["state"] == "SUCCEEDED"
     assert events[-1]["result"]["metadata"] == {"slept": 0.5}
 
 
@@ -118,12 +118,12 @@ def test_watch_follows_a_job_and_exits_by_how_it_ended(cluster: Cluster) -> None
     assert watched.returncode == 1
     assert watched.stderr.endswith(f"jobmesh: job {failed} FAILED: [FAILED_ON_PURPOSE] boom\n")
 
-    last = int(json.loads(jobmesh(gw.address, "get", running, "--json").stdout)["eventSeq"])
+    last = json.loads(jobmesh(gw.address, "get", running, "--json").stdout)["event_seq"]
     tail = jobmesh(gw.address, "watch", running, "--after-seq", str(last - 2), "--json")
     assert tail.returncode == 0
     events = [json.loads(line) for line in tail.stdout.splitlines()]
-    assert [int(e["seq"]) for e in events] == [last - 1, last]
-    assert events[-1]["state"] == "JOB_STATE_SUCCEEDED"
+    assert [e["seq"] for e in events] == [last - 1, last]
+    assert events[-1]["state"] == "SUCCEEDED"
     # Past the last event there is nothing to show, but the exit code still tells the outcome.
     assert jobmesh(gw.address, "watch", running, "--after-seq", str(last)).returncode == 0
     assert jobmesh(gw.address, "watch", failed, "--after-seq", "99").returncode == 1
@@ -150,8 +150,8 @@ def test_get_shows_the_job_its_attempts_and_outputs_as_sizes(cluster: Cluster) -
     assert "\0" not in shown.stdout
 
     as_json = json.loads(jobmesh(gw.address, "get", job_id, "--json").stdout)
-    assert as_json["state"] == "JOB_STATE_SUCCEEDED"
-    assert [a["workerId"] for a in as_json["attempts"]] == ["w1"]
+    assert as_json["state"] == "SUCCEEDED"
+    assert [a["worker_id"] for a in as_json["attempts"]] == ["w1"]
 
 
 def test_cancel_ends_a_running_job_and_is_idempotent(cluster: Cluster) -> None:
@@ -199,7 +199,7 @@ def test_list_pages_up_to_the_limit_and_tells_how_to_go_on(cluster: Cluster) -> 
     assert rest.returncode == 0
     page = json.loads(rest.stdout)
     assert [j["id"] for j in page["jobs"]] == [web[0]]
-    assert "nextPageToken" not in page
+    assert page["next_page_token"] == ""
 
 
 def test_workers_shows_the_attached_replicas(cluster: Cluster) -> None:
@@ -212,7 +212,7 @@ def test_workers_shows_the_attached_replicas(cluster: Cluster) -> None:
     assert row.split()[:6] == ["w1", "ACTIVE", "echo,", "fail,", "sleep", "2"]
 
     [worker] = json.loads(jobmesh(gw.address, "workers", "--json").stdout)["workers"]
-    assert worker["workerId"] == "w1"
+    assert worker["worker_id"] == "w1"
     assert worker["slots"] == 2
     assert {k["kind"] for k in worker["kinds"]} == {"echo", "fail", "sleep"}
 

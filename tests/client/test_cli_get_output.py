@@ -66,7 +66,7 @@ def test_an_output_that_is_a_file_is_refused_before_submitting(
         refused = jobmesh(gw.address, *argv)
         assert refused.returncode == 2
         assert f"--output: {str(afile)!r} is not a directory" in refused.stderr
-    assert json.loads(jobmesh(gw.address, "list", "--json").stdout).get("jobs", []) == []
+    assert json.loads(jobmesh(gw.address, "list", "--json").stdout)["jobs"] == []
     assert afile.read_text() == "mine"
 
 
@@ -81,5 +81,5 @@ def test_resize_without_a_size_is_refused_before_submitting(
         2,
         "jobmesh: INVALID_ARGUMENT: --width: resize needs --width, --height or both\n",
     )
-    assert json.loads(jobmesh(gw.address, "list", "--json").stdout).get("jobs", []) == []
+    assert json.loads(jobmesh(gw.address, "list", "--json").stdout)["jobs"] == []
     assert not (tmp_path / "out").exists()

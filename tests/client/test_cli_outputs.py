@@ -7,6 +7,7 @@ worker would refuse them first): the CLI must hold on its own.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -108,12 +109,14 @@ def test_an_image_whose_extension_is_not_letters_and_digits_is_not_written(
             ["image", "convert", str(src), "--format", "png", "-o", str(out), "--gateway", address]
         )
 
-    servicer.result = job_pb2.JobResult(outputs={"image": b"png bytes"})
-    servicer.result.metadata.update({"format": "PNG", "extension": "png"})
+    servicer.result = job_pb2.JobResult(
+        outputs={"image": b"png bytes"},
+        metadata_json=json.dumps({"format": "PNG", "extension": "png"}),
+    )
     assert convert(tmp_path / "ok") == 0
     assert [p.name for p in (tmp_path / "ok").iterdir()] == ["photo.png"]
 
-    servicer.result.metadata.update({"extension": extension})
+    servicer.result.metadata_json = json.dumps({"format": "PNG", "extension": extension})
     capsys.readouterr()
     assert convert(tmp_path / "out") == 1
     err = capsys.readouterr().err

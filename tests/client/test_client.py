@@ -4,34 +4,37 @@ killed gateway, results, typed errors, paging."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from jobmesh import (
     AsyncClient,
     Client,
+    EventType,
     InvalidArgument,
+    JobEvent,
     JobFailed,
+    JobState,
     NotFound,
     ResourceExhausted,
     Unavailable,
     job_spec,
 )
-from jobmesh.v1 import job_pb2
 from tests.cluster import Cluster, Gateway, until
 
-S = job_pb2.JobState
-PROGRESS = job_pb2.JOB_EVENT_TYPE_PROGRESS
+PROGRESS = EventType.PROGRESS
 
 
-async def _collect(events: AsyncIterator[job_pb2.JobEvent], into: list[job_pb2.JobEvent]) -> None:
+async def _collect(events: AsyncIterator[JobEvent], into: list[JobEvent]) -> None:
     async for event in events:
         into.append(event)
 
 
-async def _replace(cluster: Cluster, gw: Gateway, events: list[job_pb2.JobEvent]) -> int:
+async def _replace(cluster: Cluster, gw: Gateway, events: list[JobEvent]) -> int:
     """Kills the gateway and starts another on the same file and port, with a worker; returns
     how many events had arrived when the gateway died."""
     gw.kill()
@@ -47,15 +50,15 @@ async def test_watch_resumes_across_a_killed_gateway_and_loses_no_event(cluster:
     cluster.worker(gw, "w1", slots=1)
     async with AsyncClient(gw.address) as client:
         job_id = (await client.submit("sleep", params={"seconds": 2})).job.id
-        events: list[job_pb2.JobEvent] = []
+        events: list[JobEvent] = []
         watching = asyncio.create_task(_collect(client.watch(job_id), events))
         await until(lambda: any(e.type == PROGRESS for e in events))  # the job is running
         seen = await _replace(cluster, gw, events)
         async with asyncio.timeout(60):
             await watching
         replay = [e async for e in client.watch(job_id)]
-    assert events[seen - 1].state == S.JOB_STATE_RUNNING  # the gateway died mid-job
-    assert events[-1].state == S.JOB_STATE_SUCCEEDED
+    assert events[seen - 1].state is JobState.RUNNING  # the gateway died mid-job
+    assert events[-1].state is JobState.SUCCEEDED
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     assert events == replay
 
@@ -64,15 +67,15 @@ async def test_run_continues_with_watch_across_a_killed_gateway(cluster: Cluster
     gw = cluster.gateway()
     cluster.worker(gw, "w1", slots=1)
     async with AsyncClient(gw.address) as client:
-        events: list[job_pb2.JobEvent] = []
+        events: list[JobEvent] = []
         running = asyncio.create_task(_collect(client.run("sleep", params={"seconds": 2}), events))
         await until(lambda: any(e.type == PROGRESS for e in events))
         seen = await _replace(cluster, gw, events)
         async with asyncio.timeout(60):
             await running
         replay = [e async for e in client.watch(events[0].job_id)]
-    assert events[seen - 1].state == S.JOB_STATE_RUNNING
-    assert events[-1].state == S.JOB_STATE_SUCCEEDED
+    assert events[seen - 1].state is JobState.RUNNING
+    assert events[-1].state is JobState.SUCCEEDED
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     assert events == replay
 
@@ -85,11 +88,11 @@ async def test_wait_returns_the_ended_job_and_check_raises_unless_it_succeeded(
     async with AsyncClient(gw.address) as client:
         ok = await client.submit("echo", params={"n": 3}, inputs={"a": b"1"})
         job = await client.wait(ok.job.id, check=True)
-        assert job.state == S.JOB_STATE_SUCCEEDED
+        assert job.state is JobState.SUCCEEDED
         assert dict(job.result.outputs) == {"a": b"1"}
 
         failed = await client.submit("fail", params={"message": "boom"})
-        assert (await client.wait(failed.job.id)).state == S.JOB_STATE_FAILED
+        assert (await client.wait(failed.job.id)).state is JobState.FAILED
         with pytest.raises(JobFailed, match=r"FAILED: \[FAILED_ON_PURPOSE\] boom"):
             await client.wait(failed.job.id, check=True)
 
@@ -145,15 +148,15 @@ def test_the_blocking_client_runs_the_same_calls(cluster: Cluster) -> None:
         assert client.wait(a.job.id).result.outputs["in"] == b"data"
         events = list(client.watch(b.job.id))
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
-        assert events[-1].state == S.JOB_STATE_FAILED
+        assert events[-1].state is JobState.FAILED
         # Leaving a watch early closes its stream.
         for event in client.watch(a.job.id):
             assert event.seq == 1
             break
         ran = list(client.run("echo", params={"text": "hi"}))
-        assert ran[-1].state == S.JOB_STATE_SUCCEEDED
+        assert ran[-1].state is JobState.SUCCEEDED
         # Cancelling an ended job changes nothing.
-        assert client.cancel(a.job.id, "no longer needed").state == S.JOB_STATE_SUCCEEDED
+        assert client.cancel(a.job.id, "no longer needed").state is JobState.SUCCEEDED
         jobs, token = client.list()
         assert [j.id for j in jobs] == [ran[0].job_id, b.job.id, a.job.id]
         assert token == ""
@@ -162,3 +165,20 @@ def test_the_blocking_client_runs_the_same_calls(cluster: Cluster) -> None:
             client.wait(b.job.id, check=True)
         with pytest.raises(NotFound):
             client.get("nope")
+
+
+def test_inputs_go_up_from_paths_and_outputs_come_down_to_paths(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    gw = cluster.gateway()
+    cluster.worker(gw, "w1")
+    small, big = tmp_path / "small.txt", tmp_path / "big.bin"
+    small.write_bytes(b"hi")
+    big.write_bytes(os.urandom(3 << 20))  # over the inline limit: streamed up as a blob
+    with Client(gw.address) as client:
+        [submitted] = client.submit_batch([job_spec("echo", inputs={"s": small, "b": str(big)})])
+        job = client.wait(submitted.job.id, check=True)
+        assert job.result.outputs == {"s": b"hi"}
+        client.download(job.result.output_blobs["b"].id, tmp_path / "copy.bin")
+        assert client.outputs(job) == {"s": b"hi", "b": big.read_bytes()}
+    assert (tmp_path / "copy.bin").read_bytes() == big.read_bytes()

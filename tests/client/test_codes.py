@@ -22,7 +22,6 @@ SOURCES = ("gateway", "worker_service", "jobmesh")
 
 # The flags each code had on the wire before the enum; the enum must not change them.
 RETRIED_BEFORE = {
-    "REJECTED": True,
     "CANCELLED": False,
     "WORKER_LOST": True,
     "ASSIGN_NOT_ACKNOWLEDGED": True,

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobmesh import AsyncClient, job_spec
+from jobmesh import AsyncClient, Job, job_spec
 from jobmesh.errors import JobmeshError
 from jobmesh.v1 import admin_service_pb2, job_pb2
 from tests.cluster import Cluster, Gateway, Proc
@@ -77,7 +77,7 @@ class FaultRecord:
     """Fault → every accepted job ended; None if they did not within `Scale.timeout`."""
     states: dict[str, int] = field(default_factory=dict, repr=False)
     """Job id → its state at the end."""
-    jobs: dict[str, job_pb2.Job] = field(default_factory=dict, repr=False)
+    jobs: dict[str, Job] = field(default_factory=dict, repr=False)
     runs: Counter[str] = field(default_factory=Counter, repr=False)
     """Job id → executions, per the side channel."""
     in_flight: set[str] = field(default_factory=set, repr=False)
@@ -290,7 +290,7 @@ async def retrying(call: Callable[[], Awaitable[Any]]) -> Any:
                 await asyncio.sleep(POLL)
 
 
-async def _collect(jobs: AsyncIterator[job_pb2.Job]) -> list[job_pb2.Job]:
+async def _collect(jobs: AsyncIterator[Job]) -> list[Job]:
     return [job async for job in jobs]
 
 
@@ -321,7 +321,9 @@ def describe(record: FaultRecord) -> str:
     for job_id in sorted(odd)[:10]:
         job = record.jobs.get(job_id)
         attempts = (
-            [(a.number, a.worker_id, a.error.code) for a in job.attempts] if job else "missing"
+            [(a.number, a.worker_id, a.error and a.error.code) for a in job.attempts]
+            if job
+            else "missing"
         )
         in_flight = "in flight at the fault" if job_id in record.in_flight else "NOT in flight"
         lines.append(f"{job_id}: runs={record.runs[job_id]} attempts={attempts} ({in_flight})")

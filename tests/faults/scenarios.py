@@ -46,7 +46,10 @@ def _note_moves(record: FaultRecord, victim: str) -> None:
     moved = [
         job
         for job in record.jobs.values()
-        if any(a.worker_id == victim and a.error.code == "WORKER_LOST" for a in job.attempts)
+        if any(
+            a.worker_id == victim and a.error is not None and a.error.code == "WORKER_LOST"
+            for a in job.attempts
+        )
     ]
     record.facts["moved"] = len(moved)
     record.facts["moved_to"] = sorted({job.worker_id for job in moved})

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from jobmesh import AsyncClient, InvalidArgument, NotFound, ResourceExhausted
+from jobmesh import AsyncClient, InvalidArgument, JobState, NotFound, ResourceExhausted
 from jobmesh.v1 import blob_service_pb2, blob_service_pb2_grpc, job_pb2
 from tests.cluster import Cluster
 
@@ -77,7 +77,7 @@ async def test_a_large_input_and_output_travel_as_blobs_end_to_end(
         submitted = await client.submit("echo", inputs={"big": source, "small": b"hi"})
         job = await client.wait(submitted.job.id)
         outputs = await client.outputs(job)
-    assert job.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert job.state is JobState.SUCCEEDED
     assert "big" in job.spec.input_blobs
     assert set(job.result.output_blobs) == {"big"}
     assert job.result.outputs["small"] == b"hi"

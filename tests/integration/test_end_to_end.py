@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from jobmesh import AsyncClient, JobFailed
-from jobmesh.v1 import admin_service_pb2, job_pb2
+from jobmesh import AsyncClient, EventType, JobFailed, JobState
+from jobmesh.v1 import admin_service_pb2
 from tests.cluster import Cluster, until
 
-S = job_pb2.JobState
 DRAINING = admin_service_pb2.WORKER_STATE_DRAINING
 
 
@@ -24,16 +23,16 @@ async def test_echo_returns_its_inputs_and_params(cluster: Cluster) -> None:
         submitted = await client.submit(
             "echo", params={"text": "hi", "n": 3}, inputs={"data": b"\x00\x01bytes"}
         )
-        assert submitted.job.state == S.JOB_STATE_QUEUED
+        assert submitted.job.state is JobState.QUEUED
         events = [e async for e in client.watch(submitted.job.id)]
         job = await client.get(submitted.job.id)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
-    assert events[0].state == S.JOB_STATE_QUEUED
-    assert events[-1].state == S.JOB_STATE_SUCCEEDED
+    assert events[0].state is JobState.QUEUED
+    assert events[-1].state is JobState.SUCCEEDED
     assert events[-1].result.outputs["data"] == b"\x00\x01bytes"
-    assert job.state == S.JOB_STATE_SUCCEEDED
+    assert job.state is JobState.SUCCEEDED
     assert job.result.outputs["data"] == b"\x00\x01bytes"
-    assert dict(job.result.metadata) == {"text": "hi", "n": 3}
+    assert job.result.metadata == {"text": "hi", "n": 3}
     assert [a.worker_id for a in job.attempts] == ["w1"]
 
 
@@ -42,14 +41,14 @@ async def test_sleep_streams_progress_every_tenth(cluster: Cluster) -> None:
     cluster.worker(gw, "w1")
     async with AsyncClient(gw.address) as client:
         events = [e async for e in client.run("sleep", params={"seconds": 0.5})]
-    progress = [e.progress for e in events if e.type == job_pb2.JOB_EVENT_TYPE_PROGRESS]
+    progress = [e.progress for e in events if e.type is EventType.PROGRESS]
     assert progress == pytest.approx([i / 10 for i in range(1, 11)])
-    states = [e.state for e in events if e.type == job_pb2.JOB_EVENT_TYPE_STATE]
+    states = [e.state for e in events if e.type is EventType.STATE]
     assert states == [
-        S.JOB_STATE_QUEUED,
-        S.JOB_STATE_ASSIGNED,
-        S.JOB_STATE_RUNNING,
-        S.JOB_STATE_SUCCEEDED,
+        JobState.QUEUED,
+        JobState.ASSIGNED,
+        JobState.RUNNING,
+        JobState.SUCCEEDED,
     ]
 
 
@@ -61,7 +60,7 @@ async def test_fail_reports_the_error_and_is_not_retried_unless_retryable(cluste
         with pytest.raises(JobFailed, match="boom"):
             await client.wait(permanent.job.id, check=True)
         job = await client.get(permanent.job.id)
-        assert job.state == S.JOB_STATE_FAILED
+        assert job.state is JobState.FAILED
         assert job.error.message == "boom"
         assert not job.error.retryable
         assert len(job.attempts) == 1
@@ -70,7 +69,7 @@ async def test_fail_reports_the_error_and_is_not_retried_unless_retryable(cluste
             "fail", params={"message": "flaky", "retryable": True}, max_attempts=2
         )
         job = await client.wait(transient.job.id)
-    assert job.state == S.JOB_STATE_FAILED
+    assert job.state is JobState.FAILED
     assert job.error.retryable
     assert [a.number for a in job.attempts] == [1, 2]
     assert all(a.error.message == "flaky" for a in job.attempts)
@@ -92,7 +91,7 @@ async def test_hundreds_of_concurrent_jobs_across_two_replicas_each_run_once(
             )
         )
         jobs = await asyncio.gather(*(client.wait(s.job.id) for s in submitted))
-    assert [j.state for j in jobs] == [S.JOB_STATE_SUCCEEDED] * n
+    assert [j.state for j in jobs] == [JobState.SUCCEEDED] * n
     assert [j.result.outputs["echo"] for j in jobs] == [str(i).encode() for i in range(n)]
     executions = Counter(line.split()[0] for line in runs.read_text().splitlines())
     assert executions == Counter({s.job.id: 1 for s in submitted})
@@ -114,7 +113,7 @@ async def test_a_worker_killed_mid_job_has_its_job_completed_by_the_other(
         first_worker = (await client.get(submitted.job.id)).worker_id
         workers[first_worker].kill()
         job = await client.wait(submitted.job.id)
-    assert job.state == S.JOB_STATE_SUCCEEDED
+    assert job.state is JobState.SUCCEEDED
     assert job.attempt == 2
     assert {job.worker_id, first_worker} == {"w1", "w2"}
     assert job.attempts[0].worker_id == first_worker
@@ -133,7 +132,7 @@ async def test_an_idempotency_key_returns_the_first_job_and_its_result(cluster: 
         jobs, _ = await client.list()
     assert again.existing
     assert again.job.id == first.job.id
-    assert again.job.state == S.JOB_STATE_SUCCEEDED
+    assert again.job.state is JobState.SUCCEEDED
     assert again.job.result.outputs["in"] == done.result.outputs["in"] == b"once"
     assert [j.id for j in jobs] == [first.job.id]
 
@@ -146,7 +145,7 @@ async def test_a_draining_worker_finishes_its_job_while_new_work_goes_elsewhere(
     async with AsyncClient(gw.address) as client:
         long = await client.submit("sleep", params={"seconds": 1.5})
         async for event in client.watch(long.job.id):
-            if event.type == job_pb2.JOB_EVENT_TYPE_PROGRESS:
+            if event.type is EventType.PROGRESS:
                 break  # the handler is running on w1
         w1.signal(signal.SIGTERM)
         await until(lambda: any(w.state == DRAINING for w in gw.workers()))
@@ -155,9 +154,9 @@ async def test_a_draining_worker_finishes_its_job_while_new_work_goes_elsewhere(
         short_job = await client.wait(short.job.id)
         long_job = await client.wait(long.job.id)
     assert w1.wait() == 0
-    assert long_job.state == S.JOB_STATE_SUCCEEDED
+    assert long_job.state is JobState.SUCCEEDED
     assert [a.worker_id for a in long_job.attempts] == ["w1"]
-    assert short_job.state == S.JOB_STATE_SUCCEEDED
+    assert short_job.state is JobState.SUCCEEDED
     assert short_job.worker_id == "w2"
 
 
@@ -174,14 +173,14 @@ async def test_retries_follow_the_jobs_backoff_policy(cluster: Cluster) -> None:
             max_backoff=10,
         )
         events = [e async for e in client.watch(submitted.job.id)]
-    retries = [e for e in events if e.state == S.JOB_STATE_QUEUED and e.error.code]
+    retries = [e for e in events if e.state is JobState.QUEUED and e.error is not None]
     assert [e.attempt for e in retries] == [2, 3]
     assert all(e.error.message == "flaky" for e in retries)
     # Delays of 0.2 s and 0.6 s, each less up to 20 % jitter.
     delays = [float(e.message.split("retry in ")[1].rstrip("s")) for e in retries]
     assert 0.1 <= delays[0] <= 0.2
     assert 0.4 <= delays[1] <= 0.6
-    assert events[-1].state == S.JOB_STATE_FAILED
+    assert events[-1].state is JobState.FAILED
 
 
 async def test_priority_wins_across_kinds(cluster: Cluster) -> None:
@@ -193,8 +192,7 @@ async def test_priority_wins_across_kinds(cluster: Cluster) -> None:
         jobs = {i: await client.wait(i) for i in [*backlog, urgent]}
 
     def started(job_id: str) -> float:
-        stamp = jobs[job_id].attempts[0].start_time
-        return stamp.seconds + stamp.nanos / 1e9
+        return jobs[job_id].attempts[0].start_time.timestamp()
 
     # The urgent job of another kind goes before the older backlog still waiting; only
     # the sleep job already running (and at most one handed out at the same moment) is ahead.

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from jobmesh import AsyncClient
-from jobmesh.v1 import job_pb2
+from jobmesh import AsyncClient, JobState
 from tests.cluster import Cluster, until
 
 
@@ -20,7 +19,7 @@ async def test_jobs_queued_before_a_graceful_restart_still_complete(cluster: Clu
     cluster.worker(gw2, "w1")
     async with AsyncClient(gw2.address) as client:
         jobs = await asyncio.gather(*(client.wait(i) for i in ids))
-    assert [j.state for j in jobs] == [job_pb2.JOB_STATE_SUCCEEDED] * 5
+    assert [j.state for j in jobs] == [JobState.SUCCEEDED] * 5
     assert [j.result.metadata["i"] for j in jobs] == [0, 1, 2, 3, 4]
 
 
@@ -40,7 +39,7 @@ async def test_a_killed_gateway_restarted_on_its_port_loses_and_repeats_nothing(
     gw2 = cluster.gateway(port=gw.port)
     async with AsyncClient(gw2.address) as client:
         jobs = await asyncio.gather(*(client.wait(i) for i in [running, *queued]))
-    assert [j.state for j in jobs] == [job_pb2.JOB_STATE_SUCCEEDED] * 4
+    assert [j.state for j in jobs] == [JobState.SUCCEEDED] * 4
     assert jobs[0].attempt == 1
     assert runs.read_text().split() == [running, "1"]  # it ran once
 
@@ -51,7 +50,7 @@ async def test_a_lost_workers_job_is_retried_after_the_reattach_grace(cluster: C
     async with AsyncClient(gw.address) as client:
         running = (await client.submit("sleep", params={"seconds": 30})).job.id
         async for event in client.watch(running):
-            if event.state == job_pb2.JOB_STATE_RUNNING:
+            if event.state is JobState.RUNNING:
                 break
     gw.kill()
 
@@ -60,7 +59,7 @@ async def test_a_lost_workers_job_is_retried_after_the_reattach_grace(cluster: C
     cluster.worker(gw2, "w2", slots=1)
     async with AsyncClient(gw2.address) as client:
         async for event in client.watch(running):
-            if event.attempt == 2 and event.state == job_pb2.JOB_STATE_RUNNING:
+            if event.attempt == 2 and event.state is JobState.RUNNING:
                 break
         job = await client.get(running)
         await client.cancel(running)

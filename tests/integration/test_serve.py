@@ -10,8 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from jobmesh import AsyncClient
-from jobmesh.v1 import job_pb2
+from jobmesh import AsyncClient, JobState
 from tests.cluster import ROOT, until
 
 
@@ -39,7 +38,7 @@ async def test_the_replicas_of_a_killed_serve_leave_too(tmp_path: Path) -> None:
         async with AsyncClient(f"127.0.0.1:{port_file.read_text().strip()}") as client:
             await until_workers(client, 2)
             job = await client.wait((await client.submit("echo")).job.id)
-        assert job.state == job_pb2.JOB_STATE_SUCCEEDED
+        assert job.state is JobState.SUCCEEDED
         replicas = psutil.Process(serve.pid).children()
         assert len(replicas) == 2
         serve.send_signal(signal.SIGKILL)

@@ -18,11 +18,9 @@ from opentelemetry import context, trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobmesh import AsyncClient, InvalidArgument
-from jobmesh.v1 import job_pb2
+from jobmesh import AsyncClient, InvalidArgument, JobState
 from tests.cluster import Cluster, Proc, until
 
-S = job_pb2.JobState
 JOBMESH = Path(sys.executable).parent / "jobmesh"
 
 
@@ -76,7 +74,7 @@ async def test_gateway_and_worker_metrics_count_jobs(cluster: Cluster) -> None:
         await client.wait(failed.job.id)
         waiting = await client.submit("nobody-serves-this")
         sleeping = await client.submit("sleep", params={"seconds": 60})
-        await until_state(client, sleeping.job.id, S.JOB_STATE_RUNNING)
+        await until_state(client, sleeping.job.id, JobState.RUNNING)
 
         gateway = await scrape(gw_port)
         worker = await scrape(worker_port)
@@ -180,16 +178,16 @@ async def test_top_once_prints_the_stats(cluster: Cluster) -> None:
     assert done.returncode == 0, done.stderr
     [line] = done.stdout.splitlines()
     stats = json.loads(line)
-    assert [(w["workerId"], w["slots"], w["activeJobs"]) for w in stats["workers"]] == [
+    assert [(w["worker_id"], w["slots"], w["active_jobs"]) for w in stats["workers"]] == [
         ("w1", 3, 0)
     ]
     assert stats["kinds"] == [{"kind": "nobody-serves-this", "queued": 2, "running": 0}]
-    assert stats["totals"]["submitted"] == "2"  # uint64 in proto JSON
+    assert stats["totals"]["submitted"] == 2
     assert set(stats["rates"]) == {
-        "submittedPerSecond",
-        "completedPerSecond",
-        "failedPerSecond",
-        "cancelledPerSecond",
+        "submitted_per_second",
+        "completed_per_second",
+        "failed_per_second",
+        "cancelled_per_second",
     }
 
     done = await asyncio.to_thread(jobmesh, gw.address, "top", "--once", "--interval", "0.1")

@@ -19,8 +19,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from jobmesh import AsyncClient
-from jobmesh.v1 import job_pb2
+from jobmesh import AsyncClient, JobState
 from tests.cluster import Cluster, until
 
 
@@ -80,7 +79,7 @@ async def test_a_retried_job_is_one_trace_across_three_processes(
             submitted = await client.submit("flaky", initial_backoff=0.1)
         job = await client.wait(submitted.job.id)
     provider.shutdown()
-    assert job.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert job.state is JobState.SUCCEEDED
     assert job.attempt == 2
 
     trace_id = root.get_span_context().trace_id.to_bytes(16, "big")

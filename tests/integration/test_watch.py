@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from jobmesh import AsyncClient
+from jobmesh import AsyncClient, JobState
 from jobmesh.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from tests.cluster import Cluster
 
@@ -14,8 +14,7 @@ async def test_a_resumed_watch_misses_no_event(cluster: Cluster) -> None:
     cluster.worker(gw, "w1")
     async with grpc.aio.insecure_channel(gw.address) as channel:
         stub = job_service_pb2_grpc.JobServiceStub(channel)
-        spec = job_pb2.JobSpec(kind="sleep")
-        spec.params.update({"seconds": 1.0})
+        spec = job_pb2.JobSpec(kind="sleep", params_json='{"seconds": 1.0}')
         job = (await stub.Submit(job_service_pb2.SubmitRequest(spec=spec))).job
 
         first: list[job_pb2.JobEvent] = []
@@ -49,5 +48,5 @@ async def test_watching_an_ended_job_replays_it_and_ends(cluster: Cluster) -> No
         replay = [e async for e in client.watch(job.id)]
         past_the_end = [e async for e in client.watch(job.id, after_seq=job.event_seq)]
     assert replay[-1].seq == job.event_seq
-    assert replay[-1].state == job_pb2.JOB_STATE_SUCCEEDED
+    assert replay[-1].state is JobState.SUCCEEDED
     assert past_the_end == []
