@@ -24,8 +24,9 @@ $(BUF): tools/package.json tools/package-lock.json
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
+# Four at once on two cores: most tests wait on real processes and their timers, not the CPU.
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 4
 
 # Everything but the tests that start processes (marked in tests/conftest.py): seconds.
 test-fast: $(STAMP)
