@@ -1,4 +1,5 @@
-"""Gateway settings, each declared once: default, help, environment variable and flag.
+"""Gateway settings, each declared once (with `jobmesh.settings_fields`): default, help,
+environment variable and flag; `Limits`' fields are gateway settings too.
 
 `GatewaySettings.from_env()` is the one place the gateway reads its environment;
 `add_arguments` and `from_args` derive every flag from the same declarations, so
@@ -9,76 +10,88 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from jobmesh import settings_fields as sf
 from jobmesh.limits import Limits
 from jobmesh.logs import check_format
 from jobmesh.metrics import check_port
 from jobmesh.settings import DEFAULT_MAX_MESSAGE_BYTES, parse_address
+from jobmesh.settings_fields import setting
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DB = "jobmesh.db"
 
 
-def setting(default: Any, help: str, *, flag: bool = True) -> Any:
-    """A settings field; `flag=False` keeps it out of the environment and the command line."""
-    return field(default=default, metadata={"help": help, "flag": flag})
-
-
 @dataclass(frozen=True)
 class GatewaySettings:
-    listen: str = setting(DEFAULT_LISTEN, "HOST:PORT to serve on; port 0 picks a free one")
-    db: str = setting(DEFAULT_DB, "SQLite file of jobs and events (':memory:' for tests)")
-    ping_interval: float = setting(5.0, "seconds between health pings to each worker")
-    ping_misses: int = setting(3, "unanswered pings before a worker is dead, whatever it sends")
+    listen: str = setting(DEFAULT_LISTEN, help="HOST:PORT to serve on; port 0 picks a free one")
+    db: str = setting(DEFAULT_DB, help="SQLite file of jobs and events (':memory:' for tests)")
+    ping_interval: float = setting(5.0, help="seconds between health pings to each worker")
+    ping_misses: int = setting(
+        3, help="unanswered pings before a worker is dead, whatever it sends"
+    )
     max_message_bytes: int = setting(
-        DEFAULT_MAX_MESSAGE_BYTES, "largest message; larger requests get RESOURCE_EXHAUSTED"
+        DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest message; larger requests get RESOURCE_EXHAUSTED",
+        size=True,
     )
-    max_batch: int = setting(1000, "most jobs in one SubmitBatch")
-    max_queued: int = setting(100_000, "most jobs waiting before Submit is refused")
-    ack_timeout: float = setting(10.0, "seconds a worker has to accept a job")
-    reattach_grace: float = setting(10.0, "seconds a lost worker's jobs wait for it to return")
-    default_max_attempts: int = setting(3, "attempts a job gets when its retry policy is silent")
-    blob_dir: str = setting("", "directory of uploaded payloads (default: DB.blobs)")
-    max_blob_bytes: int = setting(4 << 30, "largest payload one upload may carry")
+    max_batch: int = setting(1000, help="most jobs in one SubmitBatch")
+    max_queued: int = setting(100_000, help="most jobs waiting before Submit is refused")
+    ack_timeout: float = setting(10.0, help="seconds a worker has to accept a job")
+    reattach_grace: float = setting(10.0, help="seconds a lost worker's jobs wait for it to return")
+    default_max_attempts: int = setting(
+        3, help="attempts a job gets when its retry policy is silent"
+    )
+    blob_dir: str = setting("", help="directory of uploaded payloads (default: DB.blobs)")
+    max_blob_bytes: int = setting(4 << 30, help="largest payload one upload may carry", size=True)
     upload_idle_timeout: float = setting(
-        30.0, "seconds an upload may send nothing before it is dropped"
+        30.0, help="seconds an upload may send nothing before it is dropped"
     )
-    max_transfers: int = setting(256, "most blob uploads and downloads at once")
+    max_transfers: int = setting(256, help="most blob uploads and downloads at once")
     max_inline_memory: int = setting(
         256 << 20,
-        "bytes of inline inputs held in memory; the rest are read from the database at dispatch",
+        help="bytes of inline inputs held in memory; the rest are read from the database "
+        "at dispatch",
+        size=True,
     )
-    max_worker_slots: int = setting(256, "most slots one worker may declare in Attach")
+    max_worker_slots: int = setting(256, help="most slots one worker may declare in Attach")
     max_events_per_job: int = setting(
-        10_000, "most events kept per job; later progress updates the job but is not kept"
+        10_000, help="most events kept per job; later progress updates the job but is not kept"
     )
     max_connections: int = setting(
-        0, "most open client connections (0: the descriptor limit less room for workers)"
+        0, help="most open client connections (0: the descriptor limit less room for workers)"
     )
-    max_concurrent_rpcs: int = setting(10_000, "most calls served at once, streams included")
-    max_streams_per_connection: int = setting(1000, "most concurrent calls on one connection")
-    max_watches_per_peer: int = setting(1000, "most Watch and Run streams from one address")
+    max_concurrent_rpcs: int = setting(10_000, help="most calls served at once, streams included")
+    max_streams_per_connection: int = setting(1000, help="most concurrent calls on one connection")
+    max_watches_per_peer: int = setting(1000, help="most Watch and Run streams from one address")
     max_connection_idle: float = setting(
-        300.0, "seconds a connection with no call open is kept before it is closed"
+        300.0, help="seconds a connection with no call open is kept before it is closed"
     )
     max_connection_age: float = setting(
-        0.0, "seconds before any connection is asked to reconnect (0: never)"
+        0.0, help="seconds before any connection is asked to reconnect (0: never)"
     )
-    handshake_timeout: float = setting(10.0, "seconds a new connection has to say hello")
+    handshake_timeout: float = setting(10.0, help="seconds a new connection has to say hello")
     retention: float = setting(
-        604_800.0, "seconds finished jobs, events and payloads are kept (a job may say its own)"
+        604_800.0,
+        help="seconds finished jobs, events and payloads are kept (a job may say its own)",
     )
     blob_grace: float = setting(
-        3600.0, "seconds a payload no job references is kept (the SDK uploads before Submit)"
+        3600.0, help="seconds a payload no job references is kept (the SDK uploads before Submit)"
     )
-    sweep_interval: float = setting(60.0, "seconds between sweeps of expired jobs and payloads")
-    port_file: str = setting("", "write the bound port to this file once serving")
-    metrics_port: int = setting(0, "port of Prometheus /metrics (0: not served)")
-    metrics_host: str = setting("0.0.0.0", "address /metrics binds (all: a pod can be scraped)")
-    log_format: str = setting("text", "text, or json: one object per line with job and trace ids")
+    sweep_interval: float = setting(
+        60.0, help="seconds between sweeps of expired jobs and payloads"
+    )
+    port_file: str = setting("", help="write the bound port to this file once serving")
+    metrics_port: int = setting(0, help="port of Prometheus /metrics (0: not served)")
+    metrics_host: str = setting(
+        "0.0.0.0", help="address /metrics binds (all: a pod can be scraped)"
+    )
+    log_format: str = setting(
+        "text", help="text, or json: one object per line with job and trace ids", parse=str.lower
+    )
     limits: Limits = field(default_factory=Limits)
     """What one request or worker message may carry (flags from `jobmesh.limits.Limits`)."""
 
@@ -138,86 +151,36 @@ class GatewaySettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
         """Defaults, overridden by `JOBMESH_<NAME>` variables."""
         env = os.environ if env is None else env
-        values = {
-            f.name: _convert(f, env[_env_name(f)]) for f in _fields(cls) if _env_name(f) in env
-        }
-        limits = {
-            f.name: _convert(f, env[_env_name(f)]) for f in _fields(Limits) if _env_name(f) in env
-        }
+        values: dict[str, Any] = {}
+        limits: dict[str, Any] = {}
+        sf.lay_env(cls, values, env)
+        sf.lay_env(Limits, limits, env)
         return cls(**values, limits=Limits(**limits))
-
-    def with_overrides(self, **overrides: Any) -> GatewaySettings:
-        """A copy with the given fields (limits too) replaced; None values are ignored."""
-        given = {k: v for k, v in overrides.items() if v is not None}
-        limit_names = {f.name for f in fields(Limits)}
-        limits = {k: given.pop(k) for k in list(given) if k in limit_names}
-        if limits:
-            given["limits"] = replace(self.limits, **limits)
-        return replace(self, **given)
-
-
-def _fields(cls: type) -> Iterator[Field[Any]]:
-    for f in fields(cls):
-        if f.metadata.get("flag", True) and "help" in f.metadata:
-            yield f
-
-
-def _env_name(f: Field[Any]) -> str:
-    return "JOBMESH_" + f.name.upper()
-
-
-def _convert(f: Field[Any], text: str) -> Any:
-    kind = type(f.default) if f.default is not MISSING else str
-    if kind is str:
-        return text.lower() if f.name == "log_format" else text
-    try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"{_env_name(f)}: expected {kind.__name__}, got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting, named after it (`max_queued` is `--max-queued`)."""
-    for cls in (GatewaySettings, Limits):
-        for f in _fields(cls):
-            kind = type(f.default) if f.default is not MISSING else str
-            parser.add_argument(
-                "--" + f.name.replace("_", "-"),
-                type=kind,
-                help=f"{f.metadata['help']} (env {_env_name(f)}; default {f.default!r})",
-            )
+    sf.add_arguments(parser, GatewaySettings)
+    sf.add_arguments(parser, Limits)
 
 
 def from_args(args: argparse.Namespace) -> GatewaySettings:
     """The environment's settings, overridden by the flags given."""
-    names = [f.name for cls in (GatewaySettings, Limits) for f in _fields(cls)]
-    return GatewaySettings.from_env().with_overrides(
-        **{name: getattr(args, name, None) for name in names}
-    )
+    settings = GatewaySettings.from_env()
+    limits = replace(settings.limits, **sf.flag_values(Limits, args, settings.limits))
+    return replace(settings, **sf.flag_values(GatewaySettings, args, settings), limits=limits)
 
 
 def markdown_table() -> str:
     """The README's table of gateway settings, made from their declarations."""
-    rows = ["| gateway flag | env | default | |", "|---|---|---|---|"]
-    for cls in (GatewaySettings, Limits):
-        for f in _fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            default = _shown(f.name, f.default)
-            rows.append(f"| `{flag}` | `{_env_name(f)}` | {default} | {f.metadata['help']} |")
-    rows.append("| `--log-level` | | `INFO` | `DEBUG`, `INFO`, `WARNING`, `ERROR` |")
+    rows = [
+        "| gateway flag | env | default | |",
+        "|---|---|---|---|",
+        *sf.markdown_rows(GatewaySettings, file=False),
+        *sf.markdown_rows(Limits, file=False),
+        "| `--log-level` | | `INFO` | `DEBUG`, `INFO`, `WARNING`, `ERROR` |",
+    ]
     return "\n".join(rows) + "\n"
-
-
-def _shown(name: str, value: Any) -> str:
-    if value == "":
-        return ""
-    if isinstance(value, float):
-        return f"`{value:g}` s"
-    if isinstance(value, int) and ("bytes" in name or "memory" in name) and value >= 1 << 20:
-        for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20)):
-            if value % size == 0:
-                return f"{value // size} {unit}"
-    return f"`{value}`"
 
 
 if __name__ == "__main__":

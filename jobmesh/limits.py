@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from jobmesh import params
 from jobmesh.errors import InvalidArgument
+from jobmesh.settings_fields import setting
 from jobmesh.v1 import job_pb2
 
 # Names become file names on the client (`jobmesh submit --output DIR`): no separators,
@@ -44,28 +45,26 @@ def payload_bytes(payloads: Mapping[str, bytes]) -> int:
 @dataclass(frozen=True)
 class Limits:
     """What one message may carry. The gateway checks requests and worker messages
-    against these; the worker checks its results before it sends them."""
+    against these; the worker checks its results before it sends them. Each is a gateway
+    setting, with its flag and variable."""
 
-    max_params_bytes: int = field(
-        default=1 << 20, metadata={"help": "largest params (or result metadata) of a job, bytes"}
+    max_params_bytes: int = setting(
+        1 << 20, help="largest params (or result metadata) of a job, bytes", size=True
     )
-    max_params_depth: int = field(
-        default=16, metadata={"help": "deepest nesting of objects and lists in params or metadata"}
+    max_params_depth: int = setting(
+        16, help="deepest nesting of objects and lists in params or metadata"
     )
-    max_text: int = field(
-        default=4096,
-        metadata={"help": "longest progress, cancel or error message (longer errors are cut)"},
+    max_text: int = setting(
+        4096, help="longest progress, cancel or error message (longer errors are cut)"
     )
-    max_name: int = field(
-        default=128, metadata={"help": "longest worker id, version or idempotency key"}
+    max_name: int = setting(128, help="longest worker id, version or idempotency key")
+    max_items: int = setting(
+        256, help="most entries in a repeated field or map (inputs, outputs, kinds...)"
     )
-    max_items: int = field(
-        default=256,
-        metadata={"help": "most entries in a repeated field or map (inputs, outputs, kinds...)"},
-    )
-    max_inline_bytes: int = field(
-        default=16 << 20,
-        metadata={"help": "largest inline inputs of one job together; larger go through blobs"},
+    max_inline_bytes: int = setting(
+        16 << 20,
+        help="largest inline inputs of one job together; larger go through blobs",
+        size=True,
     )
 
     def __post_init__(self) -> None:

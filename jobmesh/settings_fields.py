@@ -4,7 +4,8 @@ are read or made from these declarations by the functions here.
 
 A field is declared with `setting(default, help=..., parse=..., read=...)`; the variable is
 `JOBMESH_<NAME>`, the flag `--<name>` and the TOML key `[table] <name>`, unless declared
-otherwise. Fields declared without `setting` are internal: not set from outside.
+otherwise; without `read` it is not in a file. Fields declared without `setting` are
+internal: not set from outside.
 """
 
 from __future__ import annotations
@@ -29,6 +30,20 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * _SIZE_UNITS[match[2] or ""])
 
 
+def typed(kind: Callable[[str], T]) -> Callable[[str], T]:
+    """`kind` (int, float) as a parse whose error says "expected int, got 'many'"."""
+    name = getattr(kind, "__name__", "value")
+
+    def parse(text: str) -> T:
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"expected {name}, got {text!r}") from None
+
+    parse.__name__ = name
+    return parse
+
+
 def concat(parts: Iterable[tuple[Any, ...]]) -> tuple[Any, ...]:
     """Values of a repeated flag, one after the other."""
     return tuple(chain.from_iterable(parts))
@@ -46,7 +61,7 @@ class Setting:
     help: str
     parse: Callable[[str], Any]
     """Reads the text of the environment variable and of each flag."""
-    read: Callable[[Any], Any] | None
+    read: Callable[[Any], Any] | None = None
     """Reads the TOML value (the whole table if `whole`); None: not in the file."""
     name: str | None = None
     """The variable's, flag's and TOML key's name, if not the field's."""
@@ -67,10 +82,16 @@ class Setting:
     """File, environment and flags are combined (with `combine`) rather than replaced."""
     shown: str | None = None
     """The default as the README shows it, if not the value itself."""
+    size: bool = False
+    """A byte count: the README shows a default of whole MiB or GiB in those units."""
 
 
 def setting(default: Any = MISSING, *, factory: Callable[[], Any] | None = None, **how: Any) -> Any:
-    """A field set from outside: `how` is `Setting`'s fields."""
+    """A field set from outside: `how` is `Setting`'s fields. Without `parse`, the text is
+    read as the default's type (int, float or str)."""
+    if "parse" not in how:
+        assert type(default) in (int, float, str), "declare `parse` for this type"
+        how["parse"] = typed(type(default))
     metadata = {"setting": Setting(**how)}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
@@ -229,13 +250,14 @@ def toml_size(value: object) -> int:
     return parse_size(value) if isinstance(value, str) else toml_int(value)
 
 
-def markdown_rows(cls: type) -> list[str]:
-    """A README table row per setting: flag, env, config file key, default, help."""
+def markdown_rows(cls: type, *, file: bool = True) -> list[str]:
+    """A README table row per setting: flag, env, config file key (if `file`), default, help."""
     rows = []
     for f, how in settings_of(cls):
         env = f"`{env_name(f)}`" if how.env else ""
         key = "" if how.read is None else how.file_key or f"`[{how.table}]` {key_name(f)}"
-        rows.append(f"| `{flag_name(f)}` | {env} | {key} | {shown_default(f)} | {how.help} |")
+        cells = [f"`{flag_name(f)}`", env, *([key] if file else []), shown_default(f), how.help]
+        rows.append(f"| {' | '.join(cells)} |")
     return rows
 
 
@@ -251,4 +273,7 @@ def shown_default(f: Field[Any]) -> str:
         return ""
     if isinstance(value, float):
         return f"`{value:g}` s"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if how.size and isinstance(value, int) and value >= size and value % size == 0:
+            return f"{value // size} {unit}"
     return f"`{value}`"

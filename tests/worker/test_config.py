@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +10,6 @@ import pytest
 
 from jobmesh.cli.services import _replica_flags, serve_parser
 from jobmesh.settings_fields import env_name, flag_name, settings_of
-from tests.cluster import ROOT
 from worker_service.app import add_arguments, settings_from_args
 from worker_service.config import WorkerSettings, markdown_table, parse_size
 
@@ -113,29 +108,6 @@ def test_serve_passes_its_replica_settings_on_as_the_workers_flags(
     assert (replica.labels, replica.max_job_memory_bytes) == ((("zone", "a"),), 1 << 30)
     assert (replica.products, replica.drain_grace) == (("builtin",), 2.5)
     assert "--max-queued" not in _replica_flags(given)  # a gateway setting
-
-
-def test_a_busy_port_is_one_line_and_exit_code_3(tmp_path: Path) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        listen = f"127.0.0.1:{busy.getsockname()[1]}"
-        for command in (
-            [sys.executable, "-m", "gateway"],
-            [str(Path(sys.executable).parent / "jobmesh"), "serve", "--workers", "0"],
-        ):
-            done = subprocess.run(
-                [*command, "--listen", listen, "--db", str(tmp_path / "jobs.db")],
-                cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert (done.returncode, done.stderr) == (
-                3,
-                f"jobmesh: cannot listen on {listen}: address already in use\n",
-            )
 
 
 def from_flags(*argv: str) -> WorkerSettings:
