@@ -90,7 +90,7 @@ class Gateway:
         # Before anything is opened, and so that grpc has no reason to log.
         check_listen(self.settings.listen)
         if self.settings.metrics_port:
-            check_listen(f"{self.settings.metrics_host}:{self.settings.metrics_port}")
+            check_listen(f"{self.settings.metrics_bind}:{self.settings.metrics_port}")
         telemetry.setup("jobmesh-gateway")
         await self._store.open(self._hub.publish)
         try:
@@ -160,7 +160,7 @@ class Gateway:
         self.metrics.watch_workers(lambda: self._scheduler.sessions, asyncio.get_running_loop())
         if self.settings.metrics_port:
             self._metrics_server = MetricsServer(
-                self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port
+                self.metrics.registry, self.settings.metrics_bind, self.settings.metrics_port
             )
             self._metrics_server.start()
         for name in ("", *SERVICE_NAMES):

@@ -18,7 +18,7 @@ from jobmesh import settings_fields as sf
 from jobmesh.limits import Limits
 from jobmesh.logs import check_format
 from jobmesh.metrics import check_port
-from jobmesh.settings import DEFAULT_MAX_MESSAGE_BYTES, parse_address
+from jobmesh.settings import DEFAULT_MAX_MESSAGE_BYTES, is_loopback, parse_address
 from jobmesh.settings_fields import setting
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -87,7 +87,33 @@ class GatewaySettings:
     port_file: str = setting("", help="write the bound port to this file once serving")
     metrics_port: int = setting(0, help="port of Prometheus /metrics (0: not served)")
     metrics_host: str = setting(
-        "0.0.0.0", help="address /metrics binds (all: a pod can be scraped)"
+        "", help="address /metrics binds (default: the --listen host; 0.0.0.0 in a pod)"
+    )
+    tls_cert: str = setting(
+        "",
+        help="PEM certificate chain; with --tls-key the gateway serves TLS (both files are "
+        "read again when they change, as cert-manager rotates them)",
+    )
+    tls_key: str = setting("", help="PEM private key of --tls-cert")
+    tls_client_ca: str = setting(
+        "",
+        help="PEM CA of client and worker certificates: the gateway then also serves "
+        "--mtls-listen, where a verified certificate authenticates the caller",
+    )
+    mtls_listen: str = setting(
+        "", help="HOST:PORT that requires a client certificate (needs --tls-client-ca)"
+    )
+    insecure: bool = setting(
+        False,
+        help="serve without TLS on an address other than loopback (refused otherwise)",
+        parse=sf.parse_bool,
+        switch=True,
+        metavar="",
+    )
+    auth_file: str = setting(
+        "",
+        help="TOML file of principals (token SHA-256, tenant, roles; read again when it "
+        "changes); without it every caller is an admin of tenant default",
     )
     log_format: str = setting(
         "text", help="text, or json: one object per line with job and trace ids", parse=str.lower
@@ -146,6 +172,31 @@ class GatewaySettings:
             object.__setattr__(self, "limits", replace(self.limits, **capped))
         check_port(self.metrics_port)
         check_format(self.log_format)
+        self._check_transport()
+
+    def _check_transport(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        if bool(self.mtls_listen) != bool(self.tls_client_ca):
+            raise ValueError("mtls_listen and tls_client_ca go together")
+        if self.mtls_listen:
+            parse_address(self.mtls_listen)
+        if not self.tls_cert and not self.insecure and not is_loopback(self.listen):
+            raise ValueError(
+                f"refusing to serve {self.listen} without TLS: give --tls-cert and --tls-key, "
+                "or --insecure to accept that anyone on the network can read and forge calls"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    @property
+    def metrics_bind(self) -> str:
+        """The host /metrics binds: --metrics-host, else the --listen host."""
+        return self.metrics_host or parse_address(self.listen)[0]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:

@@ -44,6 +44,16 @@ def typed(kind: Callable[[str], T]) -> Callable[[str], T]:
     return parse
 
 
+def parse_bool(text: str) -> bool:
+    """true/false, yes/no, on/off or 1/0; ValueError else."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 def concat(parts: Iterable[tuple[Any, ...]]) -> tuple[Any, ...]:
     """Values of a repeated flag, one after the other."""
     return tuple(chain.from_iterable(parts))
@@ -83,6 +93,8 @@ class Setting:
     shown: str | None = None
     """The default as the README shows it, if not the value itself."""
     size: bool = False
+    switch: bool = False
+    """A boolean flag: given alone (`--insecure`) it means true."""
     """A byte count: the README shows a default of whole MiB or GiB in those units."""
 
 
@@ -156,6 +168,7 @@ def add_arguments(
             continue
         env = f"env {env_name(f)}; " if how.env else ""
         default = shown_default(f).replace("`", "") or "none"
+        switch: dict[str, Any] = {"nargs": "?", "const": True} if how.switch else {}
         parser.add_argument(
             flag_name(f),
             dest=f.name,
@@ -164,6 +177,7 @@ def add_arguments(
             metavar=how.metavar,
             default=argparse.SUPPRESS,
             help=f"{how.help}{notes.get(f.name, '')} ({env}default {default})",
+            **switch,
         )
 
 
