@@ -20,9 +20,10 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-from gateway import config
+from gateway import config, tls
 from gateway.admin_service import AdminService
-from gateway.blob_service import BlobService
+from gateway.auth import Authenticator
+from gateway.blob_service import BlobAccess, BlobService
 from gateway.blobs import BlobStore
 from gateway.config import GatewaySettings
 from gateway.interceptors import ErrorInterceptor
@@ -64,7 +65,11 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
+        # Read first: a bad auth file is the one line of a failed start (AuthFileError).
+        self._auth = Authenticator(settings.auth_file, certificates=bool(settings.tls_client_ca))
         self.port = 0
+        self.mtls_port = 0
+        """The port of --mtls-listen, where client certificates are required (0: none)."""
         self._hub = EventHub()
         self._store = SqliteStore(settings.db, retention=settings.retention)
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
@@ -89,8 +94,12 @@ class Gateway:
         """Binds, serves and returns the port; OSError, with nothing left open, if it cannot."""
         # Before anything is opened, and so that grpc has no reason to log.
         check_listen(self.settings.listen)
+        if self.settings.mtls_listen:
+            check_listen(self.settings.mtls_listen)
+        self._credentials = tls.port_credentials(self.settings)
         if self.settings.metrics_port:
             check_listen(f"{self.settings.metrics_bind}:{self.settings.metrics_port}")
+        log.info("%s", self._auth.mode)  # the first line once it can serve: who may call
         telemetry.setup("jobmesh-gateway")
         await self._store.open(self._hub.publish)
         try:
@@ -106,7 +115,7 @@ class Gateway:
         recovered = await self._scheduler.recover()
         retention = Retention(self._store, self._blobs, blob_grace=self.settings.blob_grace)
         self._retention = asyncio.create_task(retention.run(self.settings.sweep_interval))
-        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]  # type: ignore[type-arg]
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(self._auth.authorize)]  # type: ignore[type-arg]
         if telemetry.enabled():
             # The worker sessions live as long as the workers: no span for them.
             not_sessions = filters.negate(filters.service_name(SERVICE_NAMES[1]))
@@ -138,7 +147,12 @@ class Gateway:
             AdminService(self._scheduler, self.metrics), server
         )
         blob_service_pb2_grpc.add_BlobServiceServicer_to_server(
-            BlobService(self._blobs, self.settings.max_transfers), server
+            BlobService(
+                self._blobs,
+                self.settings.max_transfers,
+                BlobAccess(self._store, self._blobs, self._scheduler.holds_blob),
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -149,12 +163,10 @@ class Gateway:
             ),
             server,
         )
-        try:
-            self.port = server.add_insecure_port(self.settings.listen)
-        except RuntimeError:  # taken since check_listen
-            self.port = 0
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.settings.listen}")
+        main, mtls = self._credentials
+        self.port = _add_port(server, self.settings.listen, main)
+        if mtls is not None:
+            self.mtls_port = _add_port(server, self.settings.mtls_listen, mtls)
         await server.start()
         self._server = server
         self.metrics.watch_workers(lambda: self._scheduler.sessions, asyncio.get_running_loop())
@@ -168,10 +180,13 @@ class Gateway:
         if self.settings.port_file:
             _write_atomically(Path(self.settings.port_file), f"{self.port}\n")
         host = self.settings.listen.rpartition(":")[0]
+        ports = f"{host}:{self.port} {'over TLS' if main else 'in plaintext'}"
+        if self.mtls_port:
+            mtls_host = self.settings.mtls_listen.rpartition(":")[0]
+            ports += f", {mtls_host}:{self.mtls_port} over TLS with client certificates"
         log.info(
-            "gateway listening on %s:%d (db %s, %d unfinished jobs recovered)",
-            host,
-            self.port,
+            "gateway listening on %s (db %s, %d unfinished jobs recovered)",
+            ports,
             self.settings.db,
             recovered,
         )
@@ -206,6 +221,22 @@ class Gateway:
     async def wait_closed(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _add_port(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Serves `address` (TLS with `credentials`) and returns its port; OSError if it cannot."""
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # taken since check_listen
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return port
 
 
 def check_listen(listen: str) -> None:
@@ -326,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
     except ValueError as exc:
-        parser.error(str(exc))
+        # One line, not argparse's usage: the flags parsed; their values do not fit.
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     logs.configure(args.log_level, settings.log_format)
     return run(settings)

@@ -2,7 +2,8 @@
 
 Uploads stream chunk by chunk into a temporary file while the hash is computed, and
 are renamed into place only when the size and hash check out; a blob is therefore
-either whole or absent. Identical payloads are kept once.
+either whole or absent. Identical payloads are kept once, whoever uploaded them: which
+tenant may see which blob is `gateway.blob_service.BlobAccess`'s to say.
 
 Nothing here knows which jobs use a blob: `sweep` asks the job store. A blob's mtime
 is when it was last uploaded or referenced; one that no job references is deleted once
@@ -23,7 +24,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from jobmesh.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
 from jobmesh.v1 import job_pb2
@@ -42,6 +43,29 @@ _MAX_SCAN = 100_000
 
 # Which of these blobs some job references.
 Referenced = Callable[[Collection[str]], Awaitable[set[str]]]
+
+
+def check_id(blob_id: str) -> None:
+    """InvalidArgument unless `blob_id` is one (64 lowercase hex digits)."""
+    if not _BLOB_ID.fullmatch(blob_id):
+        raise InvalidArgument(f"{blob_id[:80]!r} is not a blob id (64 hex digits)", "blob_id")
+
+
+def not_found(blob_id: str) -> NotFound:
+    """What a Download of a blob that does not exist gets, and one of a blob the caller may
+    not see: the same, so that nobody learns by its hash that some content is stored."""
+    return NotFound(f"no blob {blob_id}")
+
+
+def missing(blob_id: str, field: str) -> InvalidArgument:
+    """What a job naming a blob that does not exist (or that its tenant may not see) gets."""
+    return InvalidArgument(f"no blob {blob_id}; upload it first", field)
+
+
+class Saved(NamedTuple):
+    ref: job_pb2.BlobRef
+    created: bool
+    """The blob's file was made by this upload (rather than kept once, from an earlier one)."""
 
 
 class BlobStore:
@@ -75,8 +99,7 @@ class BlobStore:
             log.info("removed %d partial uploads left in %s", removed, root)
 
     def _path(self, blob_id: str) -> Path:
-        if not _BLOB_ID.fullmatch(blob_id):
-            raise InvalidArgument(f"{blob_id[:80]!r} is not a blob id (64 hex digits)", "blob_id")
+        check_id(blob_id)
         return self.root / blob_id[:2] / blob_id
 
     def size(self, blob_id: str) -> int | None:
@@ -94,7 +117,7 @@ class BlobStore:
         """
         size = self._touch(self._path(ref.id))
         if size is None:
-            raise InvalidArgument(f"no blob {ref.id}; upload it first", field)
+            raise missing(ref.id, field)
         if size != ref.size:
             raise InvalidArgument(f"blob {ref.id} has {size} bytes, not {ref.size}", field)
 
@@ -119,7 +142,12 @@ class BlobStore:
             ) from None
 
     async def put(self, size: int, sha256: str, chunks: AsyncIterator[bytes]) -> job_pb2.BlobRef:
+        return (await self.save(size, sha256, chunks)).ref
+
+    async def save(self, size: int, sha256: str, chunks: AsyncIterator[bytes]) -> Saved:
+        """Stores an upload of `size` bytes (and hash `sha256`, if given) whole or not at all."""
         self.admit(size, sha256)
+        created = False
         digest = hashlib.sha256()
         received = 0
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=_PARTIAL_PREFIX)
@@ -147,18 +175,19 @@ class BlobStore:
             if self._touch(path) is None:
                 path.parent.mkdir(exist_ok=True)
                 os.replace(tmp, path)
+                created = True
         finally:
             self._uploading.discard(os.path.basename(tmp))
             with contextlib.suppress(FileNotFoundError):  # renamed into place: nothing left
                 os.unlink(tmp)
-        return job_pb2.BlobRef(id=blob_id, size=size)
+        return Saved(job_pb2.BlobRef(id=blob_id, size=size), created)
 
     async def read(self, blob_id: str, offset: int) -> AsyncIterator[bytes]:
         path = self._path(blob_id)
         try:
             handle = await asyncio.to_thread(path.open, "rb")
         except FileNotFoundError:
-            raise NotFound(f"no blob {blob_id}") from None
+            raise not_found(blob_id) from None
         with handle:
             size = os.fstat(handle.fileno()).st_size
             if offset > size:

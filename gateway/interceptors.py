@@ -1,9 +1,13 @@
-"""The one boundary where errors become gRPC status codes.
+"""The one boundary where errors become gRPC status codes, and where calls are checked.
 
 A JobmeshError is answered with its code and message. A request that does not
 parse is answered INVALID_ARGUMENT, with one log line (at most one a second),
 not a traceback. Anything else is a bug: it is logged with its traceback and
 answered INTERNAL with a generic message, and the server keeps serving.
+
+Before a handler runs, the guard (`gateway.auth.Authenticator.authorize`) authenticates
+the call and checks its roles; what it refuses (Unauthenticated, PermissionDenied) is
+answered like any JobmeshError, before the request is looked at.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ else:
 
 Behavior = Callable[..., Any]
 Deserializer = Callable[[bytes], Any]
+Guard = Callable[[str, "grpc.aio.ServicerContext[Any, Any]"], None]
+"""Raises a JobmeshError unless the call (method, context) may go ahead."""
 
 
 class _Malformed:
@@ -101,9 +107,11 @@ def _request(request: Any, method: str) -> Any:
     return request
 
 
-def _wrap_unary(behavior: Behavior, method: str) -> Behavior:
+def _wrap_unary(behavior: Behavior, method: str, guard: Guard | None) -> Behavior:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
         try:
+            if guard is not None:
+                guard(method, context)
             return await behavior(_request(request, method), context)
         except grpc.aio.AbortError:
             raise
@@ -113,11 +121,13 @@ def _wrap_unary(behavior: Behavior, method: str) -> Behavior:
     return wrapper
 
 
-def _wrap_stream(behavior: Behavior, method: str) -> Behavior:
+def _wrap_stream(behavior: Behavior, method: str, guard: Guard | None) -> Behavior:
     if inspect.isasyncgenfunction(behavior):
 
         async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # type: ignore[type-arg]
             try:
+                if guard is not None:
+                    guard(method, context)
                 async for response in behavior(_request(request, method), context):
                     yield response
             except grpc.aio.AbortError:
@@ -126,10 +136,16 @@ def _wrap_stream(behavior: Behavior, method: str) -> Behavior:
                 await _abort(context, exc, method)
 
         return generator
-    return _wrap_unary(behavior, method)
+    return _wrap_unary(behavior, method, guard)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Maps errors to status codes; with a `guard`, runs it first in every call's task (so
+    what it sets in a context variable is that call's)."""
+
+    def __init__(self, guard: Guard | None = None) -> None:
+        self._guard = guard
+
     async def intercept_service(
         self,
         continuation: Callable[
@@ -147,18 +163,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         }
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method), **kwargs
+                _wrap_unary(handler.unary_unary, method, self._guard), **kwargs
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method), **kwargs
+                _wrap_stream(handler.unary_stream, method, self._guard), **kwargs
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method), **kwargs
+                _wrap_unary(handler.stream_unary, method, self._guard), **kwargs
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method), **kwargs
+                _wrap_stream(handler.stream_stream, method, self._guard), **kwargs
             )
         return handler

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
 
-from gateway import validation
+from gateway import auth, validation
+from gateway.blob_service import BlobAccess
 from gateway.blobs import BlobStore
 from gateway.jobs import S, ts_seconds
 from gateway.scheduler import Scheduler
@@ -20,13 +21,13 @@ from jobmesh.errors import InvalidArgument, ResourceExhausted
 from jobmesh.limits import Limits
 from jobmesh.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
-# Until authentication exists every caller is this tenant.
-DEFAULT_TENANT = "default"
 TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 
 
 def tenant_of(context: grpc.aio.ServicerContext) -> str:  # type: ignore[type-arg]
-    return DEFAULT_TENANT
+    """The tenant whose jobs the caller sees: its principal's, never one from the request
+    (`ANY_TENANT` for an admin of every tenant)."""
+    return auth.principal().tenant
 
 
 def peer_host(peer: str) -> str:
@@ -64,7 +65,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         max_page_bytes: int,
     ) -> None:
         self._scheduler = scheduler
-        self._blobs = blobs
+        self._access = BlobAccess(store, blobs, scheduler.holds_blob)
         self._store = store
         self._hub = hub
         self._limits = limits
@@ -86,21 +87,34 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             job=item.job, existing=item.existing, warnings=warnings
         )
 
-    def _check(self, spec: job_pb2.JobSpec, field: str = "spec") -> None:
+    async def _check(self, spec: job_pb2.JobSpec, tenant: str, field: str = "spec") -> None:
         # The params are stored as the client sent them: checked here, never re-encoded.
         validation.spec(spec, self._limits, field, self._scheduler.params_schema(spec.kind))
         for name, ref in spec.input_blobs.items():
-            self._blobs.check(ref, f"{field}.input_blobs.{name}")
+            await self._access.check(tenant, ref, f"{field}.input_blobs.{name}")
+
+    async def _submit(
+        self,
+        specs: Sequence[job_pb2.JobSpec],
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        *,
+        batch: bool = False,
+    ) -> list[Inserted]:
+        """Checks and queues jobs of the caller's tenant, recording who submitted them."""
+        who = auth.principal()
+        tenant = who.home_tenant
+        for i, spec in enumerate(specs):
+            await self._check(spec, tenant, f"specs[{i}]" if batch else "spec")
+        return await self._scheduler.submit(
+            tenant, specs, trace_context_of(context), submitted_by=who.name
+        )
 
     async def Submit(
         self,
         request: job_service_pb2.SubmitRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> job_service_pb2.SubmitResponse:
-        self._check(request.spec)
-        [item] = await self._scheduler.submit(
-            tenant_of(context), [request.spec], trace_context_of(context)
-        )
+        [item] = await self._submit([request.spec], context)
         return self._response(item)
 
     async def SubmitBatch(
@@ -112,11 +126,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             raise InvalidArgument("must hold at least one spec", "specs")
         if len(request.specs) > self._max_batch:
             raise InvalidArgument(f"at most {self._max_batch} specs in one batch", "specs")
-        for i, spec in enumerate(request.specs):
-            self._check(spec, f"specs[{i}]")
-        items = await self._scheduler.submit(
-            tenant_of(context), request.specs, trace_context_of(context)
-        )
+        items = await self._submit(request.specs, context, batch=True)
         return job_service_pb2.SubmitBatchResponse(results=[self._response(i) for i in items])
 
     async def Get(
@@ -144,11 +154,9 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         request: job_service_pb2.RunRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> AsyncIterator[job_service_pb2.RunResponse]:
-        self._check(request.spec)
-        tenant = tenant_of(context)
         with self._watching(context):
-            [item] = await self._scheduler.submit(tenant, [request.spec], trace_context_of(context))
-            async for event in self._events(tenant, item.job.id, 0):
+            [item] = await self._submit([request.spec], context)
+            async for event in self._events(tenant_of(context), item.job.id, 0):
                 yield job_service_pb2.RunResponse(event=event)
 
     async def Cancel(
@@ -158,7 +166,9 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     ) -> job_service_pb2.CancelResponse:
         job_id = validation.job_id(request.job_id)
         self._limits.text(request.reason, "reason")
-        job = await self._scheduler.cancel(tenant_of(context), job_id, request.reason)
+        job = await self._scheduler.cancel(
+            tenant_of(context), job_id, request.reason, by=auth.principal().name
+        )
         return job_service_pb2.CancelResponse(job=job)
 
     async def List(

@@ -9,6 +9,8 @@ An attempt is fenced by (job id, attempt number) and by the session that owns it
 anything else a worker says about a job is ignored. When a worker's stream breaks,
 its attempts are orphaned for `reattach_grace`: if the same worker comes back and
 reports them running (or finished), it takes them back; otherwise they are retried.
+"The same worker" is its identity: the credential it attached with and its worker id.
+One session per identity is live: a newer one replaces it and its stream is ended.
 """
 
 from __future__ import annotations
@@ -33,14 +35,14 @@ from gateway.jobs import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.queues import Entry, KindQueues
-from gateway.store import Inserted, JobStore
+from gateway.store import ANY_TENANT, Inserted, JobStore
 from gateway.timers import Timers
 from gateway.tracing import JobTracer
-from gateway.workers import AttemptKey, WorkerSession
+from gateway.workers import AttemptKey, SessionReplaced, WorkerSession
 from jobmesh import codes
 from jobmesh.codes import Code
 from jobmesh.convert import TERMINAL_STATES, state_name
-from jobmesh.errors import InvalidArgument, NotFound, ResourceExhausted
+from jobmesh.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from jobmesh.limits import payload_bytes
 from jobmesh.logs import job_fields
 from jobmesh.params import Schema
@@ -76,8 +78,9 @@ class Scheduler:
         self._queued = 0
         """Active jobs in state QUEUED, waiting in a queue or for a retry's backoff."""
         self._owner: dict[str, WorkerSession] = {}
-        self._orphans: dict[str, tuple[int, str]] = {}
-        """Job id -> (attempt, worker id) of attempts whose worker's stream broke."""
+        self._orphans: dict[str, tuple[int, str, str | None]] = {}
+        """Job id -> (attempt, worker id, credential) of attempts whose worker's stream broke;
+        the credential is None for those recovered from the store, which does not keep it."""
         self._sessions: dict[str, WorkerSession] = {}
         self._kinds_seen: set[str] = set()
         self._schemas: dict[str, Schema] = {}
@@ -104,7 +107,7 @@ class Scheduler:
                 self._enqueue(job)
             else:
                 # Its worker may still run it and re-attach to this gateway.
-                self._orphan(job, job.worker_id)
+                self._orphan(job, job.worker_id, None)
         self._dispatch()
         return len(jobs)
 
@@ -132,7 +135,10 @@ class Scheduler:
         tenant: str,
         specs: Sequence[job_pb2.JobSpec],
         trace_context: Mapping[str, str] | None = None,
+        *,
+        submitted_by: str = "",
     ) -> list[Inserted]:
+        """Queues new jobs of `tenant`; `submitted_by` is the principal's name they record."""
         limit = self._settings.max_queued
         if self._queued + len(specs) > limit:
             raise ResourceExhausted(
@@ -147,7 +153,7 @@ class Scheduler:
             )
         self._submitting_bytes += inline
         try:
-            return await self._insert(tenant, specs, trace_context)
+            return await self._insert(tenant, specs, trace_context, submitted_by)
         finally:
             self._submitting_bytes -= inline
 
@@ -156,11 +162,17 @@ class Scheduler:
         tenant: str,
         specs: Sequence[job_pb2.JobSpec],
         trace_context: Mapping[str, str] | None,
+        submitted_by: str,
     ) -> list[Inserted]:
         jobs, events = [], []
         for spec in specs:
             job = job_pb2.Job(
-                id=new_job_id(), tenant=tenant, spec=spec, state=S.JOB_STATE_QUEUED, attempt=1
+                id=new_job_id(),
+                tenant=tenant,
+                spec=spec,
+                state=S.JOB_STATE_QUEUED,
+                attempt=1,
+                submitted_by=submitted_by,
             )
             job.create_time.CopyFrom(now())
             job.trace_context.update(trace_context or {})
@@ -198,15 +210,32 @@ class Scheduler:
             raise NotFound(f"job {job_id!r} not found")
         return job
 
-    async def cancel(self, tenant: str, job_id: str, reason: str) -> job_pb2.Job:
+    async def cancel(self, tenant: str, job_id: str, reason: str, *, by: str = "") -> job_pb2.Job:
+        """Cancels `tenant`'s job (any tenant's for ANY_TENANT); `by` is the principal's name
+        it records. Another tenant's job is NotFound, as an unknown one."""
         job = self._active.get(job_id)
-        if job is None or job.tenant != tenant:
+        if job is None or tenant not in (ANY_TENANT, job.tenant):
             # Terminal already (cancel is idempotent), or unknown.
             return await self.get(tenant, job_id)
         error = Code.CANCELLED.error(reason or "cancelled on request")
         self._stop_attempt(job, error)
+        job.cancelled_by = by
         await self._end(job, S.JOB_STATE_CANCELLED, error=error)
         return job
+
+    def holds_blob(self, principal: str, tenant: str, blob_id: str) -> bool:
+        """Whether a session of the worker principal holds a live attempt of a job of
+        `tenant` (any tenant's for ANY_TENANT) that takes the blob as an input: what a
+        worker may download."""
+        for job_id, session in self._owner.items():
+            if session.principal != principal:
+                continue
+            job = self._active.get(job_id)
+            if job is None or tenant not in (ANY_TENANT, job.tenant):
+                continue
+            if any(ref.id == blob_id for ref in job.spec.input_blobs.values()):
+                return True
+        return False
 
     # --- worker sessions ------------------------------------------------------
 
@@ -220,8 +249,33 @@ class Scheduler:
         running: Iterable[AttemptKey],
         schemas: Mapping[str, Schema] | None = None,
     ) -> None:
-        for old in [s for s in self._sessions.values() if s.worker_id == session.worker_id]:
-            self.detach(old, "replaced by a new session of the same worker")
+        """Adds a session, replacing (and closing) the live one of the same identity.
+
+        Raises PermissionDenied if another credential has a live session with the same
+        worker id: a credential cannot take over another one's worker.
+        """
+        same = [s for s in self._sessions.values() if s.worker_id == session.worker_id]
+        if any(old.principal != session.principal for old in same):
+            raise PermissionDenied(
+                f"worker {session.worker_id!r} is attached with another credential; "
+                "a credential cannot take over another one's worker (give this worker "
+                "another --worker-id)"
+            )
+        for old in same:
+            log.warning(
+                "worker %s attached again from %s while its session from %s was live; "
+                "closing the older one (two processes with one worker id take turns)",
+                session.worker_id,
+                session.peer,
+                old.peer,
+            )
+            self.detach(old, f"replaced by a newer session from {session.peer}")
+            old.close(
+                SessionReplaced(
+                    f"worker {session.worker_id} attached again from {session.peer} "
+                    "(a newer session); this session is closed"
+                )
+            )
         self._sessions[session.session_id] = session
         self._kinds_seen.update(session.kinds)
         self._schemas.update(schemas or {})
@@ -261,11 +315,13 @@ class Scheduler:
                 self._attempt_failed(job, lost, backoff=False)
             else:
                 del self._owner[job_id]
-                self._orphan(job, session.worker_id)
+                self._orphan(job, session.worker_id, session.principal)
         self._dispatch()
 
     def handle(self, session: WorkerSession, request: dispatcher_pb2.SessionRequest) -> None:
         """Applies everything one (possibly coalesced) worker message reports."""
+        if self._sessions.get(session.session_id) is not session:
+            return  # detached or replaced: what it still says is fenced off with it
         if request.HasField("draining") and not session.draining:
             session.draining = True
             log.info("worker %s is draining", session.worker_id)
@@ -403,7 +459,8 @@ class Scheduler:
     def _current(self, job_id: str, attempt: int, session: WorkerSession) -> job_pb2.Job | None:
         """The job if (job_id, attempt) is its live attempt on this session, else None.
 
-        An orphaned attempt of the same worker is taken back by the new session here.
+        An orphaned attempt of the same worker (credential and worker id) is taken back by
+        the new session here.
         """
         job = self._active.get(job_id)
         if job is None or job.attempt != attempt:
@@ -411,7 +468,13 @@ class Scheduler:
         owner = self._owner.get(job_id)
         if owner is session:
             return job
-        if owner is None and self._orphans.get(job_id) == (attempt, session.worker_id):
+        orphan = self._orphans.get(job_id)
+        if (
+            owner is None
+            and orphan is not None
+            and orphan[:2] == (attempt, session.worker_id)
+            and orphan[2] in (None, session.principal)
+        ):
             del self._orphans[job_id]
             self._owner[job_id] = session
             if (job_id, attempt) not in session.inflight:
@@ -419,13 +482,13 @@ class Scheduler:
             return job
         return None
 
-    def _orphan(self, job: job_pb2.Job, worker_id: str) -> None:
+    def _orphan(self, job: job_pb2.Job, worker_id: str, principal: str | None) -> None:
         job_id, attempt = job.id, job.attempt
-        self._orphans[job_id] = (attempt, worker_id)
+        self._orphans[job_id] = (attempt, worker_id, principal)
         grace = self._settings.reattach_grace
 
         def expire() -> None:
-            if self._orphans.get(job_id, (0, ""))[0] != attempt:
+            if self._orphans.get(job_id, (0, "", None))[0] != attempt:
                 return
             del self._orphans[job_id]
             lost = Code.WORKER_LOST.error(f"worker {worker_id} did not come back within {grace:g}s")

@@ -5,6 +5,10 @@ pinger that declares the worker dead when pongs stop, and this coroutine
 writing the session's outbox (coalesced) to the stream. Whichever ends first
 ends the session; the scheduler then sends its unfinished attempts back to the
 queue.
+
+A worker's identity is its credential plus the worker id it declares, which the
+credential must allow (`check_worker_id`). A newer session of the same identity
+replaces the live one, whose stream then ends ABORTED saying so (`SessionReplaced`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import fnmatch
 import logging
 import time
 import uuid
@@ -20,17 +25,39 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf import duration_pb2
 
-from gateway import validation
+from gateway import auth, validation
 from gateway.config import GatewaySettings
 from gateway.scheduler import Scheduler
 from gateway.workers import WorkerSession
-from jobmesh.errors import InvalidArgument
+from jobmesh.errors import InvalidArgument, PermissionDenied
 from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 # A worker that dials and says nothing is dropped after this many seconds.
 ATTACH_TIMEOUT = 10.0
+
+
+def check_worker_id(principal: auth.Principal, worker_id: str) -> None:
+    """Refuses a worker id the credential may not attach as: one that neither matches its
+    `worker_ids` pattern nor, for a client certificate, is the certificate's name."""
+    if principal.certificate and worker_id == principal.certificate:
+        return
+    if principal.worker_ids and fnmatch.fnmatchcase(worker_id, principal.worker_ids):
+        return
+    allowed = []
+    if principal.certificate:
+        allowed.append(f"{principal.certificate!r} (its certificate's name)")
+    if principal.worker_ids:
+        allowed.append(f"a worker id matching {principal.worker_ids!r}")
+    if not allowed:
+        raise PermissionDenied(
+            f"credential {principal.name!r} may not attach workers (it has no worker_ids)"
+        )
+    raise PermissionDenied(
+        f"credential {principal.name!r} may attach only as {' or '.join(allowed)}, "
+        f"not as {worker_id!r}"
+    )
 
 
 class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
@@ -54,6 +81,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             raise InvalidArgument("the first message must carry attach", "attach")
         attach = first.attach
         schemas = validation.attach(attach, self._settings.limits, self._settings.max_worker_slots)
+        principal = auth.principal()
         session = WorkerSession(
             session_id=uuid.uuid4().hex,
             worker_id=attach.worker_id,
@@ -62,35 +90,45 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             labels=dict(attach.labels),
             version=attach.version,
             peer=context.peer(),
+            principal=principal.name,
         )
+        try:
+            check_worker_id(principal, session.worker_id)
+            # Before the Welcome, so that a refusal is the answer to the Attach.
+            self._scheduler.attach(
+                session,
+                ((r.job_id, r.attempt) for r in attach.running),
+                schemas,
+            )
+        except PermissionDenied as e:
+            log.warning("refused an attach from %s: %s", session.peer, e.message)
+            raise
         interval = duration_pb2.Duration()
         interval.FromTimedelta(datetime.timedelta(seconds=self._ping_interval))
-        await context.write(
-            dispatcher_pb2.SessionResponse(
-                welcome=dispatcher_pb2.Welcome(
-                    session_id=session.session_id, ping_interval=interval
-                )
-            )
-        )
-        self._scheduler.attach(
-            session,
-            ((r.job_id, r.attempt) for r in attach.running),
-            schemas,
-        )
-        reader = asyncio.create_task(self._read(session, requests))
-        pinger = asyncio.create_task(self._ping(session))
+        tasks: list[asyncio.Task[object]] = []
         reason = "stream ended"
         silent = False
         try:
+            await context.write(
+                dispatcher_pb2.SessionResponse(
+                    welcome=dispatcher_pb2.Welcome(
+                        session_id=session.session_id, ping_interval=interval
+                    )
+                )
+            )
+            reader = asyncio.create_task(self._read(session, requests))
+            pinger = asyncio.create_task(self._ping(session))
+            closed = asyncio.create_task(session.closed.wait())
+            tasks = [reader, pinger, closed]
             while True:
                 take = asyncio.create_task(session.outbox.take())
-                done, _ = await asyncio.wait(
-                    {take, reader, pinger}, return_when=asyncio.FIRST_COMPLETED
-                )
+                done, _ = await asyncio.wait({take, *tasks}, return_when=asyncio.FIRST_COMPLETED)
                 if take in done:
                     await context.write(take.result())
                     continue
                 take.cancel()
+                if closed in done:
+                    break
                 silent = pinger in done
                 ended = pinger if silent else reader
                 reason = ended.result() if not ended.cancelled() else "cancelled"
@@ -101,11 +139,13 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         except Exception as exc:
             reason = f"stream broke: {exc!r}"
         finally:
-            for task in (reader, pinger):
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
             self._scheduler.detach(session, reason, silent=silent)
+        if session.close_error is not None:
+            raise session.close_error
 
     async def _read(
         self, session: WorkerSession, requests: AsyncIterator[dispatcher_pb2.SessionRequest]

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import grpc
 from google.protobuf import timestamp_pb2
 
 from gateway.jobs import now
+from jobmesh.errors import JobmeshError
 from jobmesh.outbox import Outbox
 from jobmesh.v1 import admin_service_pb2, dispatcher_pb2
 
 AttemptKey = tuple[str, int]
+
+
+class SessionReplaced(JobmeshError):
+    """A newer session of the same worker identity took this one's place; its stream ends
+    with this status (ABORTED), so the worker it belonged to can say why."""
+
+    code = grpc.StatusCode.ABORTED
 
 
 @dataclass(eq=False)
@@ -27,6 +37,8 @@ class WorkerSession:
     labels: dict[str, str] = field(default_factory=dict)
     version: str = ""
     peer: str = ""
+    principal: str = ""
+    """Name of the credential the worker attached with: with `worker_id`, its identity."""
     outbox: Outbox[dispatcher_pb2.SessionResponse] = field(default_factory=Outbox)
     inflight: dict[AttemptKey, str] = field(default_factory=dict)
     """Attempts handed to the worker and not yet ended -> their kind. They hold its slots."""
@@ -46,6 +58,15 @@ class WorkerSession:
     answered: int = 0
     """Sequence number of the last ping answered."""
     stats: dispatcher_pb2.WorkerStats = field(default_factory=dispatcher_pb2.WorkerStats)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by `close`: the stream is to end with `close_error`."""
+    close_error: JobmeshError | None = None
+
+    def close(self, error: JobmeshError) -> None:
+        """Ends the session's stream with `error`'s status (the Dispatcher does it)."""
+        if self.close_error is None:
+            self.close_error = error
+        self.closed.set()
 
     @property
     def load(self) -> float:

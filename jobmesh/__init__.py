@@ -8,6 +8,7 @@ with Client() as client:  # $JOBMESH_GATEWAY, else 127.0.0.1:50051
 """
 
 from jobmesh.blocking import Client
+from jobmesh.channels import TLSConfig
 from jobmesh.client import AsyncClient, Submitted
 from jobmesh.codes import Code
 from jobmesh.convert import JobRequest, job_spec
@@ -21,7 +22,9 @@ from jobmesh.errors import (
     JobFailed,
     JobmeshError,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from jobmesh.jobs import (
@@ -64,9 +67,12 @@ __all__ = [
     "JobState",
     "JobmeshError",
     "NotFound",
+    "PermissionDenied",
     "ResourceExhausted",
     "RetryPolicy",
     "Submitted",
+    "TLSConfig",
+    "Unauthenticated",
     "Unavailable",
     "__version__",
     "job_spec",

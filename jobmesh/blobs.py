@@ -29,6 +29,8 @@ MAX_UPLOADS = 4
 
 Payload = bytes | str | os.PathLike[str]
 """Bytes, or a file's path."""
+Metadata = tuple[tuple[str, str], ...]
+"""Call metadata sent with each transfer: the caller's token and trace context."""
 
 if TYPE_CHECKING:  # the async stub exists in the generated stubs only
     Stub: TypeAlias = blob_service_pb2_grpc.BlobServiceAsyncStub
@@ -44,24 +46,28 @@ async def _chunks(source: bytes | BinaryIO) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def upload(stub: Stub, source: Payload, field: str = "source") -> job_pb2.BlobRef:
+async def upload(
+    stub: Stub, source: Payload, field: str = "source", *, metadata: Metadata = ()
+) -> job_pb2.BlobRef:
     """Uploads bytes or a file and returns the reference a job can carry; a file that cannot
     be read is an InvalidArgument naming `field`."""
     if isinstance(source, bytes):
-        return await _upload(stub, source, len(source))
+        return await _upload(stub, source, len(source), metadata)
     try:
         handle = await asyncio.to_thread(open, source, "rb")
     except OSError as e:
         raise file_error(e, source, field) from e
     try:
         with handle:
-            return await _upload(stub, handle, os.fstat(handle.fileno()).st_size)
+            return await _upload(stub, handle, os.fstat(handle.fileno()).st_size, metadata)
     except OSError as e:
         raise file_error(e, source, field) from e
 
 
-async def _upload(stub: Stub, source: bytes | BinaryIO, size: int) -> job_pb2.BlobRef:
-    call = stub.Upload()  # type: ignore[call-arg]  # written to with call.write()
+async def _upload(
+    stub: Stub, source: bytes | BinaryIO, size: int, metadata: Metadata
+) -> job_pb2.BlobRef:
+    call = stub.Upload(metadata=metadata)  # type: ignore[call-arg]  # written with call.write()
     try:
         await call.write(blob_service_pb2.UploadRequest(size=size))
         # Content goes only once the gateway said it will take it: a refusal then comes
@@ -81,20 +87,24 @@ async def _upload(stub: Stub, source: bytes | BinaryIO, size: int) -> job_pb2.Bl
 
 
 async def download(
-    stub: Stub, blob_id: str, sink: BinaryIO | str | os.PathLike[str] | None = None
+    stub: Stub,
+    blob_id: str,
+    sink: BinaryIO | str | os.PathLike[str] | None = None,
+    *,
+    metadata: Metadata = (),
 ) -> bytes:
     """The blob's content; with `sink` (a binary file, or a path) written there chunk by
     chunk instead, and b'' returned. A path gets the whole blob or nothing: it is written
     aside and renamed into place. A sink that cannot be written is an InvalidArgument."""
     if sink is None:
         parts: list[bytes] = []
-        async for chunk in _download(stub, blob_id):
+        async for chunk in _download(stub, blob_id, metadata):
             parts.append(chunk)
         return b"".join(parts)
     if isinstance(sink, str | os.PathLike):
-        await _download_to_path(stub, blob_id, Path(sink))
+        await _download_to_path(stub, blob_id, Path(sink), metadata)
         return b""
-    async for chunk in _download(stub, blob_id):
+    async for chunk in _download(stub, blob_id, metadata):
         try:
             await asyncio.to_thread(sink.write, chunk)
         except OSError as e:
@@ -102,15 +112,16 @@ async def download(
     return b""
 
 
-async def _download(stub: Stub, blob_id: str) -> AsyncIterator[bytes]:
+async def _download(stub: Stub, blob_id: str, metadata: Metadata) -> AsyncIterator[bytes]:
+    request = blob_service_pb2.DownloadRequest(blob_id=blob_id)
     try:
-        async for response in stub.Download(blob_service_pb2.DownloadRequest(blob_id=blob_id)):
+        async for response in stub.Download(request, metadata=metadata):
             yield response.chunk
     except grpc.aio.AioRpcError as e:
         raise from_rpc_error(e) from e
 
 
-async def _download_to_path(stub: Stub, blob_id: str, path: Path) -> None:
+async def _download_to_path(stub: Stub, blob_id: str, path: Path, metadata: Metadata) -> None:
     part = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
     try:
         handle = await asyncio.to_thread(part.open, "xb")
@@ -118,7 +129,7 @@ async def _download_to_path(stub: Stub, blob_id: str, path: Path) -> None:
         raise file_error(e, path, "sink") from e
     try:
         with handle:
-            async for chunk in _download(stub, blob_id):
+            async for chunk in _download(stub, blob_id, metadata):
                 await asyncio.to_thread(handle.write, chunk)
         await asyncio.to_thread(os.replace, part, path)
     except OSError as e:
@@ -132,8 +143,11 @@ class Uploads:
     many of its jobs name it. Use it with `async with`: leaving cancels what is still
     running."""
 
-    def __init__(self, stub: Stub, concurrency: int = MAX_UPLOADS) -> None:
+    def __init__(
+        self, stub: Stub, concurrency: int = MAX_UPLOADS, *, metadata: Metadata = ()
+    ) -> None:
         self._stub = stub
+        self._metadata = metadata
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: dict[object, asyncio.Task[job_pb2.BlobRef]] = {}
 
@@ -159,7 +173,7 @@ class Uploads:
 
     async def _upload(self, source: Payload, field: str) -> job_pb2.BlobRef:
         async with self._slots:
-            return await upload(self._stub, source, field)
+            return await upload(self._stub, source, field, metadata=self._metadata)
 
     async def resolve(
         self, spec: job_pb2.JobSpec, files: Mapping[str, Path], inline_limit: int
@@ -193,8 +207,10 @@ class Uploads:
         return out
 
 
-async def fetch(stub: Stub, refs: Mapping[str, job_pb2.BlobRef]) -> dict[str, bytes]:
+async def fetch(
+    stub: Stub, refs: Mapping[str, job_pb2.BlobRef], *, metadata: Metadata = ()
+) -> dict[str, bytes]:
     """Downloads every referenced blob into memory."""
     names = list(refs)
-    contents = await asyncio.gather(*(download(stub, refs[n].id) for n in names))
+    contents = await asyncio.gather(*(download(stub, refs[n].id, metadata=metadata) for n in names))
     return dict(zip(names, contents, strict=True))

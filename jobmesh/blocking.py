@@ -16,6 +16,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from opentelemetry import context as otel_context
 
+from jobmesh.channels import TLS
 from jobmesh.client import AsyncClient
 from jobmesh.errors import FailedPrecondition
 from jobmesh.settings import ClientSettings
@@ -45,9 +46,17 @@ def _iterating(
 
 
 class Client:
-    """The blocking twin of AsyncClient, with the same methods; use it with `with`."""
+    """The blocking twin of AsyncClient, with the same methods and arguments; use it with
+    `with`."""
 
-    def __init__(self, gateway: str | None = None, *, settings: ClientSettings | None = None):
+    def __init__(
+        self,
+        gateway: str | None = None,
+        *,
+        token: str | None = None,
+        tls: TLS | None = None,
+        settings: ClientSettings | None = None,
+    ):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="jobmesh-client", daemon=True
@@ -56,7 +65,7 @@ class Client:
         self._closed = False
         try:
             # grpc.aio binds a channel to the loop it is created on.
-            self._async = self._run(_open(gateway, settings))
+            self._async = self._run(_open(gateway, token, tls, settings))
         except BaseException:
             self._stop_loop()
             raise
@@ -132,8 +141,10 @@ class Client:
         self._loop.close()
 
 
-async def _open(gateway: str | None, settings: ClientSettings | None) -> AsyncClient:
-    return AsyncClient(gateway, settings=settings)
+async def _open(
+    gateway: str | None, token: str | None, tls: TLS | None, settings: ClientSettings | None
+) -> AsyncClient:
+    return AsyncClient(gateway, token=token, tls=tls, settings=settings)
 
 
 async def _next(iterator: AsyncIterator[T]) -> T:

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from jobmesh import blobs, telemetry
+from jobmesh.channels import TLS, bearer, open_channel, tls_config
 from jobmesh.convert import Input, JobRequest, SpecOptions, is_terminal, job_spec, parse_state
 from jobmesh.errors import (
     FailedPrecondition,
@@ -27,7 +28,7 @@ from jobmesh.errors import (
 )
 from jobmesh.jobs import BlobRef, Job, JobEvent, JobState
 from jobmesh.limits import Limits
-from jobmesh.settings import ClientSettings
+from jobmesh.settings import ClientSettings, is_loopback
 from jobmesh.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -72,19 +73,37 @@ class Submitted:
 class AsyncClient:
     """Talks to one gateway over one channel; use it with `async with` or call `close()`.
 
-    Without `gateway`, it is `$JOBMESH_GATEWAY`, else 127.0.0.1:50051. Every failure is a
+    Without `gateway`, it is `$JOBMESH_GATEWAY`, else 127.0.0.1:50051. `token` is sent as a
+    bearer token with every call (default `$JOBMESH_TOKEN`). `tls` is True to verify the
+    gateway against the system's roots, a CA file's path, a `TLSConfig`, or False for
+    plaintext (default: the `JOBMESH_TLS*` variables, else plaintext). Every failure is a
     `JobmeshError`.
     """
 
-    def __init__(self, gateway: str | None = None, *, settings: ClientSettings | None = None):
+    def __init__(
+        self,
+        gateway: str | None = None,
+        *,
+        token: str | None = None,
+        tls: TLS | None = None,
+        settings: ClientSettings | None = None,
+    ):
         settings = settings or ClientSettings.from_env()
         if gateway is not None:
             settings = replace(settings, gateway=gateway)
+        if token is not None:
+            settings = replace(settings, token=token)
+        if tls is not None:
+            settings = replace(settings, tls=tls_config(tls))
         self.settings = settings
         self._limits = settings.limits
         self._closed = False
-        self._channel = grpc.aio.insecure_channel(
+        self._auth = bearer(settings.token)
+        if settings.token and settings.tls is None and not is_loopback(settings.gateway):
+            log.warning("sending a token to %s without TLS, readable on the way", settings.gateway)
+        self._channel = open_channel(
             settings.gateway,
+            tls=settings.tls,
             options=[
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -113,6 +132,10 @@ class AsyncClient:
         if self._closed:
             raise FailedPrecondition("the client is closed")
 
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """Every call's metadata: the bearer token, if any, and the caller's trace context."""
+        return (*self._auth, *_traced())
+
     async def submit(
         self,
         kind: str,
@@ -128,7 +151,7 @@ class AsyncClient:
         """
         [spec] = await self._specs([job_spec(kind, params=params, inputs=inputs, **options)])
         response = await _unary(
-            self._jobs.Submit(job_service_pb2.SubmitRequest(spec=spec), metadata=_traced())
+            self._jobs.Submit(job_service_pb2.SubmitRequest(spec=spec), metadata=self._metadata())
         )
         return Submitted.of(response, self._limits)
 
@@ -139,7 +162,7 @@ class AsyncClient:
         accepted or none is. Input files are read, or uploaded when large, first."""
         specs = builtins.list(specs)
         request = job_service_pb2.SubmitBatchRequest(specs=await self._specs(specs))
-        response = await _unary(self._jobs.SubmitBatch(request, metadata=_traced()))
+        response = await _unary(self._jobs.SubmitBatch(request, metadata=self._metadata()))
         return [Submitted.of(r, self._limits) for r in response.results]
 
     async def _specs(
@@ -148,7 +171,7 @@ class AsyncClient:
         """The messages to send: files read in or uploaded, large inline inputs uploaded."""
         self._open()
         limit = self.settings.inline_limit
-        async with blobs.Uploads(self._blobs) as uploads:
+        async with blobs.Uploads(self._blobs, metadata=self._metadata()) as uploads:
             return await asyncio.gather(
                 *(
                     uploads.resolve(r.spec, r.files, limit)
@@ -161,7 +184,8 @@ class AsyncClient:
     async def upload(self, source: blobs.Payload) -> BlobRef:
         """Uploads bytes or a file in chunks; jobs can then name it among their inputs."""
         self._open()
-        return BlobRef.from_proto(await blobs.upload(self._blobs, source))
+        ref = await blobs.upload(self._blobs, source, metadata=self._metadata())
+        return BlobRef.from_proto(ref)
 
     async def download(
         self, blob_id: str, sink: BinaryIO | str | os.PathLike[str] | None = None
@@ -169,7 +193,7 @@ class AsyncClient:
         """A blob's content; with `sink`, a path or a binary file, written there chunk by
         chunk instead (and b'' returned). A path gets the whole blob or is left as it was."""
         self._open()
-        return await blobs.download(self._blobs, blob_id, sink)
+        return await blobs.download(self._blobs, blob_id, sink, metadata=self._metadata())
 
     async def outputs(self, job: Job) -> dict[str, bytes]:
         """All of a finished job's outputs, downloading those kept as blobs ({} for a job
@@ -178,12 +202,13 @@ class AsyncClient:
         if job.result is None:
             return {}
         refs = {name: ref.proto for name, ref in job.result.output_blobs.items()}
-        return {**job.result.outputs, **await blobs.fetch(self._blobs, refs)}
+        fetched = await blobs.fetch(self._blobs, refs, metadata=self._metadata())
+        return {**job.result.outputs, **fetched}
 
     async def get(self, job_id: str) -> Job:
         self._open()
         response = await _unary(
-            self._jobs.Get(job_service_pb2.GetRequest(job_id=job_id), metadata=_traced())
+            self._jobs.Get(job_service_pb2.GetRequest(job_id=job_id), metadata=self._metadata())
         )
         return Job.from_proto(response.job, self._limits)
 
@@ -191,7 +216,7 @@ class AsyncClient:
         """Cancels a queued or running job; cancelling an ended job changes nothing."""
         self._open()
         request = job_service_pb2.CancelRequest(job_id=job_id, reason=reason)
-        response = await _unary(self._jobs.Cancel(request, metadata=_traced()))
+        response = await _unary(self._jobs.Cancel(request, metadata=self._metadata()))
         return Job.from_proto(response.job, self._limits)
 
     async def watch(self, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
@@ -210,7 +235,8 @@ class AsyncClient:
         while True:
             retry.started()
             call = self._jobs.Watch(
-                job_service_pb2.WatchRequest(job_id=job_id, after_seq=last), metadata=_traced()
+                job_service_pb2.WatchRequest(job_id=job_id, after_seq=last),
+                metadata=self._metadata(),
             )
             error: grpc.aio.AioRpcError | None = None
             try:
@@ -225,7 +251,8 @@ class AsyncClient:
                         return
                 # The stream ended cleanly before the terminal event: either `after_seq` was
                 # already past it, or the gateway went away mid-stream.
-                job = await self._jobs.Get(job_service_pb2.GetRequest(job_id=job_id))
+                request = job_service_pb2.GetRequest(job_id=job_id)
+                job = await self._jobs.Get(request, metadata=self._metadata())
                 if is_terminal(job.job.state):
                     return
             except grpc.aio.AioRpcError as e:
@@ -252,7 +279,7 @@ class AsyncClient:
     ) -> AsyncIterator[JobEvent]:
         """Submits a job and streams its events, like `submit` then `watch`, in one call."""
         [spec] = await self._specs([job_spec(kind, params=params, inputs=inputs, **options)])
-        call = self._jobs.Run(job_service_pb2.RunRequest(spec=spec), metadata=_traced())
+        call = self._jobs.Run(job_service_pb2.RunRequest(spec=spec), metadata=self._metadata())
         last: job_pb2.JobEvent | None = None
         try:
             async for response in call:
@@ -315,7 +342,7 @@ class AsyncClient:
             )
         except ValueError as e:  # a number out of its field's range, e.g. page_size=-1
             raise InvalidArgument(str(e)) from None
-        response = await _unary(self._jobs.List(request))
+        response = await _unary(self._jobs.List(request, metadata=self._metadata()))
         jobs = [Job.from_proto(job, self._limits) for job in response.jobs]
         return jobs, response.next_page_token
 
@@ -350,7 +377,8 @@ class AsyncClient:
     async def list_workers(self) -> builtins.list[admin_service_pb2.Worker]:
         """The worker replicas attached to this gateway."""
         self._open()
-        response = await _unary(self._admin.ListWorkers(admin_service_pb2.ListWorkersRequest()))
+        request = admin_service_pb2.ListWorkersRequest()
+        response = await _unary(self._admin.ListWorkers(request, metadata=self._metadata()))
         return builtins.list(response.workers)
 
     async def watch_stats(
@@ -368,7 +396,7 @@ class AsyncClient:
         retry = _Retry(self._channel)
         while True:
             retry.started()
-            call = self._admin.WatchStats(request)
+            call = self._admin.WatchStats(request, metadata=self._metadata())
             try:
                 async for response in call:
                     retry.healthy()

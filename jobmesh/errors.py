@@ -50,6 +50,18 @@ class FailedPrecondition(JobmeshError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Unauthenticated(JobmeshError):
+    """No credential, or one the gateway does not know; the message never shows it."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(JobmeshError):
+    """A known credential whose roles do not allow the call; the message names the role."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ResourceExhausted(JobmeshError):
     """A limit was hit: a full queue, a message over the size limit."""
 
@@ -101,6 +113,8 @@ _BY_CODE: dict[grpc.StatusCode, type[JobmeshError]] = {
         NotFound,
         AlreadyExists,
         FailedPrecondition,
+        Unauthenticated,
+        PermissionDenied,
         ResourceExhausted,
         Unavailable,
         DeadlineExceeded,

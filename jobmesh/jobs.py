@@ -313,6 +313,10 @@ class Job:
     """The seq of the job's latest event: `watch(job.id, job.event_seq)` sees what comes next."""
     trace_context: dict[str, str]
     """W3C trace context of the Submit that created the job."""
+    submitted_by: str
+    """The principal that submitted the job (`anonymous` without authentication)."""
+    cancelled_by: str
+    """The principal that cancelled it, if one did."""
     proto: job_pb2.Job = field(repr=False, compare=False)
 
     @classmethod
@@ -340,6 +344,8 @@ class Job:
             attempts=tuple(Attempt.from_proto(a) for a in message.attempts),
             event_seq=message.event_seq,
             trace_context=dict(message.trace_context),
+            submitted_by=message.submitted_by,
+            cancelled_by=message.cancelled_by,
             proto=message,
         )
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from jobmesh.channels import TLSConfig, check_token
 from jobmesh.errors import InvalidArgument
 from jobmesh.limits import Limits
+from jobmesh.settings_fields import parse_bool
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 # Large enough for the payloads of ordinary jobs; the gateway sets its own limit.
@@ -47,6 +49,10 @@ class ClientSettings:
     """Inputs larger than this are uploaded in chunks before Submit instead of inlined."""
     limits: Limits = RECEIVED_LIMITS
     """Largest and deepest params or result metadata the client decodes from the gateway."""
+    token: str = field(default="", repr=False)
+    """Bearer token sent with every call (`JOBMESH_TOKEN`); '' for none."""
+    tls: TLSConfig | None = None
+    """TLS to the gateway (`JOBMESH_TLS`, `JOBMESH_TLS_CA`...); None: plaintext."""
 
     def __post_init__(self) -> None:
         try:
@@ -57,8 +63,31 @@ class ClientSettings:
             raise InvalidArgument("must be positive", "max_message_bytes")
         if not 0 <= self.inline_limit < self.max_message_bytes:
             raise InvalidArgument("must be between 0 and max_message_bytes", "inline_limit")
+        try:
+            check_token(self.token)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ClientSettings:
         env = os.environ if env is None else env
-        return cls(gateway=env.get("JOBMESH_GATEWAY") or DEFAULT_GATEWAY)
+        return cls(
+            gateway=env.get("JOBMESH_GATEWAY") or DEFAULT_GATEWAY,
+            token=env.get("JOBMESH_TOKEN", ""),
+            tls=tls_from_env(env),
+        )
+
+
+def tls_from_env(env: Mapping[str, str]) -> TLSConfig | None:
+    """TLS as the environment asks: `JOBMESH_TLS=true` for the system's roots, or any of
+    `JOBMESH_TLS_CA`, `_CERT`, `_KEY`, `_SERVER_NAME`; None when none of them is set."""
+    files = {
+        name: env[f"JOBMESH_TLS_{name.upper()}"]
+        for name in ("ca", "cert", "key", "server_name")
+        if env.get(f"JOBMESH_TLS_{name.upper()}")
+    }
+    try:
+        wanted = parse_bool(env["JOBMESH_TLS"]) if env.get("JOBMESH_TLS") else False
+    except ValueError as e:
+        raise InvalidArgument(str(e), "JOBMESH_TLS") from None
+    return TLSConfig(**files) if wanted or files else None

@@ -95,6 +95,8 @@ class Setting:
     size: bool = False
     switch: bool = False
     """A boolean flag: given alone (`--insecure`) it means true."""
+    secret: bool = False
+    """The value is a credential: left out of the settings' repr, so no log shows it."""
     """A byte count: the README shows a default of whole MiB or GiB in those units."""
 
 
@@ -105,9 +107,10 @@ def setting(default: Any = MISSING, *, factory: Callable[[], Any] | None = None,
         assert type(default) in (int, float, str), "declare `parse` for this type"
         how["parse"] = typed(type(default))
     metadata = {"setting": Setting(**how)}
+    shown = not how.get("secret", False)
     if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+        return field(default_factory=factory, metadata=metadata, repr=shown)
+    return field(default=default, metadata=metadata, repr=shown)
 
 
 def settings_of(cls: type) -> Iterator[tuple[Field[Any], Setting]]:
@@ -245,6 +248,12 @@ def known_keys(where: str, table: Mapping[str, Any], known: tuple[str, ...]) -> 
 def toml_str(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def toml_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
     return value
 
 

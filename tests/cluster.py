@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,11 +34,17 @@ class Proc:
     args: list[str]
     log: Path
     popen: subprocess.Popen[bytes] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Variables set for this process on top of the test's environment."""
 
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.popen = subprocess.Popen(
-                self.args, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT
+                self.args,
+                cwd=ROOT,
+                env={**_env(), **self.env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
 
     @property
@@ -84,6 +90,8 @@ class Proc:
 class Gateway(Proc):
     port_file: Path = field(default_factory=Path)
     port: int = 0
+    tls_ca: Path | None = None
+    """The CA of the gateway's certificate, when it serves TLS."""
 
     @property
     def address(self) -> str:
@@ -100,7 +108,12 @@ class Gateway(Proc):
         self.port = int(self.port_file.read_text())
 
     def workers(self) -> list[admin_service_pb2.Worker]:
-        with grpc.insecure_channel(self.address) as channel:
+        if self.tls_ca is None:
+            channel = grpc.insecure_channel(self.address)
+        else:
+            credentials = grpc.ssl_channel_credentials(self.tls_ca.read_bytes())
+            channel = grpc.secure_channel(self.address, credentials)
+        with channel:
             stub = admin_service_pb2_grpc.AdminServiceStub(channel)
             return list(stub.ListWorkers(admin_service_pb2.ListWorkersRequest(), timeout=5).workers)
 
@@ -125,9 +138,16 @@ class Cluster:
         self._n = 0
 
     def gateway(
-        self, *extra: str, db: Path | None = None, port: int = 0, ping_interval: float = 0.5
+        self,
+        *extra: str,
+        db: Path | None = None,
+        port: int = 0,
+        ping_interval: float = 0.5,
+        env: Mapping[str, str] | None = None,
+        tls_ca: Path | None = None,
     ) -> Gateway:
-        """A gateway on `port` (0: a free one), e.g. the port of a killed one to replace it."""
+        """A gateway on `port` (0: a free one), e.g. the port of a killed one to replace it;
+        `tls_ca` is the CA of its certificate when `extra` makes it serve TLS."""
         self._n += 1
         gw = Gateway(
             args=[
@@ -146,13 +166,21 @@ class Cluster:
             ],
             log=self.tmp / f"gateway{self._n}.log",
             port_file=self.tmp / f"gateway{self._n}.port",
+            env=dict(env or {}),
+            tls_ca=tls_ca,
         )
         self.procs.append(gw)
         gw.start()
         return gw
 
     def worker(
-        self, gateway: Gateway, worker_id: str, *extra: str, slots: int = 2, wait: bool = True
+        self,
+        gateway: Gateway,
+        worker_id: str,
+        *extra: str,
+        slots: int = 2,
+        wait: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> Proc:
         proc = Proc(
             args=[
@@ -168,6 +196,7 @@ class Cluster:
                 *extra,
             ],
             log=self.tmp / f"worker-{worker_id}.log",
+            env=dict(env or {}),
         )
         self.procs.append(proc)
         proc.start()

@@ -15,7 +15,10 @@ from typing import Any
 import psutil
 
 from jobmesh import logs, telemetry
+from jobmesh.channels import channel_credentials
+from jobmesh.errors import InvalidArgument
 from jobmesh.metrics import MetricsServer
+from jobmesh.settings import is_loopback
 from worker_service import config
 from worker_service.config import WorkerSettings
 from worker_service.executor import Executor
@@ -47,6 +50,14 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
 def run(settings: WorkerSettings) -> int:
     """Runs a worker replica until it has drained; returns the exit code."""
     _configure_logging(settings.log_level, settings.log_format)
+    if settings.tls_config is not None:
+        try:  # read again at each dial; checked here so that a typo stops the worker at once
+            channel_credentials(settings.tls_config)
+        except InvalidArgument as exc:
+            log.error("cannot dial the gateway over TLS: %s", exc)
+            return EXIT_CONFIG
+    elif settings.token and not is_loopback(settings.gateway):
+        log.warning("sending a token to %s without TLS, readable on the way", settings.gateway)
     try:
         specs = load_handlers(settings.handlers, settings.products)
     except Exception as exc:  # an import error in a user's module, a duplicate kind...
@@ -126,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
     except ValueError as exc:
-        parser.error(str(exc))
+        # One line, not argparse's usage: the flags parsed; their values do not fit.
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     return run(settings)
 
 
@@ -148,11 +161,12 @@ async def _serve(
         )
         metrics_server.start()
     log.info(
-        "worker %s: %d slot(s), kinds %s; dialing %s",
+        "worker %s: %d slot(s), kinds %s; dialing %s %s",
         settings.worker_id,
         settings.slots,
         ", ".join(sorted(specs)),
         settings.gateway,
+        "over TLS" if settings.tls_config else "in plaintext",
     )
 
     def on_signal(signum: int) -> None:

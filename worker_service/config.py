@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from jobmesh import settings_fields as sf
+from jobmesh.channels import TLSConfig, check_token
 from jobmesh.logs import check_format
 from jobmesh.metrics import check_port
 from jobmesh.settings import DEFAULT_GATEWAY, DEFAULT_MAX_MESSAGE_BYTES, parse_address
@@ -134,6 +135,58 @@ class WorkerSettings:
         read=sf.toml_str,
         table="worker",
         metavar="HOST:PORT",
+    )
+    token: str = setting(
+        "",
+        help="bearer token sent to the gateway; give it in the environment (from a Kubernetes "
+        "Secret): a flag is visible to anyone who can list processes",
+        parse=str,
+        read=sf.toml_str,
+        table="worker",
+        metavar="TOKEN",
+        secret=True,
+    )
+    tls: bool = setting(
+        False,
+        help="dial the gateway over TLS, verified against the system's roots (any `tls_*` "
+        "setting below turns TLS on too)",
+        parse=sf.parse_bool,
+        read=sf.toml_bool,
+        table="worker",
+        switch=True,
+        metavar="",
+    )
+    tls_ca: str = setting(
+        "",
+        help="PEM file of the CAs the gateway's certificate must chain to (TLS on)",
+        parse=str,
+        read=sf.toml_str,
+        table="worker",
+        metavar="PEM",
+    )
+    tls_cert: str = setting(
+        "",
+        help="PEM certificate of this worker, for the gateway's mTLS port (TLS on)",
+        parse=str,
+        read=sf.toml_str,
+        table="worker",
+        metavar="PEM",
+    )
+    tls_key: str = setting(
+        "",
+        help="PEM private key of `tls_cert`",
+        parse=str,
+        read=sf.toml_str,
+        table="worker",
+        metavar="PEM",
+    )
+    tls_server_name: str = setting(
+        "",
+        help="the name the gateway's certificate must carry, if not the host of `gateway` (TLS on)",
+        parse=str,
+        read=sf.toml_str,
+        table="worker",
+        metavar="NAME",
     )
     slots: int = setting(
         factory=_cpu_count,
@@ -294,6 +347,9 @@ class WorkerSettings:
 
     def __post_init__(self) -> None:
         parse_address(self.gateway)
+        check_token(self.token)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
         if self.slots < 1:
             raise ValueError("slots must be at least 1")
         if not self.worker_id:
@@ -332,6 +388,18 @@ class WorkerSettings:
             or self.max_image_pixels < 1
         ):
             raise ValueError("max_image_pixels must be a positive integer")
+
+    @property
+    def tls_config(self) -> TLSConfig | None:
+        """How the worker dials: TLS if `tls` or any `tls_*` file or name is set, else None."""
+        if not (self.tls or self.tls_ca or self.tls_cert or self.tls_server_name):
+            return None
+        return TLSConfig(
+            ca=self.tls_ca or None,
+            cert=self.tls_cert or None,
+            key=self.tls_key or None,
+            server_name=self.tls_server_name or None,
+        )
 
     @classmethod
     def from_env(

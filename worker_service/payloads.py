@@ -10,6 +10,7 @@ from __future__ import annotations
 import grpc
 
 from jobmesh import blobs
+from jobmesh.channels import bearer, open_channel
 from jobmesh.v1 import blob_service_pb2_grpc, job_pb2
 from worker_service.config import WorkerSettings
 
@@ -20,14 +21,16 @@ class Payloads:
     def __init__(self, settings: WorkerSettings, inline_limit: int = blobs.DEFAULT_INLINE_LIMIT):
         self._settings = settings
         self._inline_limit = inline_limit
+        self._metadata = bearer(settings.token)
         self._channel: grpc.aio.Channel | None = None
         self._stub: blob_service_pb2_grpc.BlobServiceAsyncStub | None = None
 
     def _blobs(self) -> blob_service_pb2_grpc.BlobServiceAsyncStub:
         if self._stub is None:
             limit = self._settings.max_message_bytes
-            self._channel = grpc.aio.insecure_channel(
+            self._channel = open_channel(
                 self._settings.gateway,
+                tls=self._settings.tls_config,
                 options=[
                     ("grpc.max_send_message_length", limit),
                     ("grpc.max_receive_message_length", limit),
@@ -38,7 +41,7 @@ class Payloads:
         return self._stub
 
     async def fetch(self, refs: dict[str, job_pb2.BlobRef]) -> dict[str, bytes]:
-        return await blobs.fetch(self._blobs(), refs) if refs else {}
+        return await blobs.fetch(self._blobs(), refs, metadata=self._metadata) if refs else {}
 
     async def offload(self, result: job_pb2.JobResult, budget: int) -> None:
         """Moves the result's outputs over the inline limit into uploaded blobs, then the
@@ -46,7 +49,7 @@ class Payloads:
         for name in sorted(result.outputs, key=lambda n: len(result.outputs[n]), reverse=True):
             if len(result.outputs[name]) <= self._inline_limit and result.ByteSize() <= budget:
                 break
-            ref = await blobs.upload(self._blobs(), result.outputs[name])
+            ref = await blobs.upload(self._blobs(), result.outputs[name], metadata=self._metadata)
             result.output_blobs[name].CopyFrom(ref)
             del result.outputs[name]
 

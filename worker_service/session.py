@@ -16,6 +16,12 @@ after the next Attach, where it still finds the attempt (the gateway gives a re-
 worker its attempts back). One written is not sent again: the gateway may have queued the
 job and assigned it anew under the same attempt number, which a late copy would refuse.
 If a written one was lost with the stream, the attempt goes the way of the stream's others.
+
+Ends that need an operator are logged as errors, and the session goes on reconnecting with
+backoff all the same, never idle: an Attach refused for its credential (a fixed token or
+auth file is picked up without a restart), and a stream closed because another process
+attached with the same worker id (a duplicate, each kicking the other out on reconnect,
+shows in the logs of both; giving up would leave no worker if the newer one goes away).
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from typing import Any, Protocol
 import grpc
 import grpc.aio
 
+from jobmesh.channels import bearer, open_channel
 from jobmesh.codes import Code
+from jobmesh.errors import JobmeshError
 from jobmesh.outbox import Outbox
 from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from worker_service.config import WorkerSettings
@@ -44,6 +52,9 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 # Streams in a row that may end without acknowledging a result sent on them before the
 # result is taken for one the gateway cannot read (a message it refuses breaks the stream).
 DELIVERY_TRIES = 3
+
+# Statuses that refuse an Attach for the worker's credential or its worker id.
+REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 AttemptKey = tuple[str, int]
 
@@ -93,6 +104,8 @@ class Session:
         self._flushed.set()
         self._half_closed = False
         self._task: asyncio.Task[None] | None = None
+        self._refusal = ""
+        """The last refusal of Attach logged, so that each is logged once."""
         self.session_id = ""
 
     @property
@@ -217,22 +230,37 @@ class Session:
         delay = self._settings.reconnect_initial
         failures = 0
         while True:
-            welcomed = False
+            welcomed = attached = False
+            code: grpc.StatusCode | None = None
             try:
                 welcomed = await self._serve_once()
                 reason = "the gateway ended the session"
             except grpc.aio.AioRpcError as exc:
-                reason = f"{exc.code().name}: {exc.details()}"
-            except (SessionLost, grpc.RpcError, asyncio.InvalidStateError, TimeoutError) as exc:
+                code = exc.code()
+                reason = f"{code.name}: {exc.details()}"
+            except (
+                SessionLost,
+                grpc.RpcError,
+                asyncio.InvalidStateError,
+                TimeoutError,
+                JobmeshError,  # a TLS file that cannot be read now; it may be back later
+            ) as exc:
                 reason = str(exc) or type(exc).__name__
             except Exception as exc:
                 log.exception("session failed unexpectedly")
                 reason = f"{type(exc).__name__}: {exc}"
             finally:
+                attached = self._connected.is_set()
                 self._connected.clear()
                 self._call = None
+            # The gateway ends a session ABORTED only when a newer one of the same worker
+            # (credential and worker id) replaces it.
+            replaced = attached and code == grpc.StatusCode.ABORTED
             try:
-                self._count_unheard()
+                if replaced:
+                    self._tried = set()  # no sign that its results cannot be read
+                else:
+                    self._count_unheard()
                 await self._carry_over()
             except Exception:
                 # The results among them are kept in `_unacked` and go again after Attach.
@@ -245,19 +273,52 @@ class Session:
                 delay, failures = self._settings.reconnect_initial, 0
             failures += 1
             pause = delay * random.uniform(0.5, 1.0)
-            # Say so once per outage, not on every failed attempt of a long one.
-            level = logging.INFO if failures == 1 else logging.DEBUG
-            log.log(
-                level, "session with %s down (%s); reconnecting", self._settings.gateway, reason
-            )
+            if not self._said_why(code, reason, attached, replaced):
+                # Say so once per outage, not on every failed attempt of a long one.
+                level = logging.INFO if failures == 1 else logging.DEBUG
+                log.log(
+                    level, "session with %s down (%s); reconnecting", self._settings.gateway, reason
+                )
             await asyncio.sleep(pause)
             delay = min(delay * 2, self._settings.reconnect_max)
+
+    def _said_why(
+        self, code: grpc.StatusCode | None, reason: str, attached: bool, replaced: bool
+    ) -> bool:
+        """Logs an end of the stream that needs an operator as an error; False for others."""
+        if attached:
+            self._refusal = ""
+        if replaced:
+            # Its jobs go on running here and are reported at the next Attach.
+            log.error(
+                "another process attached to %s with this worker's id %r, so the gateway "
+                "closed this session (%s). Give each replica its own --worker-id, or stop the "
+                "duplicate process; reconnecting with backoff",
+                self._settings.gateway,
+                self._settings.worker_id,
+                reason,
+            )
+            return True
+        if not attached and code in REFUSALS:
+            if reason != self._refusal:
+                log.error(
+                    "the gateway %s refused this worker (%s); retrying every %.0f s at most, "
+                    "so a fixed credential or auth file is picked up without a restart",
+                    self._settings.gateway,
+                    reason,
+                    self._settings.reconnect_max,
+                )
+                self._refusal = reason
+            return True
+        return False
 
     async def _serve_once(self) -> bool:
         """One stream from dial to end; True if the gateway welcomed it."""
         size = self._settings.max_message_bytes
-        channel = grpc.aio.insecure_channel(
+        # Dialed anew on each reconnect, so a rotated client certificate is read again.
+        channel = open_channel(
             self._settings.gateway,
+            tls=self._settings.tls_config,
             options=[
                 ("grpc.max_send_message_length", size),
                 ("grpc.max_receive_message_length", size),
@@ -267,7 +328,9 @@ class Session:
             ],
         )
         try:
-            call = dispatcher_pb2_grpc.DispatcherStub(channel).Session(None)
+            call = dispatcher_pb2_grpc.DispatcherStub(channel).Session(
+                None, metadata=bearer(self._settings.token)
+            )
             await call.write(dispatcher_pb2.SessionRequest(attach=self._handler.attach()))
             # Not `wait_for`: before Python 3.12 it swallows a cancel (`close`) that
             # arrives as the read completes, and the session would go on after its close.

@@ -11,12 +11,17 @@ from jobmesh.v1 import job_pb2
 # Called, in commit order, with the events a write made durable.
 OnCommitted = Callable[[Sequence[job_pb2.JobEvent]], None]
 
+ANY_TENANT = "*"
+"""As the tenant of a read (`get`, `expired`, `JobFilter.tenant`, `blob_visible`): every
+tenant's, for an admin of them all. Never a tenant's name: the auth file refuses it as one."""
+
 
 @dataclass(frozen=True)
 class JobFilter:
     """What List selects; empty fields select everything."""
 
     tenant: str
+    """The tenant whose jobs are listed; `ANY_TENANT` for every tenant's."""
     states: tuple[int, ...] = ()
     kind: str = ""
     labels: tuple[tuple[str, str], ...] = ()
@@ -79,7 +84,8 @@ class JobStore(Protocol):
         ...
 
     async def get(self, tenant: str, job_id: str) -> job_pb2.Job | None:
-        """The job whole, inline inputs and outputs included."""
+        """The job whole, inline inputs and outputs included; None unless it is `tenant`'s
+        (any tenant's for `ANY_TENANT`)."""
         ...
 
     async def list_jobs(
@@ -101,16 +107,34 @@ class JobStore(Protocol):
 
     async def purge(self, now: float, limit: int) -> int:
         """Deletes up to `limit` jobs that expired by `now` (time.time() seconds), with
-        their events, inputs and blob references; returns how many.
+        their events, inputs and blob references; returns how many. Blob ownership older
+        than a retention goes too.
 
         Each leaves a tombstone for `expired`, itself deleted one retention later.
         """
         ...
 
     async def expired(self, tenant: str, job_id: str) -> bool:
-        """Whether the job existed and was purged (as opposed to never existing)."""
+        """Whether `tenant`'s job (any tenant's for `ANY_TENANT`) existed and was purged,
+        as opposed to never existing."""
         ...
 
     async def referenced(self, blob_ids: Collection[str]) -> set[str]:
         """Those of the blobs some job references."""
+        ...
+
+    async def own_blob(
+        self, blob_id: str, tenant: str, principal: str, now: float, *, fresh: bool
+    ) -> None:
+        """Records that `principal` of `tenant` uploaded the blob at `now` (time.time()).
+
+        `fresh`: the blob's file was just made, so the owners of an earlier file of the
+        same content (swept since) are forgotten. Ownership lasts a retention; `purge`
+        forgets it after that, when the tenant still sees the blob through its jobs.
+        """
+        ...
+
+    async def blob_visible(self, tenant: str, blob_id: str) -> bool:
+        """Whether `tenant` uploaded the blob or one of its jobs references it; any blob
+        for `ANY_TENANT`. Whether the blob's file exists is the BlobStore's to say."""
         ...

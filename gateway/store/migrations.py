@@ -167,6 +167,23 @@ def _v5_params_as_json(conn: sqlite3.Connection, retention: float) -> None:
         after = page[-1][0], page[-1][1]
 
 
+def _v6_blob_owners(conn: sqlite3.Connection, retention: float) -> None:
+    # Who uploaded each blob: a tenant sees the blobs it uploaded and those its jobs
+    # reference (blob_refs), no others. Blobs uploaded before have no owner; the SDK
+    # references what it uploads at once, so at most an upload in flight is to redo.
+    _execute(
+        conn,
+        """CREATE TABLE blob_owners (
+            blob_id TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            principal TEXT NOT NULL,
+            upload_time REAL NOT NULL,
+            PRIMARY KEY (blob_id, tenant, principal)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX blob_owners_time ON blob_owners (upload_time)",
+    )
+
+
 def _legacy(rewrite: Callable[[bytes], bytes], data: bytes) -> bytes:
     """The row rewritten; as it was if it does not parse (it would not read either way, and
     one damaged row must not keep the gateway from starting)."""
@@ -183,6 +200,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "expiry of finished jobs, tombstones of purged ones", _v3_retention),
     Migration(4, "incremental auto-vacuum", _v4_incremental_vacuum, transaction=False),
     Migration(5, "params and result metadata as JSON text", _v5_params_as_json),
+    Migration(6, "who uploaded each blob, for tenants", _v6_blob_owners),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -24,7 +24,16 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from gateway.jobs import ts_seconds
-from gateway.store import Inserted, JobFilter, OnCommitted, Page, Unfinished, migrations, rows
+from gateway.store import (
+    ANY_TENANT,
+    Inserted,
+    JobFilter,
+    OnCommitted,
+    Page,
+    Unfinished,
+    migrations,
+    rows,
+)
 from jobmesh.convert import TERMINAL_STATES
 from jobmesh.v1 import job_pb2
 
@@ -329,11 +338,13 @@ class SqliteStore:
         return self._call(lambda conn: None)
 
     async def get(self, tenant: str, job_id: str) -> job_pb2.Job | None:
+        where, args = _of_tenant(tenant, "id = ?", job_id)
+
         def run(conn: sqlite3.Connection) -> job_pb2.Job | None:
             row = conn.execute(
                 "SELECT spec, status, data FROM jobs LEFT JOIN job_inputs ON job_id = id"
-                " WHERE id = ? AND tenant = ?",
-                (job_id, tenant),
+                f" WHERE {where}",
+                args,
             ).fetchone()
             return None if row is None else rows.job_from_row(*row)
 
@@ -342,8 +353,9 @@ class SqliteStore:
     async def list_jobs(
         self, where: JobFilter, page_size: int, after_id: str, max_bytes: int | None = None
     ) -> Page:
-        sql = ["SELECT spec, status FROM jobs WHERE tenant = ?"]
-        args: list[Any] = [where.tenant]
+        condition, first = _of_tenant(where.tenant, "true")
+        sql = [f"SELECT spec, status FROM jobs WHERE {condition}"]
+        args: list[Any] = list(first)
         if where.states:
             sql.append(f"AND state IN ({', '.join('?' * len(where.states))})")
             args.extend(where.states)
@@ -441,6 +453,12 @@ class SqliteStore:
                 " (SELECT id FROM expired_jobs WHERE purge_time <= ? LIMIT ?)",
                 (forget_before, limit),
             )
+            conn.execute(
+                "DELETE FROM blob_owners WHERE (blob_id, tenant, principal) IN"
+                " (SELECT blob_id, tenant, principal FROM blob_owners"
+                " WHERE upload_time <= ? LIMIT ?)",
+                (forget_before, limit),
+            )
             return len(gone)
 
         purged = await self._call(run)
@@ -448,10 +466,10 @@ class SqliteStore:
         return purged
 
     async def expired(self, tenant: str, job_id: str) -> bool:
+        where, args = _of_tenant(tenant, "id = ?", job_id)
+
         def run(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                "SELECT 1 FROM expired_jobs WHERE id = ? AND tenant = ?", (job_id, tenant)
-            ).fetchone()
+            row = conn.execute(f"SELECT 1 FROM expired_jobs WHERE {where}", args).fetchone()
             return row is not None
 
         return await self._call(run)
@@ -473,6 +491,41 @@ class SqliteStore:
             return found
 
         return await self._call(run)
+
+    async def own_blob(
+        self, blob_id: str, tenant: str, principal: str, now: float, *, fresh: bool
+    ) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            if fresh:
+                conn.execute("DELETE FROM blob_owners WHERE blob_id = ?", (blob_id,))
+            conn.execute(
+                "INSERT OR REPLACE INTO blob_owners VALUES (?, ?, ?, ?)",
+                (blob_id, tenant, principal, now),
+            )
+
+        await self._call(run)
+
+    async def blob_visible(self, tenant: str, blob_id: str) -> bool:
+        if tenant == ANY_TENANT:
+            return True
+
+        def run(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM blob_owners WHERE blob_id = ? AND tenant = ?"
+                " UNION ALL SELECT 1 FROM blob_refs JOIN jobs ON jobs.id = blob_refs.job_id"
+                " WHERE blob_refs.blob_id = ? AND jobs.tenant = ? LIMIT 1",
+                (blob_id, tenant, blob_id, tenant),
+            ).fetchone()
+            return row is not None
+
+        return await self._call(run)
+
+
+def _of_tenant(tenant: str, condition: str, *args: Any) -> tuple[str, tuple[Any, ...]]:
+    """`condition` (with its `args`) narrowed to `tenant`'s rows, unless it is ANY_TENANT."""
+    if tenant == ANY_TENANT:
+        return condition, args
+    return f"{condition} AND tenant = ?", (*args, tenant)
 
 
 def _give_space_back(conn: sqlite3.Connection) -> None:

@@ -36,13 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jobmesh", description="Submit and follow jobs on a jobmesh gateway, or run one."
     )
     parser.add_argument("--version", action="version", version=f"jobmesh {__version__}")
+    cli_args.add_connection(parser, top=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--gateway",
-        type=cli_args.address,
-        metavar="HOST:PORT",
-        help="the gateway (default: $JOBMESH_GATEWAY, else 127.0.0.1:50051)",
-    )
+    cli_args.add_connection(common)
     common.add_argument(
         "--json",
         action="store_true",

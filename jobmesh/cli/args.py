@@ -7,13 +7,15 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from jobmesh.channels import TLSConfig
 from jobmesh.convert import JobState, parse_state
 from jobmesh.errors import InvalidArgument
 from jobmesh.limits import is_payload_name
-from jobmesh.settings import parse_address
+from jobmesh.settings import ClientSettings, parse_address
 
 # A job says the extension of its output in its result's metadata; only letters and digits
 # become part of a file name.
@@ -27,6 +29,79 @@ def address(text: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+# The TLS flags and the TLSConfig fields they set.
+_TLS_FLAGS = {
+    "tls_ca": "ca",
+    "tls_cert": "cert",
+    "tls_key": "key",
+    "tls_server_name": "server_name",
+}
+
+
+def add_connection(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """How to reach the gateway: --gateway, --token and the TLS flags. They are given to the
+    top parser too (`top`), so `jobmesh --tls-ca CA list` works as `jobmesh list --tls-ca CA`;
+    the subcommands' copies then default to nothing, so as not to undo the top's."""
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--gateway",
+        type=address,
+        default=default,
+        metavar="HOST:PORT",
+        help="the gateway (default: $JOBMESH_GATEWAY, else 127.0.0.1:50051)",
+    )
+    parser.add_argument(
+        "--token",
+        default=default,
+        help="bearer token sent with every call (default: $JOBMESH_TOKEN, which is better: "
+        "a flag is visible to anyone who can list processes)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=default,
+        help="use TLS, verifying the gateway against the system's roots ($JOBMESH_TLS)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        default=default,
+        metavar="PEM",
+        help="use TLS, verifying the gateway against these CAs ($JOBMESH_TLS_CA)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        default=default,
+        metavar="PEM",
+        help="client certificate, for the gateway's mTLS port ($JOBMESH_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key", default=default, metavar="PEM", help="its key ($JOBMESH_TLS_KEY)"
+    )
+    parser.add_argument(
+        "--tls-server-name",
+        default=default,
+        metavar="NAME",
+        help="the name the gateway's certificate must carry, if not the host dialed "
+        "($JOBMESH_TLS_SERVER_NAME)",
+    )
+
+
+def client_settings(args: argparse.Namespace) -> ClientSettings:
+    """The environment's client settings with the connection flags given laid over them."""
+    settings = ClientSettings.from_env()
+    changes: dict[str, Any] = {}
+    if getattr(args, "gateway", None):
+        changes["gateway"] = args.gateway
+    if getattr(args, "token", None) is not None:
+        changes["token"] = args.token
+    files = {
+        field: value for flag, field in _TLS_FLAGS.items() if (value := getattr(args, flag, None))
+    }
+    if getattr(args, "tls", None) or files:
+        changes["tls"] = replace(settings.tls or TLSConfig(), **files)
+    return replace(settings, **changes)
 
 
 def count(text: str) -> int:

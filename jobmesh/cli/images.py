@@ -295,7 +295,7 @@ def _run(
     report = _Report(view, args.json, output, stems, inputs)
 
     async def main() -> None:
-        async with AsyncClient(args.gateway) as client:
+        async with AsyncClient(settings=cli_args.client_settings(args)) as client:
             on_end = functools.partial(report.on_end, client)
             await batch.run(client, kind, params, _options(args), items, view, on_end)
 

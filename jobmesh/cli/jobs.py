@@ -123,7 +123,7 @@ def submit(args: argparse.Namespace) -> int:
     if args.output is not None and not args.wait:
         raise InvalidArgument("needs --wait", "--output")
     inputs = cli_args.read_inputs(args.inputs)
-    with Client(args.gateway) as client:
+    with Client(settings=cli_args.client_settings(args)) as client:
         submitted = client.submit(
             args.kind,
             params=dict(args.params),
@@ -160,13 +160,13 @@ def submit(args: argparse.Namespace) -> int:
 
 
 def watch(args: argparse.Namespace) -> int:
-    with Client(args.gateway) as client:
+    with Client(settings=cli_args.client_settings(args)) as client:
         end = _follow(client, args.job, args.after_seq, args.json)
     return _outcome(end)
 
 
 def get(args: argparse.Namespace) -> int:
-    with Client(args.gateway) as client:
+    with Client(settings=cli_args.client_settings(args)) as client:
         job = client.get(args.job).proto
         if args.json:
             print_json(job)
@@ -184,7 +184,7 @@ def get(args: argparse.Namespace) -> int:
 
 
 def cancel(args: argparse.Namespace) -> int:
-    with Client(args.gateway) as client:
+    with Client(settings=cli_args.client_settings(args)) as client:
         job = client.cancel(args.job, args.reason).proto
     if args.json:
         print_json(job)
@@ -196,7 +196,7 @@ def cancel(args: argparse.Namespace) -> int:
 def list_jobs(args: argparse.Namespace) -> int:
     jobs: list[job_pb2.Job] = []
     token = args.page_token
-    with Client(args.gateway) as client:
+    with Client(settings=cli_args.client_settings(args)) as client:
         while len(jobs) < args.limit:
             page, token = client.list(
                 states=args.states,
@@ -218,7 +218,7 @@ def list_jobs(args: argparse.Namespace) -> int:
 
 
 def workers(args: argparse.Namespace) -> int:
-    with Client(args.gateway) as client:
+    with Client(settings=cli_args.client_settings(args)) as client:
         found = client.list_workers()
     if args.json:
         print_json(admin_service_pb2.ListWorkersResponse(workers=found))

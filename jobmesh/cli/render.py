@@ -119,6 +119,8 @@ def job_details(job: job_pb2.Job) -> Table:
         ("priority", str(job.spec.priority)),
         ("labels", labels(job.spec.labels) or "-"),
         ("worker", job.worker_id or "-"),
+        ("tenant", job.tenant or "-"),
+        ("submitted by", job.submitted_by or "-"),
         ("created", when(job.create_time)),
         ("updated", when(job.update_time)),
         ("ended", when(job.end_time)),
@@ -126,6 +128,8 @@ def job_details(job: job_pb2.Job) -> Table:
         ("inputs", blobs(job.spec.inputs)),
         ("params", job.spec.params_json or "-"),
     ]
+    if job.cancelled_by:
+        rows.append(("cancelled by", job.cancelled_by))
     if job.HasField("error"):
         rows.append(("error", error(job.error)))
     if job.HasField("result"):

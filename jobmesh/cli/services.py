@@ -77,6 +77,8 @@ REPLICA_SETTINGS = (
     "kind_concurrency",
     "max_image_pixels",
     "log_level",
+    "tls_ca",
+    "tls_server_name",
 )
 
 
@@ -102,6 +104,10 @@ def serve_parser() -> argparse.ArgumentParser:
         notes={
             "slots": " of each replica; here the CPUs are shared among the replicas",
             "log_level": "; the gateway's too",
+            "tls_ca": "; for the replicas (with --tls-cert, by default the gateway's own "
+            "certificate)",
+            "tls_server_name": "; for the replicas, which dial the --listen host (127.0.0.1 "
+            "for 0.0.0.0)",
         },
     )
     return p
@@ -116,7 +122,9 @@ def _delegate(args: argparse.Namespace) -> int:
     try:
         settings = app.settings_from_args(own)
     except ValueError as e:
-        parser.error(str(e))
+        # One line, not argparse's usage: the flags parsed; their values do not fit.
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
     level = str(getattr(settings, "log_level", None) or getattr(own, "log_level", "INFO"))
     configure_logging(level, settings.log_format)
     return int(app.run(settings))
@@ -147,6 +155,9 @@ def serve(args: argparse.Namespace) -> int:
         own.slots = max(1, (os.cpu_count() or 1) // max(own.workers, 1))
     own.log_level = replica.log_level
     worker_args = [*_replica_flags(own), "--log-format", settings.log_format]
+    if settings.tls and not replica.tls_ca:
+        # grpc takes the gateway's own certificate as what to trust: nothing else to give.
+        worker_args += ["--tls-ca", os.path.abspath(settings.tls_cert)]
     return asyncio.run(
         _serve(settings, own.workers, worker_args, replica.drain_grace + WORKER_EXIT_MARGIN)
     )

@@ -42,7 +42,8 @@ def add_commands(
 
 
 def top(args: argparse.Namespace) -> int:
-    with Client(args.gateway) as client, closing(_generator(client, args.interval)) as updates:
+    settings = cli_args.client_settings(args)
+    with Client(settings=settings) as client, closing(_generator(client, args.interval)) as updates:
         stream: Iterable[admin_service_pb2.ClusterStats] = (
             _first_with_rates(updates) if args.once else updates
         )

@@ -475,9 +475,13 @@ class Job(_message.Message):
     EVENT_SEQ_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    SUBMITTED_BY_FIELD_NUMBER: _builtins.int
+    CANCELLED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant: _builtins.str
-    """The owner of the job; one default tenant until authentication exists."""
+    """The owner of the job: the tenant of the principal that submitted it (`default`
+    when the gateway has no auth file). Only that tenant sees the job.
+    """
     state: Global___JobState.ValueType
     attempt: _builtins.int
     """The current attempt, from 1."""
@@ -488,6 +492,12 @@ class Job(_message.Message):
     """The worker of the current attempt, if any."""
     event_seq: _builtins.int
     """The seq of the job's latest event; Watch with after_seq set to it sees only what comes next."""
+    submitted_by: _builtins.str
+    """The name of the principal that submitted the job ("anonymous" when the gateway has no
+    auth file).
+    """
+    cancelled_by: _builtins.str
+    """The name of the principal that cancelled the job, if one did."""
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -536,10 +546,12 @@ class Job(_message.Message):
         event_seq: _builtins.int = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        submitted_by: _builtins.str = ...,
+        cancelled_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "result", b"result", "spec", b"spec", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "event_seq", b"event_seq", "id", b"id", "progress", b"progress", "progress_message", b"progress_message", "result", b"result", "spec", b"spec", "state", b"state", "tenant", b"tenant", "trace_context", b"trace_context", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "cancelled_by", b"cancelled_by", "create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "event_seq", b"event_seq", "id", b"id", "progress", b"progress", "progress_message", b"progress_message", "result", b"result", "spec", b"spec", "state", b"state", "submitted_by", b"submitted_by", "tenant", b"tenant", "trace_context", b"trace_context", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

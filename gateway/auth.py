@@ -1,0 +1,426 @@
+"""Who is calling and what they may call: principals, roles, tenants, the auth file.
+
+A principal is a name, a tenant and roles. A caller proves which one it is with a bearer
+token (`authorization: Bearer <token>` metadata) or, on the mTLS port, with a verified
+client certificate; the auth file (`--auth-file`) maps each token's SHA-256, and each
+certificate name, to a principal. Without an auth file every caller is `OPEN`, an admin
+of tenant default, as a gateway on a laptop has always been.
+
+`Authenticator.authorize` is the guard the gateway's one interceptor
+(`gateway.interceptors.ErrorInterceptor`) runs before every handler: it authenticates the
+call, checks the method's roles (`roles_for`) and makes the principal the call's, for
+handlers to read with `principal()`. Handlers never look at credentials.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import logging
+import re
+import time
+import tomllib
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection
+
+from gateway.store import ANY_TENANT
+from jobmesh.errors import PermissionDenied, Unauthenticated
+from jobmesh.v1 import admin_service_pb2, blob_service_pb2, dispatcher_pb2, job_service_pb2
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TENANT = "default"
+CHECK_INTERVAL = 1.0
+"""Seconds between looks at the auth file's mtime and size, on calls (no thread)."""
+
+
+class Role(StrEnum):
+    CLIENT = "client"
+    """JobService, and BlobService for its own tenant."""
+    WORKER = "worker"
+    """Dispatcher/Session, and the blobs of the attempts it holds."""
+    ADMIN = "admin"
+    """AdminService, and JobService and BlobService for its tenant (every tenant with "*")."""
+    SCALER = "scaler"
+    """The autoscaler's endpoint only."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a credential says the caller is."""
+
+    name: str
+    """Recorded on what it does (a job's `submitted_by`, `cancelled_by`) and in logs."""
+    tenant: str
+    """The tenant whose jobs and blobs it sees; `ANY_TENANT` ("*") for a worker or admin
+    principal of every tenant."""
+    roles: frozenset[Role]
+    worker_ids: str = ""
+    """fnmatch pattern of the worker ids it may attach as; "" for none."""
+    certificate: str = ""
+    """The client-certificate name (subject CN or a DNS SAN) that authenticates it, if any."""
+    # Per-tenant quotas and weights come here (issue #10, a later part).
+
+    def may(self, roles: Collection[Role]) -> bool:
+        """Whether it has one of `roles`."""
+        return not self.roles.isdisjoint(roles)
+
+    @property
+    def home_tenant(self) -> str:
+        """The tenant its new jobs and uploads belong to: its own, or default for a
+        principal of every tenant."""
+        return DEFAULT_TENANT if self.tenant == ANY_TENANT else self.tenant
+
+
+OPEN = Principal("anonymous", DEFAULT_TENANT, frozenset(Role), worker_ids="*")
+"""Every caller when there is no auth file."""
+
+_current: contextvars.ContextVar[Principal] = contextvars.ContextVar("jobmesh_principal")
+
+
+def principal() -> Principal:
+    """The principal of the call being handled; Unauthenticated outside a checked call, so
+    a handler served without the guard refuses rather than trusts."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise Unauthenticated("this call was not authenticated") from None
+
+
+# --- which roles each method needs ---------------------------------------------
+
+ANY_ROLE = frozenset(Role)
+"""Any principal, as long as the call is authenticated."""
+
+
+def _service(module: Any, name: str) -> str:
+    return str(module.DESCRIPTOR.services_by_name[name].full_name)
+
+
+_SERVICE_ROLES: Mapping[str, frozenset[Role] | None] = {
+    _service(job_service_pb2, "JobService"): frozenset({Role.CLIENT, Role.ADMIN}),
+    # Workers fetch the inputs of their attempts and upload outputs (gateway.blob_service).
+    _service(blob_service_pb2, "BlobService"): frozenset({Role.CLIENT, Role.ADMIN, Role.WORKER}),
+    _service(dispatcher_pb2, "Dispatcher"): frozenset({Role.WORKER}),
+    _service(admin_service_pb2, "AdminService"): frozenset({Role.ADMIN}),
+    # Kubernetes probes carry no token.
+    _service(health_pb2, "Health"): None,
+    # grpcurl users rely on it; what it shows is the public contract, but only to callers.
+    reflection.SERVICE_NAME: ANY_ROLE,
+    "grpc.reflection.v1.ServerReflection": ANY_ROLE,
+    # KEDA's external scaler, once the gateway serves it.
+    "externalscaler.ExternalScaler": frozenset({Role.SCALER}),
+}
+
+
+def roles_for(method: str) -> frozenset[Role] | None:
+    """The roles that may call `method` ('/package.Service/Method'), one of them being
+    enough; None for a method open to anyone. A service not listed is for admins."""
+    service = method.lstrip("/").partition("/")[0]
+    return _SERVICE_ROLES.get(service, frozenset({Role.ADMIN}))
+
+
+def _roles_text(roles: Collection[Role]) -> str:
+    names = [role.value for role in Role if role in roles]
+    return " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+# --- the auth file ---------------------------------------------------------------
+
+
+class AuthFileError(OSError):
+    """The auth file cannot be used: unreadable, or not a valid list of principals. An
+    OSError so that the gateway's start reports it as any file it cannot use: one line."""
+
+
+@dataclass(frozen=True)
+class Principals:
+    """What one version of the auth file says."""
+
+    by_token: Mapping[str, Principal]
+    """Lowercase hex SHA-256 of a token -> its principal."""
+    by_certificate: Mapping[str, Principal]
+    """Certificate name -> its principal."""
+    count: int
+
+
+_ROLE_NAMES = frozenset(role.value for role in Role)
+_KEYS = ("name", "tenant", "roles", "token_sha256", "certificate", "worker_ids")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MAX_NAME = 253  # a DNS name's length; principal and certificate names alike
+
+
+def _text(value: object, key: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise AuthFileError(f"{where}: {key} must be a string")
+    if not value or len(value) > _MAX_NAME or not value.isprintable():
+        raise AuthFileError(f"{where}: {key} must be 1 to {_MAX_NAME} printable characters")
+    return value
+
+
+def _principal(entry: object, where: str) -> tuple[Principal, str]:
+    """The principal an entry declares and its token hash ('' for none)."""
+    if not isinstance(entry, dict):
+        raise AuthFileError(f"{where}: must be a table ([[principal]])")
+    if "name" in entry:
+        where = f"{where} ({_text(entry['name'], 'name', where)!r})"
+    unknown = sorted(set(entry) - set(_KEYS))
+    if unknown:
+        raise AuthFileError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(_KEYS)})")
+    for key in ("name", "tenant", "roles"):
+        if key not in entry:
+            raise AuthFileError(f"{where}: {key} is missing")
+    name = entry["name"]
+    roles_value = entry["roles"]
+    if not isinstance(roles_value, list) or not roles_value:
+        raise AuthFileError(f"{where}: roles must be a list of {_roles_text(ANY_ROLE)}")
+    roles: set[Role] = set()
+    for role in roles_value:
+        if not isinstance(role, str) or role not in _ROLE_NAMES:
+            raise AuthFileError(
+                f"{where}: {role!r} is not a role (roles are {_roles_text(ANY_ROLE)})"
+            )
+        roles.add(Role(role))
+    tenant = _text(entry["tenant"], "tenant", where)
+    if tenant == ANY_TENANT:
+        if Role.CLIENT in roles:
+            raise AuthFileError(
+                f'{where}: tenant "*" (every tenant) is for worker and admin principals; '
+                "a client has a tenant of its own"
+            )
+    elif not _TENANT.fullmatch(tenant):
+        raise AuthFileError(
+            f"{where}: tenant {tenant!r} must be letters, digits, '.', '_' or '-' "
+            '(at most 64, not starting with a punctuation mark), or "*"'
+        )
+    token_sha256 = ""
+    if "token_sha256" in entry:
+        token_sha256 = entry["token_sha256"]
+        if not isinstance(token_sha256, str) or not _SHA256.fullmatch(token_sha256.lower()):
+            raise AuthFileError(
+                f"{where}: token_sha256 must be the token's SHA-256 as 64 hex digits "
+                "(never the token itself)"
+            )
+        token_sha256 = token_sha256.lower()
+    certificate = ""
+    if "certificate" in entry:
+        certificate = _text(entry["certificate"], "certificate", where)
+    if not token_sha256 and not certificate:
+        raise AuthFileError(f"{where}: needs token_sha256, certificate or both")
+    worker_ids = ""
+    if "worker_ids" in entry:
+        if Role.WORKER not in roles:
+            raise AuthFileError(f"{where}: worker_ids is for principals with the worker role")
+        worker_ids = _text(entry["worker_ids"], "worker_ids", where)
+    elif Role.WORKER in roles and not certificate:
+        raise AuthFileError(
+            f'{where}: a worker principal needs worker_ids, e.g. "images-*": the worker ids '
+            "it may attach as"
+        )
+    found = Principal(name, tenant, frozenset(roles), worker_ids, certificate)
+    return found, token_sha256
+
+
+def parse(text: str, source: str = "the auth file") -> Principals:
+    """The principals TOML `text` declares; AuthFileError naming the principal at fault."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise AuthFileError(f"{source}: not TOML: {e}") from None
+    extra = sorted(set(document) - {"principal"})
+    if extra:
+        raise AuthFileError(f"{source}: unknown key {extra[0]!r}; the file holds [[principal]]s")
+    entries = document.get("principal", [])
+    if not isinstance(entries, list) or not entries:
+        raise AuthFileError(f"{source}: declares no [[principal]]")
+    by_token: dict[str, Principal] = {}
+    by_certificate: dict[str, Principal] = {}
+    names: set[str] = set()
+    for i, entry in enumerate(entries, 1):
+        where = f"{source}: principal #{i}"
+        found, token_sha256 = _principal(entry, where)
+        where = f"{where} ({found.name!r})"
+        if found.name in names:
+            raise AuthFileError(f"{where}: another principal has this name")
+        names.add(found.name)
+        if token_sha256:
+            if token_sha256 in by_token:
+                other = by_token[token_sha256].name
+                raise AuthFileError(f"{where}: token_sha256 is also {other!r}'s")
+            by_token[token_sha256] = found
+        if found.certificate:
+            if found.certificate in by_certificate:
+                other = by_certificate[found.certificate].name
+                raise AuthFileError(f"{where}: certificate is also {other!r}'s")
+            by_certificate[found.certificate] = found
+    return Principals(by_token, by_certificate, len(names))
+
+
+def load(path: Path) -> Principals:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise AuthFileError(f"cannot read auth file {path}: {reason}") from None
+    return parse(text, f"auth file {path}")
+
+
+def _signature(path: Path) -> tuple[int, int, int, int]:
+    # The inode too: a Kubernetes Secret volume swaps a symlink, an editor renames.
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev
+
+
+class AuthFile:
+    """The auth file's principals, read again when the file changes.
+
+    Calls look at its mtime and size, at most once per `interval`: no thread. A change
+    that does not load (a typo) leaves the principals read before in force, with one
+    warning per version of the file.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        interval: float = CHECK_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self._interval = interval
+        self._clock = clock
+        try:
+            self._seen: tuple[int, int, int, int] | None = _signature(path)
+        except OSError:
+            self._seen = None  # load() says why
+        self.principals = load(path)
+        self._next_look = clock() + interval
+
+    def current(self) -> Principals:
+        now = self._clock()
+        if now >= self._next_look:
+            self._next_look = now + self._interval
+            self._look()
+        return self.principals
+
+    def _look(self) -> None:
+        try:
+            seen: tuple[int, int, int, int] | None = _signature(self.path)
+        except OSError as e:
+            seen = None
+            if self._seen is not None:
+                log.warning(
+                    "auth: cannot read %s (%s); the principals read before stay in force",
+                    self.path,
+                    e.strerror or e,
+                )
+        if seen is None or seen == self._seen:
+            self._seen = seen
+            return
+        self._seen = seen
+        try:
+            self.principals = load(self.path)
+        except AuthFileError as e:
+            log.warning("%s; the principals read before stay in force", e)
+            return
+        log.info("auth: %d principals from %s (the file changed)", self.principals.count, self.path)
+
+
+# --- authenticating a call -----------------------------------------------------------
+
+
+def _bearer(context: grpc.aio.ServicerContext) -> str | None:  # type: ignore[type-arg]
+    """The call's bearer token, None if it sends none; never put in a message."""
+    values = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise Unauthenticated("the call carries more than one authorization header")
+    scheme, _, token = str(values[0]).partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("the authorization metadata must be 'Bearer <token>'")
+    return token
+
+
+def _certificate_names(context: grpc.aio.ServicerContext) -> list[str]:  # type: ignore[type-arg]
+    """Subject CN, then DNS SANs, of the caller's certificate; empty without one.
+
+    grpc reports a client certificate's names only on a port that requires one and
+    verified it (the mTLS port): the main port asks for none.
+    """
+    found = context.auth_context()
+    if found.get("transport_security_type") != [b"ssl"]:
+        return []
+    names = [*found.get("x509_common_name", ()), *found.get("x509_subject_alternative_name", ())]
+    return [name.decode("utf-8", "replace") for name in names if name]
+
+
+class Authenticator:
+    """Turns each call's credential into its principal and checks the method's roles."""
+
+    def __init__(self, auth_file: str = "", *, certificates: bool = False) -> None:
+        """`auth_file` "" is none: everyone is OPEN. `certificates`: a verified client
+        certificate authenticates (the gateway has --tls-client-ca)."""
+        self._file = AuthFile(Path(auth_file)) if auth_file else None
+        self._certificates = certificates
+
+    @property
+    def mode(self) -> str:
+        """How calls are authenticated, for the gateway's first log line."""
+        if self._file is None:
+            return "auth: none — every caller is an admin of tenant default (no --auth-file)"
+        return f"auth: {self._file.principals.count} principals from {self._file.path}"
+
+    def authorize(self, method: str, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        """The interceptor's guard: Unauthenticated or PermissionDenied, else the call's
+        principal is set for `principal()`."""
+        needed = roles_for(method)
+        if needed is None:
+            return
+        who = self.authenticate(context)
+        if not who.may(needed):
+            raise PermissionDenied(
+                f"a {_roles_text(who.roles)} credential ({who.name!r}) cannot call "
+                f"{method.lstrip('/')}: that needs the {_roles_text(needed)} role"
+            )
+        _current.set(who)
+
+    def authenticate(self, context: grpc.aio.ServicerContext) -> Principal:  # type: ignore[type-arg]
+        if self._file is None:
+            return OPEN
+        principals = self._file.current()
+        token = _bearer(context)
+        if token is not None:
+            # A lookup by digest, not a comparison with the secret: timing can tell at
+            # most how the digest of the caller's own guess falls in a hash table, and
+            # a token whose SHA-256 is a stored one takes a preimage. So no
+            # hmac.compare_digest.
+            found = principals.by_token.get(token_sha256(token))
+            if found is None:
+                raise Unauthenticated("the bearer token is not one this gateway knows")
+            return found
+        names = _certificate_names(context) if self._certificates else []
+        for name in names:
+            if name in principals.by_certificate:
+                return principals.by_certificate[name]
+        if names:
+            raise Unauthenticated(f"the client certificate {names[0]!r} names no principal")
+        raise Unauthenticated(
+            "this gateway needs a credential: a bearer token in the authorization metadata "
+            "(the CLI's --token or $JOBMESH_TOKEN)"
+            + (" or a client certificate on its mTLS port" if self._certificates else "")
+        )
+
+
+def token_sha256(token: str) -> str:
+    """What the auth file's `token_sha256` holds for `token`: `printf %s TOKEN | sha256sum`."""
+    return hashlib.sha256(token.encode()).hexdigest()
