@@ -34,7 +34,7 @@ from gateway.jobs import (
     seconds_until,
 )
 from gateway.metrics import GatewayMetrics
-from gateway.queues import Entry, KindQueues
+from gateway.queues import Entry, KindQueues, QueueKey
 from gateway.store import ANY_TENANT, Inserted, JobStore
 from gateway.timers import Timers
 from gateway.tracing import JobTracer
@@ -236,6 +236,30 @@ class Scheduler:
             if any(ref.id == blob_id for ref in job.spec.input_blobs.values()):
                 return True
         return False
+
+    async def foreign_outputs(
+        self, session: WorkerSession, request: dispatcher_pb2.SessionRequest
+    ) -> None:
+        """Turns each Completed naming an output blob its worker's credential did not upload
+        into a Failed (INVALID_RESULT): a worker must not hand a job's tenant someone else's
+        blob by naming its hash. Call before `handle`."""
+        keep: list[dispatcher_pb2.Completed] = []
+        for completed in request.completed:
+            foreign = [
+                name
+                for name, ref in completed.result.output_blobs.items()
+                if not await self._store.blob_uploaded_by(session.principal, ref.id)
+            ]
+            if not foreign:
+                keep.append(completed)
+                continue
+            error = Code.INVALID_RESULT.error(
+                f"output blobs {', '.join(sorted(foreign))} were not uploaded by this worker"
+            )
+            request.failed.add(job_id=completed.job_id, attempt=completed.attempt, error=error)
+        if len(keep) != len(request.completed):
+            del request.completed[:]
+            request.completed.extend(keep)
 
     # --- worker sessions ------------------------------------------------------
 
@@ -506,7 +530,7 @@ class Scheduler:
         return self._store.save(job, event)
 
     def _enqueue(self, job: job_pb2.Job) -> None:
-        self._queues.push(job.spec.kind, job.spec.priority, job.id, job.attempt)
+        self._queues.push((job.spec.kind, job.tenant), job.spec.priority, job.id, job.attempt)
         self._metrics.enqueued(job)
         self._tracer.queued(job)
         if job.spec.HasField("schedule_to_start_timeout"):
@@ -558,35 +582,40 @@ class Scheduler:
         if self._stopping:
             return
         while True:
-            best: tuple[Entry, str, WorkerSession] | None = None
-            for kind in self._queues.kinds():
-                head = self._live_head(kind)
+            best: tuple[Entry, QueueKey, WorkerSession] | None = None
+            for key in self._queues.queues():
+                head = self._live_head(key)
                 if head is None or (best is not None and best[0] <= head):
                     continue
-                session = self._pick(kind)
+                session = self._pick(*key)
                 if session is not None:
-                    best = (head, kind, session)
+                    best = (head, key, session)
             if best is None:
                 return
-            _, kind, session = best
-            popped = self._queues.pop(kind)
+            _, key, session = best
+            popped = self._queues.pop(key)
             assert popped is not None
             self._assign(self._active[popped[0]], session)
 
-    def _live_head(self, kind: str) -> Entry | None:
-        """The kind's next entry, dropping those of jobs cancelled or superseded meanwhile."""
-        while (head := self._queues.head(kind)) is not None:
+    def _live_head(self, key: QueueKey) -> Entry | None:
+        """The queue's next entry, dropping those of jobs cancelled or superseded meanwhile."""
+        while (head := self._queues.head(key)) is not None:
             job = self._active.get(head[2])
             if job is not None and job.attempt == head[3] and job.state == S.JOB_STATE_QUEUED:
                 return head
-            self._queues.pop(kind)
+            self._queues.pop(key)
         return None
 
-    def _pick(self, kind: str) -> WorkerSession | None:
-        """The least-loaded session that can take one more job of the kind."""
+    def _pick(self, kind: str, tenant: str) -> WorkerSession | None:
+        """The least-loaded session that can take one more job of the kind, from a worker
+        whose credential serves the tenant."""
         best: WorkerSession | None = None
         for session in self._sessions.values():
-            if session.can_take(kind) and (best is None or session.load < best.load):
+            if (
+                session.can_take(kind)
+                and session.tenant in (ANY_TENANT, tenant)
+                and (best is None or session.load < best.load)
+            ):
                 best = session
         return best
 

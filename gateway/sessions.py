@@ -91,6 +91,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             version=attach.version,
             peer=context.peer(),
             principal=principal.name,
+            tenant=principal.tenant,
         )
         try:
             check_worker_id(principal, session.worker_id)
@@ -153,6 +154,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         try:
             async for request in requests:
                 # Only a pong answering a ping proves the worker alive (see WorkerSession.heard).
+                if any(c.result.output_blobs for c in request.completed):
+                    await self._scheduler.foreign_outputs(session, request)
                 self._scheduler.handle(session, request)
         except grpc.aio.AioRpcError as exc:
             return f"stream broke: {exc.code().name}"

@@ -39,6 +39,8 @@ class WorkerSession:
     peer: str = ""
     principal: str = ""
     """Name of the credential the worker attached with: with `worker_id`, its identity."""
+    tenant: str = "*"
+    """The tenant whose jobs the credential may run ("*": every tenant's)."""
     outbox: Outbox[dispatcher_pb2.SessionResponse] = field(default_factory=Outbox)
     inflight: dict[AttemptKey, str] = field(default_factory=dict)
     """Attempts handed to the worker and not yet ended -> their kind. They hold its slots."""

@@ -138,3 +138,7 @@ class JobStore(Protocol):
         """Whether `tenant` uploaded the blob or one of its jobs references it; any blob
         for `ANY_TENANT`. Whether the blob's file exists is the BlobStore's to say."""
         ...
+
+    async def blob_uploaded_by(self, principal: str, blob_id: str) -> bool:
+        """Whether `principal` uploaded the blob (within the owners' retention)."""
+        ...

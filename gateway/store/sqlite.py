@@ -520,6 +520,16 @@ class SqliteStore:
 
         return await self._call(run)
 
+    async def blob_uploaded_by(self, principal: str, blob_id: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM blob_owners WHERE blob_id = ? AND principal = ? LIMIT 1",
+                (blob_id, principal),
+            ).fetchone()
+            return row is not None
+
+        return await self._call(run)
+
 
 def _of_tenant(tenant: str, condition: str, *args: Any) -> tuple[str, tuple[Any, ...]]:
     """`condition` (with its `args`) narrowed to `tenant`'s rows, unless it is ANY_TENANT."""

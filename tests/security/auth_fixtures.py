@@ -125,6 +125,10 @@ class HandWorker:
         failed = dispatcher_pb2.Failed(job_id=assign.job_id, attempt=assign.attempt, error=error)
         await self._write(dispatcher_pb2.SessionRequest(failed=[failed]))
 
+    async def complete(self, assign: dispatcher_pb2.Assign, result: job_pb2.JobResult) -> None:
+        done = dispatcher_pb2.Completed(job_id=assign.job_id, attempt=assign.attempt, result=result)
+        await self._write(dispatcher_pb2.SessionRequest(completed=[done]))
+
     async def close(self) -> None:
         self.call.cancel()
         if self._reader is not None:

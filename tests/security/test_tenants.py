@@ -19,7 +19,16 @@ from jobmesh.errors import InvalidArgument, JobmeshError, NotFound, PermissionDe
 from jobmesh.v1 import job_pb2
 from tests.cluster import Cluster
 from tests.gateway.test_store import Committed, new_job
-from tests.security.auth_fixtures import ADMIN, ALICE, BOB, WORKER, HandWorker, secured
+from tests.security.auth_fixtures import (
+    ADMIN,
+    ALICE,
+    BOB,
+    PRINCIPALS,
+    WORKER,
+    HandWorker,
+    Who,
+    secured,
+)
 
 UNKNOWN_JOB = "0" * 32
 UNKNOWN_BLOB = "0" * 64
@@ -229,3 +238,69 @@ async def test_concurrent_calls_of_two_tenants_keep_their_own_principal(cluster:
         )
     tenants = [s.job.tenant for s in submitted]
     assert tenants == ["team-a", "team-b"] * 20
+
+
+TEAM_B_WORKER = Who("team-b-workers", "team-b", ("worker",), "tbw-Lm3Zq8Rx5Vc0", worker_ids="b-*")
+
+
+async def test_a_worker_of_one_tenant_gets_only_that_tenants_jobs(cluster: Cluster) -> None:
+    gw = secured(cluster, principals=(*PRINCIPALS, TEAM_B_WORKER))
+    worker = HandWorker(gw, TEAM_B_WORKER.token)
+    try:
+        await worker.attach("b-1")
+        async with (
+            AsyncClient(gw.address, token=ALICE.token) as alice,
+            AsyncClient(gw.address, token=BOB.token) as bob,
+        ):
+            # Alice's job is older and of higher priority: a worker of every tenant would
+            # take it first. Team B's worker must not, nor wait behind it.
+            theirs = (await alice.submit("echo", priority=9)).job
+            ours = (await bob.submit("echo")).job
+            assign = await worker.next_assign()
+            assert assign.job_id == ours.id
+            await worker.fail(assign)
+            assert (await bob.wait(ours.id)).state is JobState.FAILED
+            assert worker.assigned.empty()
+            assert (await alice.get(theirs.id)).state is JobState.QUEUED
+    finally:
+        await worker.close()
+
+
+async def test_a_worker_cannot_hand_a_job_another_tenants_blob_as_its_output(
+    cluster: Cluster,
+) -> None:
+    gw = secured(cluster)
+    worker = HandWorker(gw, WORKER.token)
+    try:
+        await worker.attach("w-forger")
+        async with (
+            AsyncClient(gw.address, token=ALICE.token) as alice,
+            AsyncClient(gw.address, token=BOB.token) as bob,
+            AsyncClient(gw.address, token=WORKER.token) as as_worker,
+        ):
+            secret = os.urandom(4096)
+            stolen = await alice.upload(secret)
+            job = (await bob.submit("echo")).job
+            assign = await worker.next_assign()
+            result = job_pb2.JobResult()
+            result.output_blobs["loot"].CopyFrom(stolen.proto)
+            await worker.complete(assign, result)
+            ended = await bob.wait(job.id)
+            assert ended.state is JobState.FAILED
+            assert ended.error is not None
+            assert ended.error.code == "INVALID_RESULT"
+            assert "loot" in ended.error.message
+            assert isinstance(await failure(bob.download(stolen.id)), NotFound)
+
+            # What the worker uploads itself is a fine output, and the job's tenant gets it.
+            made = os.urandom(4096)
+            job = (await bob.submit("echo")).job
+            assign = await worker.next_assign()
+            result = job_pb2.JobResult()
+            result.output_blobs["made"].CopyFrom((await as_worker.upload(made)).proto)
+            await worker.complete(assign, result)
+            ended = await bob.wait(job.id)
+            assert ended.state is JobState.SUCCEEDED, ended.error
+            assert await bob.outputs(ended) == {"made": made}
+    finally:
+        await worker.close()
