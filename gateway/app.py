@@ -84,7 +84,9 @@ class Gateway:
             blob_dir, settings.max_blob_bytes, upload_idle_timeout=settings.upload_idle_timeout
         )
         self.metrics = GatewayMetrics()
-        self._scheduler = Scheduler(settings, self._store, self._blobs, self.metrics)
+        self._scheduler = Scheduler(
+            settings, self._store, self._blobs, self.metrics, quotas=self._auth.quota
+        )
         self._metrics_server: MetricsServer | None = None
         self._health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -150,7 +152,9 @@ class Gateway:
             BlobService(
                 self._blobs,
                 self.settings.max_transfers,
-                BlobAccess(self._store, self._blobs, self._scheduler.holds_blob),
+                BlobAccess(
+                    self._store, self._blobs, self._scheduler.holds_blob, quotas=self._auth.quota
+                ),
             ),
             server,
         )

@@ -4,7 +4,8 @@ A principal is a name, a tenant and roles. A caller proves which one it is with 
 token (`authorization: Bearer <token>` metadata) or, on the mTLS port, with a verified
 client certificate; the auth file (`--auth-file`) maps each token's SHA-256, and each
 certificate name, to a principal. Without an auth file every caller is `OPEN`, an admin
-of tenant default, as a gateway on a laptop has always been.
+of tenant default, as a gateway on a laptop has always been. A principal may give its
+tenant a quota (`quota = {...}`, `gateway.quotas`); the file is re-read when it changes.
 
 `Authenticator.authorize` is the guard the gateway's one interceptor
 (`gateway.interceptors.ErrorInterceptor`) runs before every handler: it authenticates the
@@ -21,7 +22,7 @@ import re
 import time
 import tomllib
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
+from gateway import quotas
+from gateway.quotas import UNLIMITED, Quota
 from gateway.store import ANY_TENANT
 from jobmesh.errors import PermissionDenied, Unauthenticated
 from jobmesh.v1 import admin_service_pb2, blob_service_pb2, dispatcher_pb2, job_service_pb2
@@ -66,7 +69,6 @@ class Principal:
     """fnmatch pattern of the worker ids it may attach as; "" for none."""
     certificate: str = ""
     """The client-certificate name (subject CN or a DNS SAN) that authenticates it, if any."""
-    # Per-tenant quotas and weights come here (issue #10, a later part).
 
     def may(self, roles: Collection[Role]) -> bool:
         """Whether it has one of `roles`."""
@@ -149,10 +151,12 @@ class Principals:
     by_certificate: Mapping[str, Principal]
     """Certificate name -> its principal."""
     count: int
+    quotas: Mapping[str, Quota] = field(default_factory=dict)
+    """Tenant -> its quota, for the tenants a principal gives one."""
 
 
 _ROLE_NAMES = frozenset(role.value for role in Role)
-_KEYS = ("name", "tenant", "roles", "token_sha256", "certificate", "worker_ids")
+_KEYS = ("name", "tenant", "roles", "token_sha256", "certificate", "worker_ids", "quota")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MAX_NAME = 253  # a DNS name's length; principal and certificate names alike
@@ -166,8 +170,9 @@ def _text(value: object, key: str, where: str) -> str:
     return value
 
 
-def _principal(entry: object, where: str) -> tuple[Principal, str]:
-    """The principal an entry declares and its token hash ('' for none)."""
+def _principal(entry: object, where: str) -> tuple[Principal, str, Quota | None]:
+    """The principal an entry declares, its token hash ('' for none) and the quota it
+    gives its tenant (None for none)."""
     if not isinstance(entry, dict):
         raise AuthFileError(f"{where}: must be a table ([[principal]])")
     if "name" in entry:
@@ -225,8 +230,19 @@ def _principal(entry: object, where: str) -> tuple[Principal, str]:
             f'{where}: a worker principal needs worker_ids, e.g. "images-*": the worker ids '
             "it may attach as"
         )
+    quota = None
+    if "quota" in entry:
+        if tenant == ANY_TENANT:
+            raise AuthFileError(
+                f'{where}: a quota is a tenant\'s, and tenant "*" is every tenant: give it '
+                "on a principal of the tenant"
+            )
+        try:
+            quota = quotas.parse(entry["quota"])
+        except ValueError as e:
+            raise AuthFileError(f"{where}: quota: {e}") from None
     found = Principal(name, tenant, frozenset(roles), worker_ids, certificate)
-    return found, token_sha256
+    return found, token_sha256, quota
 
 
 def parse(text: str, source: str = "the auth file") -> Principals:
@@ -244,13 +260,24 @@ def parse(text: str, source: str = "the auth file") -> Principals:
     by_token: dict[str, Principal] = {}
     by_certificate: dict[str, Principal] = {}
     names: set[str] = set()
+    # The file is per principal, quotas per tenant: a tenant's principals give it one
+    # quota, on any of them, or the same on several; two that differ are an error.
+    tenant_quotas: dict[str, tuple[Quota, str]] = {}
     for i, entry in enumerate(entries, 1):
         where = f"{source}: principal #{i}"
-        found, token_sha256 = _principal(entry, where)
+        found, token_sha256, quota = _principal(entry, where)
         where = f"{where} ({found.name!r})"
         if found.name in names:
             raise AuthFileError(f"{where}: another principal has this name")
         names.add(found.name)
+        if quota is not None:
+            given = tenant_quotas.setdefault(found.tenant, (quota, found.name))
+            if given[0] != quota:
+                raise AuthFileError(
+                    f"{where}: its quota differs from the one {given[1]!r} gives tenant "
+                    f"{found.tenant!r}; a tenant has one quota: give it on one principal, "
+                    "or the same on each"
+                )
         if token_sha256:
             if token_sha256 in by_token:
                 other = by_token[token_sha256].name
@@ -261,7 +288,8 @@ def parse(text: str, source: str = "the auth file") -> Principals:
                 other = by_certificate[found.certificate].name
                 raise AuthFileError(f"{where}: certificate is also {other!r}'s")
             by_certificate[found.certificate] = found
-    return Principals(by_token, by_certificate, len(names))
+    quotas_by_tenant = {tenant: quota for tenant, (quota, _) in tenant_quotas.items()}
+    return Principals(by_token, by_certificate, len(names), quotas_by_tenant)
 
 
 def load(path: Path) -> Principals:
@@ -379,6 +407,12 @@ class Authenticator:
         if self._file is None:
             return "auth: none — every caller is an admin of tenant default (no --auth-file)"
         return f"auth: {self._file.principals.count} principals from {self._file.path}"
+
+    def quota(self, tenant: str) -> Quota:
+        """The tenant's quota as the auth file says now; unlimited without one."""
+        if self._file is None:
+            return UNLIMITED
+        return self._file.current().quotas.get(tenant, UNLIMITED)
 
     def authorize(self, method: str, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
         """The interceptor's guard: Unauthenticated or PermissionDenied, else the call's

@@ -11,6 +11,7 @@ import grpc
 from gateway import auth
 from gateway.auth import Principal, Role
 from gateway.blobs import BlobStore, Saved, check_id, missing, not_found
+from gateway.quotas import QuotaOf, check_bytes, unlimited
 from gateway.store import JobStore
 from jobmesh.errors import InvalidArgument, ResourceExhausted
 from jobmesh.v1 import blob_service_pb2, blob_service_pb2_grpc, job_pb2
@@ -33,10 +34,13 @@ class BlobAccess:
     tenant has the content.
     """
 
-    def __init__(self, store: JobStore, blobs: BlobStore, holds: Holds) -> None:
+    def __init__(
+        self, store: JobStore, blobs: BlobStore, holds: Holds, *, quotas: QuotaOf = unlimited
+    ) -> None:
         self._store = store
         self._blobs = blobs
         self._holds = holds
+        self._quota = quotas
 
     async def visible(self, who: Principal, blob_id: str) -> bool:
         if who.may(_TENANT_ROLES) and await self._store.blob_visible(who.tenant, blob_id):
@@ -51,12 +55,26 @@ class BlobAccess:
             raise missing(ref.id, field)
         self._blobs.check(ref, field)
 
+    async def admit(self, who: Principal, size: int) -> None:
+        """ResourceExhausted if an upload of `size` bytes would take a client's or admin's
+        tenant past its max_stored_bytes. Checked as the upload starts: uploads running at
+        once may pass it together. A worker's outputs are counted, never refused."""
+        if not who.may(_TENANT_ROLES):
+            return
+        tenant = who.home_tenant
+        quota = self._quota(tenant)
+        if quota.max_stored_bytes is not None:
+            usage = await self._store.usage(tenant)
+            check_bytes(tenant, quota, usage, size, "in an upload")
+
     async def uploaded(self, who: Principal, saved: Saved) -> None:
         # A client's or admin's upload is its tenant's (default for an admin of them all);
         # a worker's output is the worker's tenant's ("*" for a worker of every tenant, a
         # tenant nobody is), and its job's tenant's once the job references it.
         tenant = who.home_tenant if who.may(_TENANT_ROLES) else who.tenant
-        await self._store.own_blob(saved.ref.id, tenant, who.name, time.time(), fresh=saved.created)
+        await self._store.own_blob(
+            saved.ref.id, tenant, who.name, time.time(), fresh=saved.created, size=saved.ref.size
+        )
 
 
 class BlobService(blob_service_pb2_grpc.BlobServiceServicer):
@@ -94,6 +112,8 @@ class BlobService(blob_service_pb2_grpc.BlobServiceServicer):
         except StopAsyncIteration:
             raise InvalidArgument("an upload starts with a message carrying its size") from None
         self._blobs.admit(first.size, first.sha256)
+        if self._access is not None:
+            await self._access.admit(auth.principal(), first.size)
         with self._transfer():
             yield blob_service_pb2.UploadResponse(ready=True)
 

@@ -43,6 +43,8 @@ _MAX_SCAN = 100_000
 
 # Which of these blobs some job references.
 Referenced = Callable[[Collection[str]], Awaitable[set[str]]]
+# Told the blobs a sweep deleted.
+Deleted = Callable[[list[str]], Awaitable[None]]
 
 
 def check_id(blob_id: str) -> None:
@@ -222,9 +224,17 @@ class BlobStore:
                         removed += 1
         return removed
 
-    async def sweep(self, referenced: Referenced, *, older_than: float, limit: int = 1000) -> int:
+    async def sweep(
+        self,
+        referenced: Referenced,
+        *,
+        older_than: float,
+        limit: int = 1000,
+        deleted: Deleted | None = None,
+    ) -> int:
         """Deletes up to `limit` blobs that no job references and that were last uploaded or
-        referenced before `older_than` (time.time() seconds); returns how many.
+        referenced before `older_than` (time.time() seconds); returns how many, after
+        passing their ids to `deleted`.
 
         Each call walks prefix directories until it has `limit` candidates or has looked
         at `_MAX_SCAN` files; the next call goes on from there. Partial uploads left behind
@@ -236,7 +246,10 @@ class BlobStore:
             return 0
         kept = await referenced(candidates)
         unused = [blob_id for blob_id in candidates if blob_id not in kept]
-        return await asyncio.to_thread(self._delete, unused, older_than)
+        gone = await asyncio.to_thread(self._delete, unused, older_than)
+        if gone and deleted is not None:
+            await deleted(gone)
+        return len(gone)
 
     def _old_blobs(self, older_than: float, limit: int) -> list[str]:
         found: list[str] = []
@@ -260,13 +273,13 @@ class BlobStore:
                 break
         return found[:limit]
 
-    def _delete(self, blob_ids: list[str], older_than: float) -> int:
-        deleted = 0
+    def _delete(self, blob_ids: list[str], older_than: float) -> list[str]:
+        deleted = []
         for blob_id in blob_ids:
             path = self._path(blob_id)
             # Looked at again under the lock: a Submit or an upload may have made it young.
             with self._lock, contextlib.suppress(FileNotFoundError):
                 if path.stat().st_mtime < older_than:
                     path.unlink()
-                    deleted += 1
+                    deleted.append(blob_id)
         return deleted

@@ -87,11 +87,15 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
             job=item.job, existing=item.existing, warnings=warnings
         )
 
-    async def _check(self, spec: job_pb2.JobSpec, tenant: str, field: str = "spec") -> None:
+    async def _check(self, spec: job_pb2.JobSpec, tenant: str, field: str = "spec") -> str:
+        """Checks a spec of `tenant`; returns the version of the params schema that accepted
+        its params ('' for none)."""
         # The params are stored as the client sent them: checked here, never re-encoded.
-        validation.spec(spec, self._limits, field, self._scheduler.params_schema(spec.kind))
+        version = self._scheduler.params_schema(spec.kind, tenant)
+        validation.spec(spec, self._limits, field, None if version is None else version.schema)
         for name, ref in spec.input_blobs.items():
             await self._access.check(tenant, ref, f"{field}.input_blobs.{name}")
+        return "" if version is None else version.digest
 
     async def _submit(
         self,
@@ -103,10 +107,12 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         """Checks and queues jobs of the caller's tenant, recording who submitted them."""
         who = auth.principal()
         tenant = who.home_tenant
-        for i, spec in enumerate(specs):
+        schemas = [
             await self._check(spec, tenant, f"specs[{i}]" if batch else "spec")
+            for i, spec in enumerate(specs)
+        ]
         return await self._scheduler.submit(
-            tenant, specs, trace_context_of(context), submitted_by=who.name
+            tenant, specs, trace_context_of(context), submitted_by=who.name, params_schemas=schemas
         )
 
     async def Submit(

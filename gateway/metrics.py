@@ -3,6 +3,8 @@
 The scheduler calls `GatewayMetrics` on the event loop at a few points of a job's life
 (submitted, a state change, enqueued, assigned, ended). The /metrics endpoint answers
 from threads of its own; what it reads of the workers is taken on the event loop.
+Job counters and gauges are by kind and tenant; histograms by kind only, as a tenant
+label would multiply their buckets.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class Snapshot:
 # or workers inventing error codes cannot grow the gateway's metrics (and scrapes) forever.
 MAX_KINDS = 500
 MAX_CODES = 100
+MAX_TENANTS = 100
 OTHER = "_other"
 
 
@@ -93,31 +96,35 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
         r = self.registry
+        by = ["kind", "tenant"]
         self._submitted = PromCounter(
-            "jobmesh_gateway_jobs_submitted", "Jobs accepted, by kind.", ["kind"], registry=r
+            "jobmesh_gateway_jobs_submitted", "Jobs accepted, by kind and tenant.", by, registry=r
         )
         self._completed = PromCounter(
-            "jobmesh_gateway_jobs_completed", "Jobs that SUCCEEDED, by kind.", ["kind"], registry=r
+            "jobmesh_gateway_jobs_completed",
+            "Jobs that SUCCEEDED, by kind and tenant.",
+            by,
+            registry=r,
         )
         self._failed = PromCounter(
             "jobmesh_gateway_jobs_failed",
-            "Jobs that FAILED, by kind and error code.",
-            ["kind", "code"],
+            "Jobs that FAILED, by kind, tenant and error code.",
+            [*by, "code"],
             registry=r,
         )
         self._cancelled = PromCounter(
-            "jobmesh_gateway_jobs_cancelled", "Jobs CANCELLED, by kind.", ["kind"], registry=r
+            "jobmesh_gateway_jobs_cancelled", "Jobs CANCELLED, by kind and tenant.", by, registry=r
         )
         self._queue_depth = Gauge(
             "jobmesh_gateway_queue_depth",
-            "Jobs QUEUED (waiting for a worker or a retry's backoff), by kind.",
-            ["kind"],
+            "Jobs QUEUED (waiting for a worker or a retry's backoff), by kind and tenant.",
+            by,
             registry=r,
         )
         self._running_gauge = Gauge(
             "jobmesh_gateway_jobs_running",
-            "Jobs ASSIGNED to a worker or RUNNING, by kind.",
-            ["kind"],
+            "Jobs ASSIGNED to a worker or RUNNING, by kind and tenant.",
+            by,
             registry=r,
         )
         self._duration = Histogram(
@@ -137,13 +144,15 @@ class GatewayMetrics:
         self._workers = _WorkersCollector()
         r.register(self._workers)
         self._totals: Counter[str] = Counter()
-        self._queued: Counter[str] = Counter()
-        self._running: Counter[str] = Counter()
+        self._queued: Counter[tuple[str, str]] = Counter()
+        """(kind, tenant) label values -> jobs QUEUED."""
+        self._running: Counter[tuple[str, str]] = Counter()
         self._enqueued_at: dict[str, float] = {}
         self._recent: deque[tuple[bool, float | None]] = deque(maxlen=RECENT_JOBS)
-        self._kinds = LabelValues(MAX_KINDS)
-        self._codes = LabelValues(MAX_CODES)
         """(succeeded, seconds from assignment to the end or None) of the latest ended jobs."""
+        self._kinds = LabelValues(MAX_KINDS)
+        self._tenants = LabelValues(MAX_TENANTS)
+        self._codes = LabelValues(MAX_CODES)
 
     def watch_workers(
         self, sessions: Callable[[], Iterable[WorkerSession]], loop: asyncio.AbstractEventLoop
@@ -154,21 +163,27 @@ class GatewayMetrics:
 
     # --- what the scheduler reports -------------------------------------------
 
+    def _labels(self, job: job_pb2.Job) -> tuple[str, str]:
+        """The job's (kind, tenant) label values."""
+        return self._kinds(job.spec.kind), self._tenants(job.tenant)
+
     def submitted(self, job: job_pb2.Job) -> None:
         """A new job, QUEUED."""
-        self._submitted.labels(self._kinds(job.spec.kind)).inc()
+        labels = self._labels(job)
+        self._submitted.labels(*labels).inc()
         self._totals["submitted"] += 1
-        self._count(self._kinds(job.spec.kind), job.state, +1)
+        self._count(labels, job.state, +1)
 
     def recovered(self, job: job_pb2.Job) -> None:
         """An unfinished job of a previous run, taken back in its state."""
-        self._count(self._kinds(job.spec.kind), job.state, +1)
+        self._count(self._labels(job), job.state, +1)
 
     def state_changed(self, job: job_pb2.Job, state: int) -> None:
         """`job` (still in its old state) goes to `state`."""
         if job.state != state:
-            self._count(self._kinds(job.spec.kind), job.state, -1)
-            self._count(self._kinds(job.spec.kind), state, +1)
+            labels = self._labels(job)
+            self._count(labels, job.state, -1)
+            self._count(labels, state, +1)
 
     def enqueued(self, job: job_pb2.Job) -> None:
         self._enqueued_at[job.id] = time.monotonic()
@@ -181,16 +196,18 @@ class GatewayMetrics:
     def ended(self, job: job_pb2.Job) -> None:
         """`job` reached its terminal state, with its end time set."""
         self._enqueued_at.pop(job.id, None)
-        kind, outcome = self._kinds(job.spec.kind), _ENDED.get(job.state, "")
+        outcome = _ENDED.get(job.state, "")
         if not outcome:
             return
         self._totals[outcome] += 1
+        labels = self._labels(job)
+        kind = labels[0]
         if job.state == S.JOB_STATE_SUCCEEDED:
-            self._completed.labels(kind).inc()
+            self._completed.labels(*labels).inc()
         elif job.state == S.JOB_STATE_FAILED:
-            self._failed.labels(kind, self._codes(job.error.code)).inc()
+            self._failed.labels(*labels, self._codes(job.error.code)).inc()
         else:
-            self._cancelled.labels(kind).inc()
+            self._cancelled.labels(*labels).inc()
         end = ts_seconds(job.end_time)
         self._duration.labels(kind, outcome).observe(max(0.0, end - ts_seconds(job.create_time)))
         if job.state != S.JOB_STATE_CANCELLED:
@@ -207,20 +224,28 @@ class GatewayMetrics:
         ran = [seconds for _, seconds in recent if seconds is not None]
         return Snapshot(
             totals=Totals(**self._totals),
-            queued={k: n for k, n in self._queued.items() if n},
-            running={k: n for k, n in self._running.items() if n},
+            queued=_by_kind(self._queued),
+            running=_by_kind(self._running),
             recent_jobs=len(recent),
             success_rate=sum(ok for ok, _ in recent) / len(recent) if recent else 0.0,
             mean_processing_seconds=sum(ran) / len(ran) if ran else 0.0,
         )
 
-    def _count(self, kind: str, state: int, delta: int) -> None:
+    def _count(self, labels: tuple[str, str], state: int, delta: int) -> None:
         if state == S.JOB_STATE_QUEUED:
-            self._queued[kind] += delta
-            self._queue_depth.labels(kind).set(self._queued[kind])
+            self._queued[labels] += delta
+            self._queue_depth.labels(*labels).set(self._queued[labels])
         elif state in _RUNNING:
-            self._running[kind] += delta
-            self._running_gauge.labels(kind).set(self._running[kind])
+            self._running[labels] += delta
+            self._running_gauge.labels(*labels).set(self._running[labels])
+
+
+def _by_kind(counts: Counter[tuple[str, str]]) -> dict[str, int]:
+    """Kind -> its count over every tenant, for kinds whose count is not 0."""
+    found: Counter[str] = Counter()
+    for (kind, _), n in counts.items():
+        found[kind] += n
+    return {kind: n for kind, n in found.items() if n}
 
 
 class _WorkersCollector(Collector):

@@ -1,7 +1,7 @@
 """Priority queues of job ids, one per kind and tenant: higher priority first, FIFO within
 one. A queue per tenant lets a worker whose credential serves one tenant take that tenant's
-next job without waiting behind another tenant's (and is where fair turns between tenants
-will go)."""
+next job without waiting behind another tenant's, and `Turns` take tenants in weighted
+turns among jobs of one priority."""
 
 from __future__ import annotations
 
@@ -46,3 +46,36 @@ class KindQueues:
 
     def __iter__(self) -> Iterator[QueueKey]:
         return iter(self._heaps)
+
+
+class Turns:
+    """Weighted turns between tenants, by start-time fair queuing: each tenant has a tag
+    that advances by 1/weight at each job it is given; among jobs of one priority, the
+    tenant with the lowest tag goes first (ties: the oldest job). With weights 2:1 and
+    both backlogged, the first gets two turns for each of the second's.
+
+    A tag is never behind the tag of the last turn given: a tenant that had nothing
+    queued for a while gets its share from then on, not the turns it missed; one served
+    at a higher priority meanwhile owes nothing at the lower one.
+    """
+
+    _PRUNE_AT = 1024
+
+    def __init__(self) -> None:
+        self._tags: dict[str, float] = {}
+        self._now = 0.0
+        """The tag of the last turn given."""
+
+    def tag(self, tenant: str) -> float:
+        """Where the tenant's next turn stands; lower goes first."""
+        tag = self._tags.get(tenant, 0.0)
+        return tag if tag > self._now else self._now
+
+    def took(self, tenant: str, weight: float) -> None:
+        """The tenant was given a job."""
+        start = self.tag(tenant)
+        self._now = start
+        self._tags[tenant] = start + 1.0 / weight
+        if len(self._tags) > self._PRUNE_AT:
+            # Tags at or behind the last turn's read as it: forget them.
+            self._tags = {t: v for t, v in self._tags.items() if v > self._now}

@@ -62,8 +62,17 @@ class Retention:
             jobs += purged
             if purged < self._batch:
                 break
+        older_than = now - self._blob_grace
+
+        async def disown(blob_ids: list[str]) -> None:
+            # Their tenants no longer store them (their quotas' stored bytes).
+            await self._store.forget_owners(blob_ids, before=older_than)
+
         blobs = await self._blobs.sweep(
-            self._store.referenced, older_than=now - self._blob_grace, limit=self._blob_limit
+            self._store.referenced,
+            older_than=older_than,
+            limit=self._blob_limit,
+            deleted=disown,
         )
         return SweepReport(jobs=jobs, blobs=blobs)
 

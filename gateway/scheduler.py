@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import Counter
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 
 from gateway import validation
@@ -34,8 +35,10 @@ from gateway.jobs import (
     seconds_until,
 )
 from gateway.metrics import GatewayMetrics
-from gateway.queues import Entry, KindQueues, QueueKey
-from gateway.store import ANY_TENANT, Inserted, JobStore
+from gateway.queues import Entry, KindQueues, QueueKey, Turns
+from gateway.quotas import Quota, QuotaOf, SubmitRate, check_usage, unlimited
+from gateway.schemas import KindSchemas, SchemaVersion
+from gateway.store import ANY_TENANT, Admit, Inserted, JobStore, Usage
 from gateway.timers import Timers
 from gateway.tracing import JobTracer
 from gateway.workers import AttemptKey, SessionReplaced, WorkerSession
@@ -50,6 +53,10 @@ from jobmesh.v1 import dispatcher_pb2, job_pb2
 
 log = logging.getLogger(__name__)
 
+_RUNNING = frozenset({S.JOB_STATE_ASSIGNED, S.JOB_STATE_RUNNING})
+# (-priority, tenant's turn, order): what dispatch takes first, least first.
+Rank = tuple[int, float, int]
+
 
 class Scheduler:
     def __init__(
@@ -58,7 +65,9 @@ class Scheduler:
         store: JobStore,
         blobs: BlobStore,
         metrics: GatewayMetrics | None = None,
+        quotas: QuotaOf = unlimited,
     ) -> None:
+        """`quotas` gives each tenant's quota and weight (the auth file's)."""
         self._settings = settings
         self._store = store
         self._blobs = blobs
@@ -77,14 +86,19 @@ class Scheduler:
         self._queues = KindQueues()
         self._queued = 0
         """Active jobs in state QUEUED, waiting in a queue or for a retry's backoff."""
+        self._quota = quotas
+        self._submit_rate = SubmitRate()
+        self._turns = Turns()
+        self._running = Counter[str]()
+        """Tenant -> its jobs ASSIGNED or RUNNING here, for its `max_running`."""
         self._owner: dict[str, WorkerSession] = {}
         self._orphans: dict[str, tuple[int, str, str | None]] = {}
         """Job id -> (attempt, worker id, credential) of attempts whose worker's stream broke;
         the credential is None for those recovered from the store, which does not keep it."""
         self._sessions: dict[str, WorkerSession] = {}
         self._kinds_seen: set[str] = set()
-        self._schemas: dict[str, Schema] = {}
-        """Params schema of each kind, as the latest worker serving it declared."""
+        self._schemas = KindSchemas(store)
+        """Versions of each kind's params schema, and which sessions declare which."""
         self._timers = Timers()
         self._rng = random.Random()
         self._tracer = JobTracer()
@@ -94,6 +108,7 @@ class Scheduler:
 
     async def recover(self) -> int:
         """Takes back the unfinished jobs of a previous run; returns how many."""
+        await self._schemas.load()
         jobs = await self._store.unfinished()
         for item in jobs:
             job = item.job
@@ -106,6 +121,7 @@ class Scheduler:
                 self._queued += 1
                 self._enqueue(job)
             else:
+                self._running[job.tenant] += 1
                 # Its worker may still run it and re-attach to this gateway.
                 self._orphan(job, job.worker_id, None)
         self._dispatch()
@@ -122,9 +138,10 @@ class Scheduler:
         """Whether any worker has attached serving the kind since the gateway started."""
         return kind in self._kinds_seen
 
-    def params_schema(self, kind: str) -> Schema | None:
-        """The kind's params schema, if a worker serving it declared one."""
-        return self._schemas.get(kind)
+    def params_schema(self, kind: str, tenant: str) -> SchemaVersion | None:
+        """The params schema `tenant`'s jobs of the kind are checked against, if its
+        workers declared one (`KindSchemas.newest`)."""
+        return self._schemas.newest(kind, tenant)
 
     @property
     def queued(self) -> int:
@@ -137,8 +154,14 @@ class Scheduler:
         trace_context: Mapping[str, str] | None = None,
         *,
         submitted_by: str = "",
+        params_schemas: Sequence[str] = (),
     ) -> list[Inserted]:
-        """Queues new jobs of `tenant`; `submitted_by` is the principal's name they record."""
+        """Queues new jobs of `tenant`; `submitted_by` is the principal's name they record,
+        `params_schemas` the version of the params schema that accepted each spec.
+
+        Refused (ResourceExhausted) past the tenant's quota: its submits per second here,
+        its queued jobs and stored bytes store-wide (checked as the jobs are inserted)."""
+        self._submit_rate.take(tenant, len(specs), self._quota(tenant).submits_per_second)
         limit = self._settings.max_queued
         if self._queued + len(specs) > limit:
             raise ResourceExhausted(
@@ -153,7 +176,7 @@ class Scheduler:
             )
         self._submitting_bytes += inline
         try:
-            return await self._insert(tenant, specs, trace_context, submitted_by)
+            return await self._insert(tenant, specs, trace_context, submitted_by, params_schemas)
         finally:
             self._submitting_bytes -= inline
 
@@ -163,9 +186,10 @@ class Scheduler:
         specs: Sequence[job_pb2.JobSpec],
         trace_context: Mapping[str, str] | None,
         submitted_by: str,
+        params_schemas: Sequence[str] = (),
     ) -> list[Inserted]:
         jobs, events = [], []
-        for spec in specs:
+        for spec, params_schema in zip(specs, params_schemas or [""] * len(specs), strict=True):
             job = job_pb2.Job(
                 id=new_job_id(),
                 tenant=tenant,
@@ -173,6 +197,7 @@ class Scheduler:
                 state=S.JOB_STATE_QUEUED,
                 attempt=1,
                 submitted_by=submitted_by,
+                params_schema=params_schema,
             )
             job.create_time.CopyFrom(now())
             job.trace_context.update(trace_context or {})
@@ -182,7 +207,7 @@ class Scheduler:
                 )
             events.append(next_event(job, message="submitted"))
             jobs.append(job)
-        inserted = await self._store.insert(jobs, events)
+        inserted = await self._store.insert(jobs, events, self._admit(tenant))
         answers = []
         for item in inserted:
             if item.existing:
@@ -201,6 +226,18 @@ class Scheduler:
             self._enqueue(item.job)
         self._dispatch()
         return answers
+
+    def _admit(self, tenant: str) -> Admit | None:
+        """The store's check of the tenant's queued jobs and stored bytes, if it has a
+        quota of either."""
+        quota = self._quota(tenant)
+        if quota.max_queued is None and quota.max_stored_bytes is None:
+            return None
+
+        def admit(usage: Usage, adding: Usage) -> None:
+            check_usage(tenant, quota, usage, adding)
+
+        return admit
 
     async def get(self, tenant: str, job_id: str) -> job_pb2.Job:
         job = await self._store.get(tenant, job_id)
@@ -302,7 +339,7 @@ class Scheduler:
             )
         self._sessions[session.session_id] = session
         self._kinds_seen.update(session.kinds)
-        self._schemas.update(schemas or {})
+        self._schemas.attach(session, schemas or {})
         taken_back = 0
         for key in running:
             if self._current(*key, session) is not None:
@@ -326,6 +363,7 @@ class Scheduler:
         silent (missed pings), in which case they are retried at once."""
         if self._sessions.pop(session.session_id, None) is None:
             return
+        self._schemas.detach(session)
         log.info("worker %s detached: %s", session.worker_id, reason)
         if self._stopping:
             return
@@ -523,6 +561,9 @@ class Scheduler:
 
     def _set_state(self, job: job_pb2.Job, state: int) -> None:
         self._queued += (state == S.JOB_STATE_QUEUED) - (job.state == S.JOB_STATE_QUEUED)
+        running = (state in _RUNNING) - (job.state in _RUNNING)
+        if running:
+            self._running[job.tenant] += running
         self._metrics.state_changed(job, state)
         job.state = state  # type: ignore[assignment]
 
@@ -578,23 +619,36 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         """Hands out queued jobs while some worker can take one: always the job with the
-        highest priority (then the oldest) among the kinds a worker has room for."""
+        highest priority among the kinds a worker has room for; within a priority, tenants
+        take weighted turns (`Turns`), then the oldest job goes first. A tenant with
+        `max_running` jobs assigned or running here waits. One tenant: priority, then age."""
         if self._stopping:
             return
+        quotas: dict[str, Quota] = {}
         while True:
-            best: tuple[Entry, QueueKey, WorkerSession] | None = None
+            best: tuple[Rank, QueueKey, WorkerSession] | None = None
             for key in self._queues.queues():
-                head = self._live_head(key)
-                if head is None or (best is not None and best[0] <= head):
+                tenant = key[1]
+                quota = quotas.get(tenant)
+                if quota is None:
+                    quota = quotas[tenant] = self._quota(tenant)
+                if quota.max_running is not None and self._running[tenant] >= quota.max_running:
                     continue
-                session = self._pick(*key)
+                head = self._live_head(key)
+                if head is None:
+                    continue
+                rank = (head[0], self._turns.tag(tenant), head[1])
+                if best is not None and best[0] <= rank:
+                    continue
+                session = self._pick(*key, self._active[head[2]].params_schema)
                 if session is not None:
-                    best = (head, key, session)
+                    best = (rank, key, session)
             if best is None:
                 return
             _, key, session = best
             popped = self._queues.pop(key)
             assert popped is not None
+            self._turns.took(key[1], quotas[key[1]].weight)
             self._assign(self._active[popped[0]], session)
 
     def _live_head(self, key: QueueKey) -> Entry | None:
@@ -606,11 +660,12 @@ class Scheduler:
             self._queues.pop(key)
         return None
 
-    def _pick(self, kind: str, tenant: str) -> WorkerSession | None:
+    def _pick(self, kind: str, tenant: str, schema: str = "") -> WorkerSession | None:
         """The least-loaded session that can take one more job of the kind, from a worker
-        whose credential serves the tenant."""
+        whose credential serves the tenant; preferably one declaring the params `schema`
+        that accepted the job (`KindSchemas.preferred`)."""
         best: WorkerSession | None = None
-        for session in self._sessions.values():
+        for session in self._schemas.preferred(kind, tenant, schema) or self._sessions.values():
             if (
                 session.can_take(kind)
                 and session.tenant in (ANY_TENANT, tenant)

@@ -41,6 +41,8 @@ class WorkerSession:
     """Name of the credential the worker attached with: with `worker_id`, its identity."""
     tenant: str = "*"
     """The tenant whose jobs the credential may run ("*": every tenant's)."""
+    schemas: dict[str, str] = field(default_factory=dict)
+    """Kind -> version (digest) of the params schema the worker declared for it, if any."""
     outbox: Outbox[dispatcher_pb2.SessionResponse] = field(default_factory=Outbox)
     inflight: dict[AttemptKey, str] = field(default_factory=dict)
     """Attempts handed to the worker and not yet ended -> their kind. They hold its slots."""

@@ -317,6 +317,8 @@ class Job:
     """The principal that submitted the job (`anonymous` without authentication)."""
     cancelled_by: str
     """The principal that cancelled it, if one did."""
+    params_schema: str
+    """The version of the kind's params schema that accepted its params ('' for none)."""
     proto: job_pb2.Job = field(repr=False, compare=False)
 
     @classmethod
@@ -346,6 +348,7 @@ class Job:
             trace_context=dict(message.trace_context),
             submitted_by=message.submitted_by,
             cancelled_by=message.cancelled_by,
+            params_schema=message.params_schema,
             proto=message,
         )
 

@@ -14,6 +14,7 @@ A null value counts as not given.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -328,3 +329,13 @@ def schema_proto(schema: Sequence[Param]) -> dispatcher_pb2.ParamsSchema:
 def schema_from_proto(proto: dispatcher_pb2.ParamsSchema) -> Schema:
     """The schema a worker declared in Attach; ValueError if it makes no sense."""
     return check_schema(Param.from_proto(spec) for spec in proto.params)
+
+
+def schema_bytes(schema: Sequence[Param]) -> bytes:
+    """The schema's ParamsSchema, deterministically encoded: equal schemas, equal bytes."""
+    return schema_proto(schema).SerializeToString(deterministic=True)
+
+
+def schema_digest(schema: Sequence[Param]) -> str:
+    """The schema's version: 16 hex digits of the SHA-256 of `schema_bytes`."""
+    return hashlib.sha256(schema_bytes(schema)).hexdigest()[:16]

@@ -37,12 +37,45 @@ class Inserted:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """What a tenant holds in the store, counted store-wide (every gateway's jobs)."""
+
+    queued: int = 0
+    """Its jobs in state QUEUED."""
+    stored_bytes: int = 0
+    """The inline inputs of its jobs not yet purged, and the blobs it owns (uploaded within
+    a retention and not deleted since), each once at its size."""
+
+
+Admit = Callable[[Usage, Usage], None]
+"""Called in an insert's transaction with the tenant's usage and what the new jobs would
+add (idempotent repeats excluded); raising refuses the whole insert with that error."""
+
+
+@dataclass(frozen=True)
 class Unfinished:
     """A job to take back at start, without its inline inputs: `JobStore.inputs` reads them."""
 
     job: job_pb2.Job
     inline_bytes: int
     """Bytes of the inline inputs left in the store (their values' lengths together)."""
+
+
+@dataclass(frozen=True)
+class StoredSchema:
+    """A version of a kind's params schema, as workers of a tenant declared it."""
+
+    kind: str
+    tenant: str
+    """The tenant of the credential that declared it; `ANY_TENANT` for one of every tenant."""
+    digest: str
+    """Its version: `jobmesh.params.schema_digest`."""
+    schema: bytes
+    """The ParamsSchema, encoded (`jobmesh.params.schema_bytes`)."""
+    first_seen: float
+    """When a worker first declared it (time.time() seconds)."""
+    last_seen: float
+    """When a worker last attached declaring it."""
 
 
 @dataclass
@@ -60,13 +93,17 @@ class JobStore(Protocol):
     async def close(self) -> None: ...
 
     async def insert(
-        self, jobs: Sequence[job_pb2.Job], events: Sequence[job_pb2.JobEvent]
+        self,
+        jobs: Sequence[job_pb2.Job],
+        events: Sequence[job_pb2.JobEvent],
+        admit: Admit | None = None,
     ) -> list[Inserted]:
-        """Inserts new jobs with their first event, all or none.
+        """Inserts new jobs (of one tenant) with their first event, all or none.
 
         A job whose (tenant, idempotency key) exists already is not inserted;
         the earlier job comes back, without its inline inputs, with `existing=True`,
-        and its event is dropped. Each new job references its input blobs.
+        and its event is dropped. Each new job references its input blobs. `admit` sees the
+        tenant's usage in the same transaction, so that a quota holds across gateways.
         """
         ...
 
@@ -124,14 +161,24 @@ class JobStore(Protocol):
         ...
 
     async def own_blob(
-        self, blob_id: str, tenant: str, principal: str, now: float, *, fresh: bool
+        self, blob_id: str, tenant: str, principal: str, now: float, *, fresh: bool, size: int = 0
     ) -> None:
-        """Records that `principal` of `tenant` uploaded the blob at `now` (time.time()).
+        """Records that `principal` of `tenant` uploaded the blob of `size` bytes at `now`
+        (time.time()); the tenant's stored bytes count it once.
 
         `fresh`: the blob's file was just made, so the owners of an earlier file of the
         same content (swept since) are forgotten. Ownership lasts a retention; `purge`
         forgets it after that, when the tenant still sees the blob through its jobs.
         """
+        ...
+
+    async def forget_owners(self, blob_ids: Collection[str], before: float) -> None:
+        """Forgets who uploaded these blobs before `before` (time.time()): their files were
+        deleted. Uploads since then made new files, whose owners stay."""
+        ...
+
+    async def usage(self, tenant: str) -> Usage:
+        """What the tenant holds in the store now."""
         ...
 
     async def blob_visible(self, tenant: str, blob_id: str) -> bool:
@@ -141,4 +188,13 @@ class JobStore(Protocol):
 
     async def blob_uploaded_by(self, principal: str, blob_id: str) -> bool:
         """Whether `principal` uploaded the blob (within the owners' retention)."""
+        ...
+
+    def declare_schema(self, schema: StoredSchema) -> Awaitable[None]:
+        """Keeps a version of a kind's params schema: added with its `first_seen`, or its
+        `last_seen` moved if it is kept already. Takes effect in call order, as `save`."""
+        ...
+
+    async def schemas(self) -> list[StoredSchema]:
+        """Every version of every kind's params schema kept."""
         ...

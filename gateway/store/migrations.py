@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from gateway.store import legacy, rows
 from jobmesh.convert import TERMINAL_STATES
+from jobmesh.v1 import job_pb2
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,80 @@ def _v6_blob_owners(conn: sqlite3.Connection, retention: float) -> None:
     )
 
 
+def _v7_kind_schemas(conn: sqlite3.Connection, retention: float) -> None:
+    # Each version of a kind's params schema that workers declared, so that a restarted
+    # gateway checks params at Submit before any worker attaches again.
+    _execute(
+        conn,
+        """CREATE TABLE kind_schemas (
+            kind TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            schema BLOB NOT NULL,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            PRIMARY KEY (kind, tenant, digest)
+        ) WITHOUT ROWID""",
+    )
+
+
+def _v8_tenant_usage(conn: sqlite3.Connection, retention: float) -> None:
+    # Each tenant's queued jobs and stored bytes, for its quotas: counted store-wide (as
+    # gateways sharing the store see it) and kept by triggers, so a Submit reads one row.
+    # Stored bytes: inline inputs of its jobs, and each blob it owns once at its size
+    # (blobs owned before this version count 0 bytes: their size is on disk only).
+    queued = int(job_pb2.JOB_STATE_QUEUED)
+
+    def add(column: str, tenant: str, amount: str, where: str = "") -> str:
+        # An upsert from a SELECT needs a WHERE to parse: "WHERE true" at least.
+        return (
+            f"INSERT INTO tenant_usage (tenant, {column}) SELECT {tenant}, {amount}"
+            f" {where or 'WHERE true'}"
+            f" ON CONFLICT (tenant) DO UPDATE SET {column} = {column} + excluded.{column};"
+        )
+
+    _execute(
+        conn,
+        """CREATE TABLE tenant_usage (
+            tenant TEXT PRIMARY KEY,
+            queued INTEGER NOT NULL DEFAULT 0,
+            stored_bytes INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID""",
+        "ALTER TABLE blob_owners ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0",
+        f"""CREATE TRIGGER usage_job_added AFTER INSERT ON jobs WHEN new.state = {queued}
+        BEGIN {add("queued", "new.tenant", "1")} END""",
+        f"""CREATE TRIGGER usage_job_moved AFTER UPDATE OF state ON jobs
+        WHEN (old.state = {queued}) != (new.state = {queued})
+        BEGIN {add("queued", "new.tenant", f"iif(new.state = {queued}, 1, -1)")} END""",
+        f"""CREATE TRIGGER usage_job_deleted AFTER DELETE ON jobs WHEN old.state = {queued}
+        BEGIN UPDATE tenant_usage SET queued = queued - 1 WHERE tenant = old.tenant; END""",
+        f"""CREATE TRIGGER usage_inputs_added AFTER INSERT ON job_inputs
+        BEGIN {add("stored_bytes", "tenant", "new.bytes", "FROM jobs WHERE id = new.job_id")}
+        END""",
+        """CREATE TRIGGER usage_inputs_deleted AFTER DELETE ON job_inputs
+        BEGIN UPDATE tenant_usage SET stored_bytes = stored_bytes - old.bytes
+            WHERE tenant = (SELECT tenant FROM jobs WHERE id = old.job_id); END""",
+        # A blob counts once per tenant, however many of its principals uploaded it.
+        f"""CREATE TRIGGER usage_blob_owned AFTER INSERT ON blob_owners
+        WHEN NOT EXISTS (SELECT 1 FROM blob_owners WHERE blob_id = new.blob_id
+            AND tenant = new.tenant AND principal != new.principal)
+        BEGIN {add("stored_bytes", "new.tenant", "new.bytes")} END""",
+        """CREATE TRIGGER usage_blob_disowned AFTER DELETE ON blob_owners
+        WHEN NOT EXISTS (SELECT 1 FROM blob_owners WHERE blob_id = old.blob_id
+            AND tenant = old.tenant)
+        BEGIN UPDATE tenant_usage SET stored_bytes = stored_bytes - old.bytes
+            WHERE tenant = old.tenant; END""",
+        add("queued", "tenant", "count(*)", f"FROM jobs WHERE state = {queued} GROUP BY tenant"),
+        add(
+            "stored_bytes",
+            "jobs.tenant",
+            "sum(job_inputs.bytes)",
+            "FROM job_inputs JOIN jobs ON jobs.id = job_inputs.job_id WHERE true"
+            " GROUP BY jobs.tenant",
+        ),
+    )
+
+
 def _legacy(rewrite: Callable[[bytes], bytes], data: bytes) -> bytes:
     """The row rewritten; as it was if it does not parse (it would not read either way, and
     one damaged row must not keep the gateway from starting)."""
@@ -201,6 +276,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "incremental auto-vacuum", _v4_incremental_vacuum, transaction=False),
     Migration(5, "params and result metadata as JSON text", _v5_params_as_json),
     Migration(6, "who uploaded each blob, for tenants", _v6_blob_owners),
+    Migration(7, "the params schemas workers declared", _v7_kind_schemas),
+    Migration(8, "queued jobs and stored bytes of each tenant, for quotas", _v8_tenant_usage),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -26,11 +26,14 @@ from typing import Any, NamedTuple, TypeVar
 from gateway.jobs import ts_seconds
 from gateway.store import (
     ANY_TENANT,
+    Admit,
     Inserted,
     JobFilter,
     OnCommitted,
     Page,
+    StoredSchema,
     Unfinished,
+    Usage,
     migrations,
     rows,
 )
@@ -262,7 +265,10 @@ class SqliteStore:
     # --- JobStore -------------------------------------------------------------
 
     async def insert(
-        self, jobs: Sequence[job_pb2.Job], events: Sequence[job_pb2.JobEvent]
+        self,
+        jobs: Sequence[job_pb2.Job],
+        events: Sequence[job_pb2.JobEvent],
+        admit: Admit | None = None,
     ) -> list[Inserted]:
         prepared = [
             (
@@ -284,7 +290,30 @@ class SqliteStore:
             for job in jobs
         ]
 
-        def run(conn: sqlite3.Connection) -> tuple[list[Inserted], list[job_pb2.JobEvent]]:
+        def run(
+            conn: sqlite3.Connection,
+        ) -> tuple[list[Inserted], list[job_pb2.JobEvent], Exception | None]:
+            if admit is not None and jobs:
+                # Checked after the writes, which the usage counters follow, and undone
+                # alone if refused: the other writes of the group commit stand.
+                before = _usage(conn, jobs[0].tenant)
+                conn.execute("SAVEPOINT quota")
+                inserted, fresh = write(conn)
+                after = _usage(conn, jobs[0].tenant)
+                adding = Usage(
+                    after.queued - before.queued, after.stored_bytes - before.stored_bytes
+                )
+                try:
+                    admit(before, adding)
+                except Exception as refusal:
+                    conn.execute("ROLLBACK TO quota")
+                    conn.execute("RELEASE quota")
+                    return [], [], refusal
+                conn.execute("RELEASE quota")
+                return inserted, fresh, None
+            return (*write(conn), None)
+
+        def write(conn: sqlite3.Connection) -> tuple[list[Inserted], list[job_pb2.JobEvent]]:
             out: list[Inserted] = []
             fresh: list[job_pb2.JobEvent] = []
             for job, (row, inputs, refs), event in zip(jobs, prepared, events, strict=True):
@@ -314,7 +343,9 @@ class SqliteStore:
             return out, fresh
 
         # Which events become durable is known only inside the transaction.
-        inserted, fresh = await self._call(run)
+        inserted, fresh, refusal = await self._call(run)
+        if refusal is not None:
+            raise refusal
         if fresh:
             self._on_committed(fresh)
         return inserted
@@ -493,17 +524,39 @@ class SqliteStore:
         return await self._call(run)
 
     async def own_blob(
-        self, blob_id: str, tenant: str, principal: str, now: float, *, fresh: bool
+        self, blob_id: str, tenant: str, principal: str, now: float, *, fresh: bool, size: int = 0
     ) -> None:
         def run(conn: sqlite3.Connection) -> None:
             if fresh:
                 conn.execute("DELETE FROM blob_owners WHERE blob_id = ?", (blob_id,))
+            # An upsert, not INSERT OR REPLACE: a replaced row would count its bytes twice
+            # in tenant_usage (REPLACE's delete fires no trigger).
             conn.execute(
-                "INSERT OR REPLACE INTO blob_owners VALUES (?, ?, ?, ?)",
-                (blob_id, tenant, principal, now),
+                "INSERT INTO blob_owners (blob_id, tenant, principal, upload_time, bytes)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (blob_id, tenant, principal)"
+                " DO UPDATE SET upload_time = excluded.upload_time",
+                (blob_id, tenant, principal, now, size),
             )
 
         await self._call(run)
+
+    async def forget_owners(self, blob_ids: Collection[str], before: float) -> None:
+        wanted = list(blob_ids)
+
+        def run(conn: sqlite3.Connection) -> None:
+            for start in range(0, len(wanted), _MAX_PARAMS):
+                chunk = wanted[start : start + _MAX_PARAMS]
+                marks = ", ".join("?" * len(chunk))
+                conn.execute(
+                    f"DELETE FROM blob_owners WHERE blob_id IN ({marks}) AND upload_time < ?",
+                    (*chunk, before),
+                )
+
+        if wanted:
+            await self._call(run)
+
+    async def usage(self, tenant: str) -> Usage:
+        return await self._call(lambda conn: _usage(conn, tenant))
 
     async def blob_visible(self, tenant: str, blob_id: str) -> bool:
         if tenant == ANY_TENANT:
@@ -529,6 +582,42 @@ class SqliteStore:
             return row is not None
 
         return await self._call(run)
+
+    def declare_schema(self, schema: StoredSchema) -> asyncio.Future[None]:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO kind_schemas VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (kind, tenant, digest) DO UPDATE SET last_seen = excluded.last_seen",
+                (
+                    schema.kind,
+                    schema.tenant,
+                    schema.digest,
+                    schema.schema,
+                    schema.first_seen,
+                    schema.last_seen,
+                ),
+            )
+
+        future = self._call(run)
+        future.add_done_callback(_log_failure)
+        return future
+
+    async def schemas(self) -> list[StoredSchema]:
+        def run(conn: sqlite3.Connection) -> list[StoredSchema]:
+            found = conn.execute(
+                "SELECT kind, tenant, digest, schema, first_seen, last_seen FROM kind_schemas"
+            ).fetchall()
+            return [StoredSchema(*row) for row in found]
+
+        return await self._call(run)
+
+
+def _usage(conn: sqlite3.Connection, tenant: str) -> Usage:
+    # Kept by triggers (migration 8) as jobs, inputs and blob owners come and go.
+    row = conn.execute(
+        "SELECT queued, stored_bytes FROM tenant_usage WHERE tenant = ?", (tenant,)
+    ).fetchone()
+    return Usage() if row is None else Usage(*row)
 
 
 def _of_tenant(tenant: str, condition: str, *args: Any) -> tuple[str, tuple[Any, ...]]:

@@ -130,6 +130,8 @@ def job_details(job: job_pb2.Job) -> Table:
     ]
     if job.cancelled_by:
         rows.append(("cancelled by", job.cancelled_by))
+    if job.params_schema:
+        rows.append(("params schema", job.params_schema))
     if job.HasField("error"):
         rows.append(("error", error(job.error)))
     if job.HasField("result"):

@@ -477,6 +477,7 @@ class Job(_message.Message):
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     SUBMITTED_BY_FIELD_NUMBER: _builtins.int
     CANCELLED_BY_FIELD_NUMBER: _builtins.int
+    PARAMS_SCHEMA_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant: _builtins.str
     """The owner of the job: the tenant of the principal that submitted it (`default`
@@ -498,6 +499,11 @@ class Job(_message.Message):
     """
     cancelled_by: _builtins.str
     """The name of the principal that cancelled the job, if one did."""
+    params_schema: _builtins.str
+    """The version of the kind's params schema that accepted the job's params at Submit (a
+    digest of the schema; empty when the kind's workers declared none). Dispatch prefers
+    workers declaring this version, when one can take the job.
+    """
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -548,10 +554,11 @@ class Job(_message.Message):
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         submitted_by: _builtins.str = ...,
         cancelled_by: _builtins.str = ...,
+        params_schema: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "result", b"result", "spec", b"spec", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "cancelled_by", b"cancelled_by", "create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "event_seq", b"event_seq", "id", b"id", "progress", b"progress", "progress_message", b"progress_message", "result", b"result", "spec", b"spec", "state", b"state", "submitted_by", b"submitted_by", "tenant", b"tenant", "trace_context", b"trace_context", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "cancelled_by", b"cancelled_by", "create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "event_seq", b"event_seq", "id", b"id", "params_schema", b"params_schema", "progress", b"progress", "progress_message", b"progress_message", "result", b"result", "spec", b"spec", "state", b"state", "submitted_by", b"submitted_by", "tenant", b"tenant", "trace_context", b"trace_context", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

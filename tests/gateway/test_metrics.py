@@ -8,13 +8,17 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.jobs import S, now
-from gateway.metrics import MAX_CODES, MAX_KINDS, OTHER, RECENT_JOBS, GatewayMetrics
+from gateway.metrics import MAX_CODES, MAX_KINDS, MAX_TENANTS, OTHER, RECENT_JOBS, GatewayMetrics
 from gateway.workers import WorkerSession
 from jobmesh.v1 import job_pb2
 
+ECHO = frozenset({("kind", "echo"), ("tenant", "default")})
 
-def new_job(job_id: str, kind: str = "echo") -> job_pb2.Job:
-    job = job_pb2.Job(id=job_id, spec=job_pb2.JobSpec(kind=kind), state=S.JOB_STATE_QUEUED)
+
+def new_job(job_id: str, kind: str = "echo", tenant: str = "default") -> job_pb2.Job:
+    job = job_pb2.Job(
+        id=job_id, tenant=tenant, spec=job_pb2.JobSpec(kind=kind), state=S.JOB_STATE_QUEUED
+    )
     job.attempt = 1
     job.create_time.FromSeconds(1000)
     return job
@@ -67,7 +71,7 @@ def test_queue_depth_and_running_follow_state_changes() -> None:
     move(metrics, jobs[1], S.JOB_STATE_CANCELLED)
     snap = metrics.snapshot()
     assert (snap.queued, snap.running) == ({"echo": 2}, {})
-    assert samples(metrics)[("jobmesh_gateway_queue_depth", frozenset({("kind", "echo")}))] == 2
+    assert samples(metrics)[("jobmesh_gateway_queue_depth", ECHO)] == 2
 
 
 def test_recovered_jobs_count_in_their_state() -> None:
@@ -104,10 +108,9 @@ def test_ended_jobs_give_totals_success_rate_and_mean_processing_time() -> None:
     assert (snap.queued, snap.running) == ({}, {})
 
     found = samples(metrics)
-    assert found[("jobmesh_gateway_jobs_completed_total", frozenset({("kind", "echo")}))] == 2
-    failed = frozenset({("kind", "echo"), ("code", "BOOM")})
-    assert found[("jobmesh_gateway_jobs_failed_total", failed)] == 1
-    assert found[("jobmesh_gateway_jobs_cancelled_total", frozenset({("kind", "echo")}))] == 1
+    assert found[("jobmesh_gateway_jobs_completed_total", ECHO)] == 2
+    assert found[("jobmesh_gateway_jobs_failed_total", ECHO | {("code", "BOOM")})] == 1
+    assert found[("jobmesh_gateway_jobs_cancelled_total", ECHO)] == 1
     completed = frozenset({("kind", "echo"), ("state", "completed")})
     assert found[("jobmesh_gateway_job_duration_seconds_count", completed)] == 2
     assert found[("jobmesh_gateway_job_duration_seconds_sum", completed)] == 4.0
@@ -173,3 +176,16 @@ def test_invented_kinds_and_codes_cannot_grow_the_metrics_forever() -> None:
     }
     assert len(codes) == MAX_CODES + 1
     assert metrics.snapshot().queued == {}  # every job left the queue, OTHER ones too
+
+
+def test_job_series_carry_the_tenant_and_invented_tenants_are_capped() -> None:
+    metrics = GatewayMetrics()
+    for i in range(MAX_TENANTS + 5):
+        metrics.submitted(new_job(f"j{i}", tenant=f"team-{i}"))
+    found = samples(metrics)
+    team_0 = frozenset({("kind", "echo"), ("tenant", "team-0")})
+    assert found[("jobmesh_gateway_jobs_submitted_total", team_0)] == 1
+    assert found[("jobmesh_gateway_queue_depth", team_0)] == 1
+    other = frozenset({("kind", "echo"), ("tenant", OTHER)})
+    assert found[("jobmesh_gateway_queue_depth", other)] == 5
+    assert metrics.snapshot().queued == {"echo": MAX_TENANTS + 5}  # WatchStats: by kind

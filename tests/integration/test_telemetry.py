@@ -81,16 +81,31 @@ async def test_gateway_and_worker_metrics_count_jobs(cluster: Cluster) -> None:
         await client.cancel(sleeping.job.id)
         await client.cancel(waiting.job.id)
 
-    assert value(gateway, "jobmesh_gateway_jobs_submitted_total", kind="echo") == 2
-    assert value(gateway, "jobmesh_gateway_jobs_submitted_total", kind="fail") == 1
-    assert value(gateway, "jobmesh_gateway_jobs_completed_total", kind="echo") == 2
     assert (
-        value(gateway, "jobmesh_gateway_jobs_failed_total", kind="fail", code="FAILED_ON_PURPOSE")
+        value(gateway, "jobmesh_gateway_jobs_submitted_total", kind="echo", tenant="default") == 2
+    )
+    assert (
+        value(gateway, "jobmesh_gateway_jobs_submitted_total", kind="fail", tenant="default") == 1
+    )
+    assert (
+        value(gateway, "jobmesh_gateway_jobs_completed_total", kind="echo", tenant="default") == 2
+    )
+    assert (
+        value(
+            gateway,
+            "jobmesh_gateway_jobs_failed_total",
+            kind="fail",
+            code="FAILED_ON_PURPOSE",
+            tenant="default",
+        )
         == 1
     )
-    assert value(gateway, "jobmesh_gateway_queue_depth", kind="nobody-serves-this") == 1
-    assert value(gateway, "jobmesh_gateway_queue_depth", kind="echo") == 0
-    assert value(gateway, "jobmesh_gateway_jobs_running", kind="sleep") == 1
+    assert (
+        value(gateway, "jobmesh_gateway_queue_depth", kind="nobody-serves-this", tenant="default")
+        == 1
+    )
+    assert value(gateway, "jobmesh_gateway_queue_depth", kind="echo", tenant="default") == 0
+    assert value(gateway, "jobmesh_gateway_jobs_running", kind="sleep", tenant="default") == 1
     ended = {"kind": "echo", "state": "completed"}
     assert value(gateway, "jobmesh_gateway_job_duration_seconds_count", **ended) == 2
     assert value(gateway, "jobmesh_gateway_queue_wait_seconds_count", kind="echo") == 2
@@ -111,9 +126,14 @@ async def test_gateway_and_worker_metrics_count_jobs(cluster: Cluster) -> None:
 
     # Cancelled jobs leave the queue and the running count.
     gateway = await scrape(gw_port)
-    assert value(gateway, "jobmesh_gateway_jobs_cancelled_total", kind="sleep") == 1
-    assert value(gateway, "jobmesh_gateway_queue_depth", kind="nobody-serves-this") == 0
-    assert value(gateway, "jobmesh_gateway_jobs_running", kind="sleep") == 0
+    assert (
+        value(gateway, "jobmesh_gateway_jobs_cancelled_total", kind="sleep", tenant="default") == 1
+    )
+    assert (
+        value(gateway, "jobmesh_gateway_queue_depth", kind="nobody-serves-this", tenant="default")
+        == 0
+    )
+    assert value(gateway, "jobmesh_gateway_jobs_running", kind="sleep", tenant="default") == 0
 
 
 async def test_watch_stats_streams_workers_queues_and_rates(cluster: Cluster) -> None:

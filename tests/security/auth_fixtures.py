@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from jobmesh.params import Param, schema_proto
 from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc, job_pb2
 from tests.cluster import Cluster, Gateway
 
@@ -23,6 +24,8 @@ class Who:
     roles: tuple[str, ...]
     token: str
     worker_ids: str = ""
+    quota: str = ""
+    """The quota's inline table, e.g. "{ max_queued = 3 }"; none if empty."""
 
     def toml(self) -> str:
         lines = [
@@ -34,6 +37,8 @@ class Who:
         ]
         if self.worker_ids:
             lines.append(f'worker_ids = "{self.worker_ids}"')
+        if self.quota:
+            lines.append(f"quota = {self.quota}")
         return "\n".join(lines) + "\n"
 
 
@@ -87,10 +92,18 @@ class HandWorker:
         self._writing = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
 
-    async def attach(self, worker_id: str, kind: str = "echo") -> None:
-        attach = dispatcher_pb2.Attach(
-            worker_id=worker_id, slots=2, kinds=[dispatcher_pb2.KindCapacity(kind=kind)]
-        )
+    async def attach(
+        self,
+        worker_id: str,
+        kind: str = "echo",
+        params_schema: Sequence[Param] | None = None,
+        slots: int = 2,
+    ) -> None:
+        """Attaches serving `kind` with `slots`, declaring `params_schema` if given."""
+        capacity = dispatcher_pb2.KindCapacity(kind=kind)
+        if params_schema is not None:
+            capacity.params_schema.CopyFrom(schema_proto(params_schema))
+        attach = dispatcher_pb2.Attach(worker_id=worker_id, slots=slots, kinds=[capacity])
         await self._write(dispatcher_pb2.SessionRequest(attach=attach))
         first = await self.call.read()
         assert first is not grpc.aio.EOF
@@ -120,8 +133,8 @@ class HandWorker:
         async with asyncio.timeout(30):
             return await self.assigned.get()
 
-    async def fail(self, assign: dispatcher_pb2.Assign) -> None:
-        error = job_pb2.JobError(code="BROKEN", message="given up by hand", retryable=False)
+    async def fail(self, assign: dispatcher_pb2.Assign, *, retryable: bool = False) -> None:
+        error = job_pb2.JobError(code="BROKEN", message="given up by hand", retryable=retryable)
         failed = dispatcher_pb2.Failed(job_id=assign.job_id, attempt=assign.attempt, error=error)
         await self._write(dispatcher_pb2.SessionRequest(failed=[failed]))
 
