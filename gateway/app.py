@@ -20,7 +20,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-from gateway import config, tls
+from gateway import config, jwts, tls
 from gateway.admin_service import AdminService
 from gateway.auth import Authenticator
 from gateway.blob_service import BlobAccess, BlobService
@@ -65,8 +65,17 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        # Read first: a bad auth file is the one line of a failed start (AuthFileError).
-        self._auth = Authenticator(settings.auth_file, certificates=bool(settings.tls_client_ca))
+        # Read first: a bad auth or JWKS file is the one line of a failed start (OSError).
+        verifier = None
+        if settings.jwks_file:
+            verifier = jwts.Verifier(
+                jwts.JwksFile(Path(settings.jwks_file)),
+                issuer=settings.jwt_issuer,
+                audience=settings.jwt_audience,
+            )
+        self._auth = Authenticator(
+            settings.auth_file, certificates=bool(settings.tls_client_ca), jwts=verifier
+        )
         self.port = 0
         self.mtls_port = 0
         """The port of --mtls-listen, where client certificates are required (0: none)."""

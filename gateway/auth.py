@@ -1,11 +1,13 @@
 """Who is calling and what they may call: principals, roles, tenants, the auth file.
 
 A principal is a name, a tenant and roles. A caller proves which one it is with a bearer
-token (`authorization: Bearer <token>` metadata) or, on the mTLS port, with a verified
-client certificate; the auth file (`--auth-file`) maps each token's SHA-256, and each
-certificate name, to a principal. Without an auth file every caller is `OPEN`, an admin
-of tenant default, as a gateway on a laptop has always been. A principal may give its
-tenant a quota (`quota = {...}`, `gateway.quotas`); the file is re-read when it changes.
+token (`authorization: Bearer <token>` metadata), a JWT signed by a key of the JWKS file
+(`--jwks-file`, `gateway.jwts`) or, on the mTLS port, with a verified client certificate;
+the auth file (`--auth-file`) maps each token's SHA-256, each JWT subject and each
+certificate name to a principal. A JWT whose subject no principal has may carry its tenant
+and roles as claims. Without either file every caller is `OPEN`, an admin of tenant
+default, as a gateway on a laptop has always been. A principal may give its tenant a quota
+(`quota = {...}`, `gateway.quotas`); the files are re-read when they change.
 
 `Authenticator.authorize` is the guard the gateway's one interceptor
 (`gateway.interceptors.ErrorInterceptor`) runs before every handler: it authenticates the
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
-import logging
 import re
 import time
 import tomllib
@@ -32,16 +33,14 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from gateway import quotas
+from gateway.jwts import InvalidJwt, Verified, Verifier, looks_like_jwt
 from gateway.quotas import UNLIMITED, Quota
 from gateway.store import ANY_TENANT
+from gateway.watched import CHECK_INTERVAL, WatchedFile
 from jobmesh.errors import PermissionDenied, Unauthenticated
 from jobmesh.v1 import admin_service_pb2, blob_service_pb2, dispatcher_pb2, job_service_pb2
 
-log = logging.getLogger(__name__)
-
 DEFAULT_TENANT = "default"
-CHECK_INTERVAL = 1.0
-"""Seconds between looks at the auth file's mtime and size, on calls (no thread)."""
 
 
 class Role(StrEnum):
@@ -153,26 +152,56 @@ class Principals:
     count: int
     quotas: Mapping[str, Quota] = field(default_factory=dict)
     """Tenant -> its quota, for the tenants a principal gives one."""
+    by_subject: Mapping[str, Principal] = field(default_factory=dict)
+    """JWT subject (`sub`) -> its principal."""
+    names: frozenset[str] = frozenset()
+
+
+NONE = Principals({}, {}, 0)
+"""Without an auth file (a gateway with only --jwks-file)."""
 
 
 _ROLE_NAMES = frozenset(role.value for role in Role)
-_KEYS = ("name", "tenant", "roles", "token_sha256", "certificate", "worker_ids", "quota")
+_KEYS = (
+    "name",
+    "tenant",
+    "roles",
+    "token_sha256",
+    "certificate",
+    "jwt_subject",
+    "worker_ids",
+    "quota",
+)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MAX_NAME = 253  # a DNS name's length; principal and certificate names alike
+# "system:serviceaccount:" + a namespace (63) + ":" + a service account name (253).
+_MAX_SUBJECT = 512
 
 
-def _text(value: object, key: str, where: str) -> str:
+def _text(value: object, key: str, where: str, limit: int = _MAX_NAME) -> str:
     if not isinstance(value, str):
         raise AuthFileError(f"{where}: {key} must be a string")
-    if not value or len(value) > _MAX_NAME or not value.isprintable():
-        raise AuthFileError(f"{where}: {key} must be 1 to {_MAX_NAME} printable characters")
+    if not value or len(value) > limit or not value.isprintable():
+        raise AuthFileError(f"{where}: {key} must be 1 to {limit} printable characters")
     return value
 
 
-def _principal(entry: object, where: str) -> tuple[Principal, str, Quota | None]:
-    """The principal an entry declares, its token hash ('' for none) and the quota it
-    gives its tenant (None for none)."""
+@dataclass(frozen=True)
+class _Entry:
+    """One [[principal]] of the auth file."""
+
+    principal: Principal
+    token_sha256: str
+    """'' for none."""
+    jwt_subject: str
+    """'' for none."""
+    quota: Quota | None
+    """The quota it gives its tenant, if any."""
+
+
+def _principal(entry: object, where: str) -> _Entry:
+    """What an entry of the file declares."""
     if not isinstance(entry, dict):
         raise AuthFileError(f"{where}: must be a table ([[principal]])")
     if "name" in entry:
@@ -218,8 +247,11 @@ def _principal(entry: object, where: str) -> tuple[Principal, str, Quota | None]
     certificate = ""
     if "certificate" in entry:
         certificate = _text(entry["certificate"], "certificate", where)
-    if not token_sha256 and not certificate:
-        raise AuthFileError(f"{where}: needs token_sha256, certificate or both")
+    jwt_subject = ""
+    if "jwt_subject" in entry:
+        jwt_subject = _text(entry["jwt_subject"], "jwt_subject", where, _MAX_SUBJECT)
+    if not token_sha256 and not certificate and not jwt_subject:
+        raise AuthFileError(f"{where}: needs token_sha256, certificate or jwt_subject")
     worker_ids = ""
     if "worker_ids" in entry:
         if Role.WORKER not in roles:
@@ -242,7 +274,7 @@ def _principal(entry: object, where: str) -> tuple[Principal, str, Quota | None]
         except ValueError as e:
             raise AuthFileError(f"{where}: quota: {e}") from None
     found = Principal(name, tenant, frozenset(roles), worker_ids, certificate)
-    return found, token_sha256, quota
+    return _Entry(found, token_sha256, jwt_subject, quota)
 
 
 def parse(text: str, source: str = "the auth file") -> Principals:
@@ -259,13 +291,15 @@ def parse(text: str, source: str = "the auth file") -> Principals:
         raise AuthFileError(f"{source}: declares no [[principal]]")
     by_token: dict[str, Principal] = {}
     by_certificate: dict[str, Principal] = {}
+    by_subject: dict[str, Principal] = {}
     names: set[str] = set()
     # The file is per principal, quotas per tenant: a tenant's principals give it one
     # quota, on any of them, or the same on several; two that differ are an error.
     tenant_quotas: dict[str, tuple[Quota, str]] = {}
     for i, entry in enumerate(entries, 1):
         where = f"{source}: principal #{i}"
-        found, token_sha256, quota = _principal(entry, where)
+        declared = _principal(entry, where)
+        found, quota = declared.principal, declared.quota
         where = f"{where} ({found.name!r})"
         if found.name in names:
             raise AuthFileError(f"{where}: another principal has this name")
@@ -278,18 +312,20 @@ def parse(text: str, source: str = "the auth file") -> Principals:
                     f"{found.tenant!r}; a tenant has one quota: give it on one principal, "
                     "or the same on each"
                 )
-        if token_sha256:
-            if token_sha256 in by_token:
-                other = by_token[token_sha256].name
-                raise AuthFileError(f"{where}: token_sha256 is also {other!r}'s")
-            by_token[token_sha256] = found
-        if found.certificate:
-            if found.certificate in by_certificate:
-                other = by_certificate[found.certificate].name
-                raise AuthFileError(f"{where}: certificate is also {other!r}'s")
-            by_certificate[found.certificate] = found
+        for key, value, index in (
+            ("token_sha256", declared.token_sha256, by_token),
+            ("certificate", found.certificate, by_certificate),
+            ("jwt_subject", declared.jwt_subject, by_subject),
+        ):
+            if not value:
+                continue
+            if value in index:
+                raise AuthFileError(f"{where}: {key} is also {index[value].name!r}'s")
+            index[value] = found
     quotas_by_tenant = {tenant: quota for tenant, (quota, _) in tenant_quotas.items()}
-    return Principals(by_token, by_certificate, len(names), quotas_by_tenant)
+    return Principals(
+        by_token, by_certificate, len(names), quotas_by_tenant, by_subject, frozenset(names)
+    )
 
 
 def load(path: Path) -> Principals:
@@ -301,19 +337,8 @@ def load(path: Path) -> Principals:
     return parse(text, f"auth file {path}")
 
 
-def _signature(path: Path) -> tuple[int, int, int, int]:
-    # The inode too: a Kubernetes Secret volume swaps a symlink, an editor renames.
-    st = path.stat()
-    return st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev
-
-
-class AuthFile:
-    """The auth file's principals, read again when the file changes.
-
-    Calls look at its mtime and size, at most once per `interval`: no thread. A change
-    that does not load (a typo) leaves the principals read before in force, with one
-    warning per version of the file.
-    """
+class AuthFile(WatchedFile[Principals]):
+    """The auth file's principals, read again when the file changes (`gateway.watched`)."""
 
     def __init__(
         self,
@@ -322,44 +347,19 @@ class AuthFile:
         interval: float = CHECK_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.path = path
-        self._interval = interval
-        self._clock = clock
-        try:
-            self._seen: tuple[int, int, int, int] | None = _signature(path)
-        except OSError:
-            self._seen = None  # load() says why
-        self.principals = load(path)
-        self._next_look = clock() + interval
+        super().__init__(
+            path,
+            load,
+            what="principals",
+            describe=lambda found: f"auth: {found.count} principals from {path}",
+            interval=interval,
+            clock=clock,
+        )
 
-    def current(self) -> Principals:
-        now = self._clock()
-        if now >= self._next_look:
-            self._next_look = now + self._interval
-            self._look()
-        return self.principals
-
-    def _look(self) -> None:
-        try:
-            seen: tuple[int, int, int, int] | None = _signature(self.path)
-        except OSError as e:
-            seen = None
-            if self._seen is not None:
-                log.warning(
-                    "auth: cannot read %s (%s); the principals read before stay in force",
-                    self.path,
-                    e.strerror or e,
-                )
-        if seen is None or seen == self._seen:
-            self._seen = seen
-            return
-        self._seen = seen
-        try:
-            self.principals = load(self.path)
-        except AuthFileError as e:
-            log.warning("%s; the principals read before stay in force", e)
-            return
-        log.info("auth: %d principals from %s (the file changed)", self.principals.count, self.path)
+    @property
+    def principals(self) -> Principals:
+        """The principals read last (`current()` looks at the file first)."""
+        return self.value
 
 
 # --- authenticating a call -----------------------------------------------------------
@@ -395,18 +395,30 @@ def _certificate_names(context: grpc.aio.ServicerContext) -> list[str]:  # type:
 class Authenticator:
     """Turns each call's credential into its principal and checks the method's roles."""
 
-    def __init__(self, auth_file: str = "", *, certificates: bool = False) -> None:
-        """`auth_file` "" is none: everyone is OPEN. `certificates`: a verified client
-        certificate authenticates (the gateway has --tls-client-ca)."""
+    def __init__(
+        self, auth_file: str = "", *, certificates: bool = False, jwts: Verifier | None = None
+    ) -> None:
+        """`auth_file` "" is none: without it and `jwts` everyone is OPEN. `certificates`: a
+        verified client certificate authenticates (the gateway has --tls-client-ca).
+        `jwts`: bearer JWTs are checked by it (the gateway has --jwks-file)."""
         self._file = AuthFile(Path(auth_file)) if auth_file else None
         self._certificates = certificates
+        self._jwts = jwts
 
     @property
     def mode(self) -> str:
         """How calls are authenticated, for the gateway's first log line."""
-        if self._file is None:
+        if self._file is None and self._jwts is None:
             return "auth: none — every caller is an admin of tenant default (no --auth-file)"
-        return f"auth: {self._file.principals.count} principals from {self._file.path}"
+        parts = []
+        if self._file is not None:
+            parts.append(f"{self._file.principals.count} principals from {self._file.path}")
+        if self._jwts is not None:
+            parts.append(
+                f"JWTs of issuer {self._jwts.issuer!r} for audience {self._jwts.audience!r}, "
+                f"{len(self._jwts.keys.value.by_kid)} keys from {self._jwts.keys.path}"
+            )
+        return "auth: " + "; ".join(parts)
 
     def quota(self, tenant: str) -> Quota:
         """The tenant's quota as the auth file says now; unlimited without one."""
@@ -429,9 +441,9 @@ class Authenticator:
         _current.set(who)
 
     def authenticate(self, context: grpc.aio.ServicerContext) -> Principal:  # type: ignore[type-arg]
-        if self._file is None:
+        if self._file is None and self._jwts is None:
             return OPEN
-        principals = self._file.current()
+        principals = self._file.current() if self._file is not None else NONE
         token = _bearer(context)
         if token is not None:
             # A lookup by digest, not a comparison with the secret: timing can tell at
@@ -439,9 +451,15 @@ class Authenticator:
             # a token whose SHA-256 is a stored one takes a preimage. So no
             # hmac.compare_digest.
             found = principals.by_token.get(token_sha256(token))
-            if found is None:
-                raise Unauthenticated("the bearer token is not one this gateway knows")
-            return found
+            if found is not None:
+                return found
+            if self._jwts is not None and looks_like_jwt(token):
+                try:
+                    verified = self._jwts.verify(token)
+                except InvalidJwt as e:
+                    raise Unauthenticated(str(e)) from None
+                return _jwt_principal(verified, principals)
+            raise Unauthenticated("the bearer token is not one this gateway knows")
         names = _certificate_names(context) if self._certificates else []
         for name in names:
             if name in principals.by_certificate:
@@ -453,6 +471,41 @@ class Authenticator:
             "(the CLI's --token or $JOBMESH_TOKEN)"
             + (" or a client certificate on its mTLS port" if self._certificates else "")
         )
+
+
+def _jwt_principal(verified: Verified, principals: Principals) -> Principal:
+    """The principal of a verified JWT: the auth file's whose `jwt_subject` is its `sub`,
+    else the one its claims describe (`jobmesh_tenant`, `jobmesh_roles` and, for a worker,
+    `jobmesh_worker_ids`), named by its `sub`."""
+    subject = verified.subject
+    found = principals.by_subject.get(subject)
+    if found is not None:
+        return found
+    claims = verified.claims
+    shown = repr(subject[:_MAX_SUBJECT])
+    if "jobmesh_tenant" not in claims or "jobmesh_roles" not in claims:
+        raise Unauthenticated(
+            f"no principal for subject {shown}: no jwt_subject in the auth file is it, and "
+            "the JWT has no jobmesh_tenant and jobmesh_roles claims"
+        )
+    if subject in principals.names:
+        # Its name is its identity (a worker's, a blob's uploader): not another's.
+        raise Unauthenticated(
+            f"the JWT's subject {shown} is the name of a principal of the auth file, "
+            "whose jwt_subject it is not"
+        )
+    entry = {
+        "name": subject,
+        "tenant": claims["jobmesh_tenant"],
+        "roles": claims["jobmesh_roles"],
+        "jwt_subject": subject,
+    }
+    if "jobmesh_worker_ids" in claims:
+        entry["worker_ids"] = claims["jobmesh_worker_ids"]
+    try:
+        return _principal(entry, "the JWT's jobmesh_* claims").principal
+    except AuthFileError as e:
+        raise Unauthenticated(str(e)) from None
 
 
 def token_sha256(token: str) -> str:

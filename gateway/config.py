@@ -113,7 +113,18 @@ class GatewaySettings:
     auth_file: str = setting(
         "",
         help="TOML file of principals (token SHA-256, tenant, roles; read again when it "
-        "changes); without it every caller is an admin of tenant default",
+        "changes); without it or --jwks-file every caller is an admin of tenant default",
+    )
+    jwks_file: str = setting(
+        "",
+        help="JWKS file of public keys (read again when it changes): a bearer JWT signed by "
+        "one of them authenticates, e.g. a Kubernetes service-account token",
+    )
+    jwt_issuer: str = setting(
+        "", help="the iss a JWT must have (needed with --jwks-file), e.g. the cluster's issuer"
+    )
+    jwt_audience: str = setting(
+        "", help="an aud a JWT must have (needed with --jwks-file): the gateway's audience"
     )
     log_format: str = setting(
         "text", help="text, or json: one object per line with job and trace ids", parse=str.lower
@@ -183,6 +194,10 @@ class GatewaySettings:
             raise ValueError("mtls_listen and tls_client_ca go together")
         if self.mtls_listen:
             parse_address(self.mtls_listen)
+        if self.jwks_file and not (self.jwt_issuer and self.jwt_audience):
+            raise ValueError("jwks_file needs jwt_issuer and jwt_audience")
+        if (self.jwt_issuer or self.jwt_audience) and not self.jwks_file:
+            raise ValueError("jwt_issuer and jwt_audience are for jwks_file")
         if not self.tls_cert and not self.insecure and not is_loopback(self.listen):
             raise ValueError(
                 f"refusing to serve {self.listen} without TLS: give --tls-cert and --tls-key, "

@@ -116,7 +116,7 @@ def test_a_valid_file_maps_token_hashes_and_certificate_names_to_principals() ->
         (entry(tenant="team a"), "tenant 'team a' must be letters"),
         (entry(roles=["worker"]), "a worker principal needs worker_ids"),
         (entry(worker_ids="x-*"), "worker_ids is for principals with the worker role"),
-        (entry(token_sha256=None), "needs token_sha256, certificate or both"),
+        (entry(token_sha256=None), "needs token_sha256, certificate or jwt_subject"),
         (entry(name=None), "principal #1: name is missing"),
         ("", "declares no [[principal]]"),
         ("[[principal]\n", "not TOML"),
