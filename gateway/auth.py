@@ -468,7 +468,7 @@ class Authenticator:
             raise Unauthenticated(f"the client certificate {names[0]!r} names no principal")
         raise Unauthenticated(
             "this gateway needs a credential: a bearer token in the authorization metadata "
-            "(the CLI's --token or $JOBMESH_TOKEN)"
+            "(the CLI's --token, --token-file, $JOBMESH_TOKEN or $JOBMESH_TOKEN_FILE)"
             + (" or a client certificate on its mTLS port" if self._certificates else "")
         )
 

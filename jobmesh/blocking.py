@@ -16,7 +16,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from opentelemetry import context as otel_context
 
-from jobmesh.channels import TLS
+from jobmesh.channels import TLS, StrPath
 from jobmesh.client import AsyncClient
 from jobmesh.errors import FailedPrecondition
 from jobmesh.settings import ClientSettings
@@ -54,6 +54,7 @@ class Client:
         gateway: str | None = None,
         *,
         token: str | None = None,
+        token_file: StrPath | None = None,
         tls: TLS | None = None,
         settings: ClientSettings | None = None,
     ):
@@ -65,7 +66,7 @@ class Client:
         self._closed = False
         try:
             # grpc.aio binds a channel to the loop it is created on.
-            self._async = self._run(_open(gateway, token, tls, settings))
+            self._async = self._run(_open(gateway, token, token_file, tls, settings))
         except BaseException:
             self._stop_loop()
             raise
@@ -142,9 +143,13 @@ class Client:
 
 
 async def _open(
-    gateway: str | None, token: str | None, tls: TLS | None, settings: ClientSettings | None
+    gateway: str | None,
+    token: str | None,
+    token_file: StrPath | None,
+    tls: TLS | None,
+    settings: ClientSettings | None,
 ) -> AsyncClient:
-    return AsyncClient(gateway, token=token, tls=tls, settings=settings)
+    return AsyncClient(gateway, token=token, token_file=token_file, tls=tls, settings=settings)
 
 
 async def _next(iterator: AsyncIterator[T]) -> T:

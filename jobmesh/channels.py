@@ -3,13 +3,15 @@ against a CA file or the system's roots, with a client certificate for the mTLS 
 
 Bearer tokens are not channel credentials here: gRPC refuses call credentials on a
 plaintext channel, and loopback without TLS is allowed, so callers send the token as plain
-`authorization` metadata (`bearer`) on each call.
+`authorization` metadata (`bearer`, or a `TokenSource`'s) on each call.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +19,12 @@ import grpc
 
 from jobmesh.errors import InvalidArgument, file_error
 
+log = logging.getLogger(__name__)
+
 StrPath = str | os.PathLike[str]
+
+TOKEN_CHECK_INTERVAL = 1.0
+"""Seconds between looks at a token file's mtime, size and inode."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,81 @@ def check_token(token: str) -> None:
     """ValueError unless `token` can travel as metadata; the message never shows it."""
     if token and not (token.isascii() and token.isprintable() and token == token.strip()):
         raise ValueError("the token must be printable ASCII without surrounding spaces")
+
+
+class TokenSource:
+    """The bearer token to send: a fixed one, or the contents of a file read again when it
+    changes (a Kubernetes projected service-account token, which kubelet replaces before it
+    expires by swapping a symlink).
+
+    The file is looked at on calls, at most once every `interval` seconds, and read again
+    when its mtime, size or inode changed. A file that cannot be read or holds no token is an
+    InvalidArgument naming `setting` at construction; later, it leaves the last token read in
+    use, with one warning until the file can be read again. No message shows the token.
+    """
+
+    def __init__(
+        self,
+        token: str = "",
+        path: StrPath | None = None,
+        *,
+        setting: str = "token_file",
+        interval: float = TOKEN_CHECK_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._path = path
+        self._setting = setting
+        self._interval = interval
+        self._clock = clock
+        self._seen: tuple[int, int, int] | None = None
+        self._failing = False
+        if path is not None:
+            try:
+                token = self._read(path)
+            except (OSError, ValueError) as e:
+                raise InvalidArgument(f"{os.fspath(path)!r}: {_reason(e)}", setting) from None
+        self._metadata = bearer(token)
+        self._next_look = clock() + interval
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The `authorization` pair to send now (none without a token)."""
+        if self._path is not None and (now := self._clock()) >= self._next_look:
+            self._next_look = now + self._interval
+            self._look(self._path)
+        return self._metadata
+
+    def _look(self, path: StrPath) -> None:
+        try:
+            st = os.stat(path)
+            if (st.st_mtime_ns, st.st_size, st.st_ino) != self._seen:
+                self._metadata = bearer(self._read(path))
+                log.info("%s: read the new token in %r", self._setting, os.fspath(path))
+        except (OSError, ValueError) as e:
+            if not self._failing:
+                log.warning(
+                    "%s: %r: %s; the token read before stays in use",
+                    self._setting,
+                    os.fspath(path),
+                    _reason(e),
+                )
+            self._failing = True
+            return
+        self._failing = False
+
+    def _read(self, path: StrPath) -> str:
+        """The file's token, its signature taken from the file read (so the two match)."""
+        with open(path, "rb") as file:
+            st = os.fstat(file.fileno())
+            token = file.read().decode("utf-8", "replace").strip()
+        if not token:
+            raise ValueError("the file holds no token")
+        check_token(token)
+        self._seen = (st.st_mtime_ns, st.st_size, st.st_ino)
+        return token
+
+
+def _reason(error: Exception) -> str:
+    return (error.strerror if isinstance(error, OSError) else None) or str(error)
 
 
 def channel_credentials(tls: TLSConfig) -> grpc.ChannelCredentials:

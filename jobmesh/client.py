@@ -17,7 +17,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from jobmesh import blobs, telemetry
-from jobmesh.channels import TLS, bearer, open_channel, tls_config
+from jobmesh.channels import TLS, StrPath, TokenSource, open_channel, tls_config
 from jobmesh.convert import Input, JobRequest, SpecOptions, is_terminal, job_spec, parse_state
 from jobmesh.errors import (
     FailedPrecondition,
@@ -74,7 +74,8 @@ class AsyncClient:
     """Talks to one gateway over one channel; use it with `async with` or call `close()`.
 
     Without `gateway`, it is `$JOBMESH_GATEWAY`, else 127.0.0.1:50051. `token` is sent as a
-    bearer token with every call (default `$JOBMESH_TOKEN`). `tls` is True to verify the
+    bearer token with every call (default `$JOBMESH_TOKEN`), or the contents of `token_file`,
+    read again when the file changes (default `$JOBMESH_TOKEN_FILE`). `tls` is True to verify the
     gateway against the system's roots, a CA file's path, a `TLSConfig`, or False for
     plaintext (default: the `JOBMESH_TLS*` variables, else plaintext). Every failure is a
     `JobmeshError`.
@@ -85,21 +86,26 @@ class AsyncClient:
         gateway: str | None = None,
         *,
         token: str | None = None,
+        token_file: StrPath | None = None,
         tls: TLS | None = None,
         settings: ClientSettings | None = None,
     ):
         settings = settings or ClientSettings.from_env()
         if gateway is not None:
             settings = replace(settings, gateway=gateway)
-        if token is not None:
-            settings = replace(settings, token=token)
+        if token is not None or token_file is not None:  # either one replaces both
+            settings = replace(settings, token=token or "", token_file=token_file)
         if tls is not None:
             settings = replace(settings, tls=tls_config(tls))
         self.settings = settings
         self._limits = settings.limits
         self._closed = False
-        self._auth = bearer(settings.token)
-        if settings.token and settings.tls is None and not is_loopback(settings.gateway):
+        self._token = TokenSource(settings.token, settings.token_file)
+        if (
+            (settings.token or settings.token_file)
+            and settings.tls is None
+            and not is_loopback(settings.gateway)
+        ):
             log.warning("sending a token to %s without TLS, readable on the way", settings.gateway)
         self._channel = open_channel(
             settings.gateway,
@@ -134,7 +140,7 @@ class AsyncClient:
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         """Every call's metadata: the bearer token, if any, and the caller's trace context."""
-        return (*self._auth, *_traced())
+        return (*self._token.metadata(), *_traced())
 
     async def submit(
         self,

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from jobmesh.channels import TLSConfig, check_token
+from jobmesh.channels import StrPath, TLSConfig, check_token
 from jobmesh.errors import InvalidArgument
 from jobmesh.limits import Limits
 from jobmesh.settings_fields import parse_bool
@@ -51,6 +51,8 @@ class ClientSettings:
     """Largest and deepest params or result metadata the client decodes from the gateway."""
     token: str = field(default="", repr=False)
     """Bearer token sent with every call (`JOBMESH_TOKEN`); '' for none."""
+    token_file: StrPath | None = None
+    """File holding the bearer token, read again when it changes (`JOBMESH_TOKEN_FILE`)."""
     tls: TLSConfig | None = None
     """TLS to the gateway (`JOBMESH_TLS`, `JOBMESH_TLS_CA`...); None: plaintext."""
 
@@ -67,6 +69,8 @@ class ClientSettings:
             check_token(self.token)
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
+        if self.token and self.token_file:
+            raise InvalidArgument("give a token or a token file, not both", "token_file")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ClientSettings:
@@ -74,6 +78,7 @@ class ClientSettings:
         return cls(
             gateway=env.get("JOBMESH_GATEWAY") or DEFAULT_GATEWAY,
             token=env.get("JOBMESH_TOKEN", ""),
+            token_file=env.get("JOBMESH_TOKEN_FILE") or None,
             tls=tls_from_env(env),
         )
 

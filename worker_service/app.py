@@ -56,8 +56,13 @@ def run(settings: WorkerSettings) -> int:
         except InvalidArgument as exc:
             log.error("cannot dial the gateway over TLS: %s", exc)
             return EXIT_CONFIG
-    elif settings.token and not is_loopback(settings.gateway):
+    elif (settings.token or settings.token_file) and not is_loopback(settings.gateway):
         log.warning("sending a token to %s without TLS, readable on the way", settings.gateway)
+    try:  # read again when it changes; checked here so that a typo stops the worker at once
+        settings.token_source()
+    except InvalidArgument as exc:
+        log.error("cannot read the token: %s", exc)
+        return EXIT_CONFIG
     try:
         specs = load_handlers(settings.handlers, settings.products)
     except Exception as exc:  # an import error in a user's module, a duplicate kind...

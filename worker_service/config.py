@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from jobmesh import settings_fields as sf
-from jobmesh.channels import TLSConfig, check_token
+from jobmesh.channels import TLSConfig, TokenSource, check_token
 from jobmesh.logs import check_format
 from jobmesh.metrics import check_port
 from jobmesh.settings import DEFAULT_GATEWAY, DEFAULT_MAX_MESSAGE_BYTES, parse_address
@@ -145,6 +145,15 @@ class WorkerSettings:
         table="worker",
         metavar="TOKEN",
         secret=True,
+    )
+    token_file: str = setting(
+        "",
+        help="file holding the bearer token, read again when it changes (a Kubernetes "
+        "projected service-account token); not with `token`",
+        parse=str,
+        read=sf.toml_str,
+        table="worker",
+        metavar="PATH",
     )
     tls: bool = setting(
         False,
@@ -348,6 +357,8 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         parse_address(self.gateway)
         check_token(self.token)
+        if self.token and self.token_file:
+            raise ValueError("token and token_file are exclusive: give one of them")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
         if self.slots < 1:
@@ -400,6 +411,10 @@ class WorkerSettings:
             key=self.tls_key or None,
             server_name=self.tls_server_name or None,
         )
+
+    def token_source(self) -> TokenSource:
+        """The token to send, `token_file` read now; InvalidArgument if it cannot be."""
+        return TokenSource(self.token, self.token_file or None, setting="token_file")
 
     @classmethod
     def from_env(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 
 from jobmesh import blobs
-from jobmesh.channels import bearer, open_channel
+from jobmesh.channels import TokenSource, open_channel
 from jobmesh.v1 import blob_service_pb2_grpc, job_pb2
 from worker_service.config import WorkerSettings
 
@@ -18,10 +18,16 @@ from worker_service.config import WorkerSettings
 class Payloads:
     """Blob transfers over a channel of their own, opened on first use."""
 
-    def __init__(self, settings: WorkerSettings, inline_limit: int = blobs.DEFAULT_INLINE_LIMIT):
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        inline_limit: int = blobs.DEFAULT_INLINE_LIMIT,
+        *,
+        token: TokenSource | None = None,
+    ):
         self._settings = settings
         self._inline_limit = inline_limit
-        self._metadata = bearer(settings.token)
+        self._token = settings.token_source() if token is None else token
         self._channel: grpc.aio.Channel | None = None
         self._stub: blob_service_pb2_grpc.BlobServiceAsyncStub | None = None
 
@@ -41,7 +47,9 @@ class Payloads:
         return self._stub
 
     async def fetch(self, refs: dict[str, job_pb2.BlobRef]) -> dict[str, bytes]:
-        return await blobs.fetch(self._blobs(), refs, metadata=self._metadata) if refs else {}
+        return (
+            await blobs.fetch(self._blobs(), refs, metadata=self._token.metadata()) if refs else {}
+        )
 
     async def offload(self, result: job_pb2.JobResult, budget: int) -> None:
         """Moves the result's outputs over the inline limit into uploaded blobs, then the
@@ -49,7 +57,9 @@ class Payloads:
         for name in sorted(result.outputs, key=lambda n: len(result.outputs[n]), reverse=True):
             if len(result.outputs[name]) <= self._inline_limit and result.ByteSize() <= budget:
                 break
-            ref = await blobs.upload(self._blobs(), result.outputs[name], metadata=self._metadata)
+            ref = await blobs.upload(
+                self._blobs(), result.outputs[name], metadata=self._token.metadata()
+            )
             result.output_blobs[name].CopyFrom(ref)
             del result.outputs[name]
 

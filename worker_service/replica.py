@@ -75,9 +75,10 @@ class Replica:
         self._metrics = WorkerMetrics(slots=settings.slots) if metrics is None else metrics
         self._specs = dict(specs)
         self._executor = executor
-        self._payloads = Payloads(settings)
+        token = settings.token_source()  # one file watch for the session and the blobs
+        self._payloads = Payloads(settings, token=token)
         self._stats = stats
-        self._session = Session(settings, self)
+        self._session = Session(settings, self, token=token)
         self._running: dict[AttemptKey, _Running] = {}
         self._per_kind: Counter[str] = Counter()
         self._progress = ProgressThrottle(

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import grpc
 import grpc.aio
 
-from jobmesh.channels import bearer, open_channel
+from jobmesh.channels import TokenSource, open_channel
 from jobmesh.codes import Code
 from jobmesh.errors import JobmeshError
 from jobmesh.outbox import Outbox
@@ -79,9 +79,15 @@ class Session:
     """One logical session over as many streams as reconnects take."""
 
     def __init__(
-        self, settings: WorkerSettings, handler: SessionHandler, *, welcome_timeout: float = 10.0
+        self,
+        settings: WorkerSettings,
+        handler: SessionHandler,
+        *,
+        token: TokenSource | None = None,
+        welcome_timeout: float = 10.0,
     ) -> None:
         self._settings = settings
+        self._token = settings.token_source() if token is None else token
         self._handler = handler
         self._welcome_timeout = welcome_timeout
         self._outbox: Outbox[dispatcher_pb2.SessionRequest] = Outbox()
@@ -315,7 +321,7 @@ class Session:
     async def _serve_once(self) -> bool:
         """One stream from dial to end; True if the gateway welcomed it."""
         size = self._settings.max_message_bytes
-        # Dialed anew on each reconnect, so a rotated client certificate is read again.
+        # Dialed anew on each reconnect, so a rotated client certificate or token is read again.
         channel = open_channel(
             self._settings.gateway,
             tls=self._settings.tls_config,
@@ -329,7 +335,7 @@ class Session:
         )
         try:
             call = dispatcher_pb2_grpc.DispatcherStub(channel).Session(
-                None, metadata=bearer(self._settings.token)
+                None, metadata=self._token.metadata()
             )
             await call.write(dispatcher_pb2.SessionRequest(attach=self._handler.attach()))
             # Not `wait_for`: before Python 3.12 it swallows a cancel (`close`) that

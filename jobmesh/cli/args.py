@@ -59,6 +59,13 @@ def add_connection(parser: argparse.ArgumentParser, *, top: bool = False) -> Non
         "a flag is visible to anyone who can list processes)",
     )
     parser.add_argument(
+        "--token-file",
+        default=default,
+        metavar="PATH",
+        help="file holding the bearer token, read again when it changes, e.g. a Kubernetes "
+        "service-account token ($JOBMESH_TOKEN_FILE)",
+    )
+    parser.add_argument(
         "--tls",
         action="store_true",
         default=default,
@@ -94,8 +101,11 @@ def client_settings(args: argparse.Namespace) -> ClientSettings:
     changes: dict[str, Any] = {}
     if getattr(args, "gateway", None):
         changes["gateway"] = args.gateway
+    # Either one replaces both of the environment's; both given is an error.
     if getattr(args, "token", None) is not None:
-        changes["token"] = args.token
+        changes.update(token=args.token, token_file=None)
+    if getattr(args, "token_file", None) is not None:
+        changes.update(token_file=args.token_file, token=changes.get("token", ""))
     files = {
         field: value for flag, field in _TLS_FLAGS.items() if (value := getattr(args, flag, None))
     }
