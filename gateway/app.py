@@ -32,6 +32,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.retention import Retention
 from gateway.scheduler import Scheduler
 from gateway.sessions import Dispatcher
+from gateway.store.lock import DatabaseLock
 from gateway.store.sqlite import SqliteStore
 from gateway.watchers import EventHub
 from jobmesh import logs, telemetry
@@ -80,6 +81,7 @@ class Gateway:
         self.mtls_port = 0
         """The port of --mtls-listen, where client certificates are required (0: none)."""
         self._hub = EventHub()
+        self._db_lock = DatabaseLock(settings.db)
         self._store = SqliteStore(settings.db, retention=settings.retention)
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         if settings.blob_dir:
@@ -103,16 +105,23 @@ class Gateway:
 
     async def start(self) -> int:
         """Binds, serves and returns the port; OSError, with nothing left open, if it cannot."""
-        # Before anything is opened, and so that grpc has no reason to log.
-        check_listen(self.settings.listen)
-        if self.settings.mtls_listen:
-            check_listen(self.settings.mtls_listen)
-        self._credentials = tls.port_credentials(self.settings)
-        if self.settings.metrics_port:
-            check_listen(f"{self.settings.metrics_bind}:{self.settings.metrics_port}")
-        log.info("%s", self._auth.mode)  # the first line once it can serve: who may call
-        telemetry.setup("jobmesh-gateway")
-        await self._store.open(self._hub.publish)
+        # Before the ports are checked: in a rolling restart the gateway holding the database
+        # holds the port this one is to serve, until it exits.
+        await self._db_lock.acquire(self.settings.wait_for_db)
+        try:
+            # Before anything else is opened, and so that grpc has no reason to log.
+            check_listen(self.settings.listen)
+            if self.settings.mtls_listen:
+                check_listen(self.settings.mtls_listen)
+            self._credentials = tls.port_credentials(self.settings)
+            if self.settings.metrics_port:
+                check_listen(f"{self.settings.metrics_bind}:{self.settings.metrics_port}")
+            log.info("%s", self._auth.mode)  # the first line once it can serve: who may call
+            telemetry.setup("jobmesh-gateway")
+            await self._store.open(self._hub.publish)
+        except BaseException:
+            self._db_lock.release()
+            raise
         try:
             return await self._start()
         except BaseException:
@@ -227,6 +236,7 @@ class Gateway:
         if self._metrics_server is not None:
             self._metrics_server.stop()
         await self._store.close()
+        self._db_lock.release()
         if self._scratch is not None:
             self._scratch.cleanup()
         telemetry.flush()

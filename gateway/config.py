@@ -29,6 +29,11 @@ DEFAULT_DB = "jobmesh.db"
 class GatewaySettings:
     listen: str = setting(DEFAULT_LISTEN, help="HOST:PORT to serve on; port 0 picks a free one")
     db: str = setting(DEFAULT_DB, help="SQLite file of jobs and events (':memory:' for tests)")
+    wait_for_db: float = setting(
+        0.0,
+        help="seconds to wait for the gateway holding --db to exit, as a rolling restart "
+        "needs (0: fail at once)",
+    )
     ping_interval: float = setting(5.0, help="seconds between health pings to each worker")
     ping_misses: int = setting(
         3, help="unanswered pings before a worker is dead, whatever it sends"
@@ -166,7 +171,14 @@ class GatewaySettings:
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("reattach_grace", "blob_grace", "max_connection_age", "max_connections"):
+        non_negative = (
+            "wait_for_db",
+            "reattach_grace",
+            "blob_grace",
+            "max_connection_age",
+            "max_connections",
+        )
+        for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must not be negative")
         if self.max_message_bytes < 1024:

@@ -45,7 +45,13 @@ from gateway.workers import AttemptKey, SessionReplaced, WorkerSession
 from jobmesh import codes
 from jobmesh.codes import Code
 from jobmesh.convert import TERMINAL_STATES, state_name
-from jobmesh.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from jobmesh.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from jobmesh.limits import payload_bytes
 from jobmesh.logs import job_fields
 from jobmesh.params import Schema
@@ -128,9 +134,15 @@ class Scheduler:
         return len(jobs)
 
     def stop(self) -> None:
-        """Stops scheduling. Running attempts stay as they are, for workers to re-attach."""
+        """Stops scheduling. Running attempts stay as they are, for workers to re-attach.
+
+        Workers running nothing are told at once (UNAVAILABLE: they re-dial with backoff):
+        their sessions would otherwise hold the gateway's shutdown for the whole grace."""
         self._stopping = True
         self._timers.cancel_all()
+        for session in list(self._sessions.values()):
+            if not session.inflight:
+                session.close(Unavailable("the gateway is stopping"))
 
     # --- client calls ---------------------------------------------------------
 

@@ -98,9 +98,16 @@ class Gateway(Proc):
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        self.launch()
+        self.wait_serving()
+
+    def launch(self) -> None:
+        """Starts the process without waiting for it to serve."""
         self.port_file.unlink(missing_ok=True)
         super().start()
-        deadline = time.monotonic() + START_TIMEOUT
+
+    def wait_serving(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
         while not self.port_file.exists():
             if not self.alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"gateway did not start:\n{self.output()}")
@@ -145,9 +152,11 @@ class Cluster:
         ping_interval: float = 0.5,
         env: Mapping[str, str] | None = None,
         tls_ca: Path | None = None,
+        wait: bool = True,
     ) -> Gateway:
         """A gateway on `port` (0: a free one), e.g. the port of a killed one to replace it;
-        `tls_ca` is the CA of its certificate when `extra` makes it serve TLS."""
+        `tls_ca` is the CA of its certificate when `extra` makes it serve TLS. Without
+        `wait` it is only launched: `wait_serving` waits for it."""
         self._n += 1
         gw = Gateway(
             args=[
@@ -170,7 +179,10 @@ class Cluster:
             tls_ca=tls_ca,
         )
         self.procs.append(gw)
-        gw.start()
+        if wait:
+            gw.start()
+        else:
+            gw.launch()
         return gw
 
     def worker(
