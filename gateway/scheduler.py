@@ -100,7 +100,7 @@ class Scheduler:
         self._owner: dict[str, WorkerSession] = {}
         self._orphans: dict[str, tuple[int, str, str | None]] = {}
         """Job id -> (attempt, worker id, credential) of attempts whose worker's stream broke;
-        the credential is None for those recovered from the store, which does not keep it."""
+        the credential is None for those recovered from the store without one (see recover)."""
         self._sessions: dict[str, WorkerSession] = {}
         self._kinds_seen: set[str] = set()
         self._schemas = KindSchemas(store)
@@ -128,8 +128,12 @@ class Scheduler:
                 self._enqueue(job)
             else:
                 self._running[job.tenant] += 1
-                # Its worker may still run it and re-attach to this gateway.
-                self._orphan(job, job.worker_id, None)
+                # Its worker may still run it and re-attach to this gateway: the same
+                # credential and worker id take it back. Attempts stored before attempts
+                # recorded their principal have "", which lets any credential allowed the
+                # worker id take it back (as before).
+                principal = job.attempts[-1].principal if job.attempts else ""
+                self._orphan(job, job.worker_id, principal or None)
         self._dispatch()
         return len(jobs)
 
@@ -690,7 +694,9 @@ class Scheduler:
         self._set_state(job, S.JOB_STATE_ASSIGNED)
         self._metrics.assigned(job)
         job.worker_id = session.worker_id
-        attempt = job.attempts.add(number=job.attempt, worker_id=session.worker_id)
+        attempt = job.attempts.add(
+            number=job.attempt, worker_id=session.worker_id, principal=session.principal
+        )
         attempt.start_time.CopyFrom(now())
         self._owner[job.id] = session
         session.hold((job.id, job.attempt), job.spec.kind)

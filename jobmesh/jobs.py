@@ -272,6 +272,9 @@ class Attempt:
     end_time: datetime | None
     error: JobError | None
     """Set when the attempt failed."""
+    principal: str = ""
+    """The credential of the worker that ran the attempt; with `worker_id`, its identity
+    ("" for attempts recorded before gateways kept it)."""
 
     @classmethod
     def from_proto(cls, message: job_pb2.Attempt) -> Attempt:
@@ -281,6 +284,7 @@ class Attempt:
             start_time=_time(message, "start_time"),
             end_time=_time(message, "end_time"),
             error=JobError.from_proto(message.error) if message.HasField("error") else None,
+            principal=message.principal,
         )
 
 

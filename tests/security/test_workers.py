@@ -432,3 +432,38 @@ async def test_the_same_worker_id_from_another_credential_is_refused(
     assert not owner.closed.is_set()
     assert list(scheduler.sessions) == [owner]
     assert owner.inflight.keys() == {(job_id, 1)}
+
+
+async def test_after_a_restart_a_lost_workers_attempts_are_taken_back_by_its_credential_only(
+    scheduler: Scheduler, store: SqliteStore, tmp_path: Path
+) -> None:
+    scheduler.attach(session("w1", "a", "before"), ())
+    [inserted] = await scheduler.submit("default", [job_pb2.JobSpec(kind="echo")])
+    job_id = inserted.job.id
+    await store.barrier()
+    scheduler.stop()
+
+    # A new gateway on the same store: the attempt is an orphan of credential a's w1.
+    restarted = Scheduler(GatewaySettings(db=":memory:"), store, BlobStore(tmp_path, 1 << 20))
+    try:
+        assert await restarted.recover() == 1
+        [attempt] = (await restarted.get("default", job_id)).attempts
+        assert (attempt.worker_id, attempt.principal) == ("w1", "a")
+
+        impostor = session("w1", "b", "impostor")
+        restarted.attach(impostor, [(job_id, 1)])
+        restarted.handle(impostor, completed(job_id, '{"from": "b"}'))
+        await store.barrier()
+        assert (await restarted.get("default", job_id)).state == job_pb2.JOB_STATE_ASSIGNED
+        restarted.detach(impostor, "gone")
+
+        owner = session("w1", "a", "after")
+        restarted.attach(owner, [(job_id, 1)])
+        assert owner.inflight.keys() == {(job_id, 1)}
+        restarted.handle(owner, completed(job_id, '{"from": "a"}'))
+        await store.barrier()
+        job = await restarted.get("default", job_id)
+        assert job.state == job_pb2.JOB_STATE_SUCCEEDED
+        assert job.result.metadata_json == '{"from": "a"}'
+    finally:
+        restarted.stop()
