@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2
 from rich.console import Console
 from rich.table import Table
 
+from jobmesh.cli.jsonout import short_name
 from jobmesh.convert import state_name
 from jobmesh.v1 import admin_service_pb2, job_pb2
 
@@ -201,6 +202,6 @@ def workers_table(workers: Iterable[admin_service_pb2.Worker]) -> Table:
 
 
 def worker_state(state: admin_service_pb2.WorkerState.ValueType) -> str:
-    if state not in admin_service_pb2.WorkerState.values():
-        return str(state)
-    return admin_service_pb2.WorkerState.Name(state).removeprefix("WORKER_STATE_")
+    """'ACTIVE' for WORKER_STATE_ACTIVE, as `--json` says it; the number if unknown."""
+    enum = admin_service_pb2.WorkerState
+    return str(short_name(enum.DESCRIPTOR, enum.Name(state) if state in enum.values() else state))

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from jobmesh import AsyncClient, Unauthenticated
 from jobmesh.params import Param, schema_proto
 from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc, job_pb2
 from tests.cluster import Cluster, Gateway
@@ -62,6 +63,22 @@ def secured(cluster: Cluster, *extra: str, principals: Iterable[Who] = PRINCIPAL
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+async def until_accepted(client: AsyncClient) -> None:
+    """Until the gateway takes the client's credential: it reads its auth and JWKS files
+    again within a second of a change."""
+
+    async def accepted() -> bool:
+        try:
+            await client.list()
+        except Unauthenticated:
+            return False
+        return True
+
+    async with asyncio.timeout(10):
+        while not await accepted():  # noqa: ASYNC110  # nothing to wait on but the gateway
+            await asyncio.sleep(0.2)
 
 
 def first_log_line(gw: Gateway) -> str:

@@ -52,6 +52,7 @@ from tests.security.auth_fixtures import (
     first_log_line,
     refused,
     secured,
+    until_accepted,
     write_auth,
 )
 from tests.security.conftest import Authority
@@ -283,16 +284,7 @@ async def test_the_auth_file_is_read_again_while_the_gateway_serves(cluster: Clu
 
         write_auth(path, [*PRINCIPALS, late])
 
-        async def lists() -> bool:
-            try:
-                await client.list()
-            except Unauthenticated:
-                return False
-            return True
-
-        async with asyncio.timeout(10):
-            while not await lists():  # noqa: ASYNC110  # the gateway reads the file
-                await asyncio.sleep(0.2)
+        await until_accepted(client)
         job = (await client.submit("echo")).job
         assert (job.tenant, job.submitted_by) == ("team-c", "late-app")
 

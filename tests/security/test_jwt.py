@@ -39,7 +39,7 @@ from jobmesh import AsyncClient, JobState
 from jobmesh.errors import Unauthenticated
 from jobmesh.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from tests.cluster import ROOT, Cluster, Gateway, until
-from tests.security.auth_fixtures import ADMIN, bearer, first_log_line, refused
+from tests.security.auth_fixtures import ADMIN, bearer, first_log_line, refused, until_accepted
 from tests.security.test_workers import workers
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -561,17 +561,7 @@ async def test_the_jwks_file_is_read_again_while_the_gateway_serves(
 
         issuer.write(cluster.tmp / "jwks.json", "rsa-2")  # the issuer rotated its key
         async with AsyncClient(gw.address, token=new) as after:
-
-            async def lists() -> bool:
-                try:
-                    await after.list()
-                except Unauthenticated:
-                    return False
-                return True
-
-            async with asyncio.timeout(10):
-                while not await lists():  # noqa: ASYNC110  # the gateway reads the file
-                    await asyncio.sleep(0.2)
+            await until_accepted(after)
             with pytest.raises(Unauthenticated, match="'rsa-1' is not in the JWKS file"):
                 await before.list()
 
