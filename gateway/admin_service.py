@@ -47,6 +47,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             )
         previous: tuple[float, Totals] | None = None
         while True:
+            await self._scheduler.refresh_queue_ages(interval)
             at = time.monotonic()
             snapshot = self._metrics.snapshot()
             stats = self._stats(snapshot, previous, at)
@@ -60,11 +61,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         stats = admin_service_pb2.ClusterStats(
             workers=self._workers(),
             kinds=[
-                admin_service_pb2.KindStats(
-                    kind=kind,
-                    queued=snapshot.queued.get(kind, 0),
-                    running=snapshot.running.get(kind, 0),
-                )
+                _kind_stats(kind, snapshot)
                 for kind in sorted({*snapshot.queued, *snapshot.running})
             ],
             totals=admin_service_pb2.JobCounts(
@@ -94,3 +91,11 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
                 )
             )
         return stats
+
+
+def _kind_stats(kind: str, snapshot: Snapshot) -> admin_service_pb2.KindStats:
+    stats = admin_service_pb2.KindStats(
+        kind=kind, queued=snapshot.queued.get(kind, 0), running=snapshot.running.get(kind, 0)
+    )
+    stats.oldest_queued_age.FromNanoseconds(round(snapshot.oldest_ages.get(kind, 0.0) * 1e9))
+    return stats

@@ -102,6 +102,7 @@ class Gateway:
         self._health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._retention: asyncio.Task[None] | None = None
+        self._queue_ages: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Binds, serves and returns the port; OSError, with nothing left open, if it cannot."""
@@ -135,6 +136,7 @@ class Gateway:
         recovered = await self._scheduler.recover()
         retention = Retention(self._store, self._blobs, blob_grace=self.settings.blob_grace)
         self._retention = asyncio.create_task(retention.run(self.settings.sweep_interval))
+        self._queue_ages = asyncio.create_task(self._scheduler.watch_queue_ages())
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(self._auth.authorize)]  # type: ignore[type-arg]
         if telemetry.enabled():
             # The worker sessions live as long as the workers: no span for them.
@@ -229,10 +231,11 @@ class Gateway:
 
     async def _close(self) -> None:
         """Closes what `start` opened besides the server."""
-        if self._retention is not None:
-            self._retention.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._retention
+        for task in (self._retention, self._queue_ages):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._metrics_server is not None:
             self._metrics_server.stop()
         await self._store.close()

@@ -44,7 +44,16 @@ class GatewaySettings:
         size=True,
     )
     max_batch: int = setting(1000, help="most jobs in one SubmitBatch")
-    max_queued: int = setting(100_000, help="most jobs waiting before Submit is refused")
+    max_queued: int = setting(
+        1_000_000,
+        help="most jobs waiting before Submit is refused (they wait in the database, not in "
+        "memory)",
+    )
+    queue_window: int = setting(
+        256,
+        help="queued jobs of each queue (kind and tenant) held in memory, claimed from the "
+        "database by priority then age and refilled as they are dispatched",
+    )
     ack_timeout: float = setting(10.0, help="seconds a worker has to accept a job")
     reattach_grace: float = setting(10.0, help="seconds a lost worker's jobs wait for it to return")
     default_max_attempts: int = setting(
@@ -159,6 +168,7 @@ class GatewaySettings:
             "ping_misses",
             "max_batch",
             "max_queued",
+            "queue_window",
             "default_max_attempts",
             "max_inline_memory",
             "max_transfers",

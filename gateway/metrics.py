@@ -59,6 +59,8 @@ class Snapshot:
     """Kind -> jobs QUEUED (waiting for a worker or a retry's backoff)."""
     running: dict[str, int]
     """Kind -> jobs ASSIGNED or RUNNING."""
+    oldest_ages: dict[str, float]
+    """Kind -> seconds its oldest job ready to run has waited in the queue."""
     recent_jobs: int
     """Jobs (SUCCEEDED or FAILED, the latest RECENT_JOBS) the next two are over."""
     success_rate: float
@@ -121,6 +123,13 @@ class GatewayMetrics:
             by,
             registry=r,
         )
+        self._queue_age = Gauge(
+            "jobmesh_gateway_queue_oldest_age_seconds",
+            "How long the oldest job ready to run has waited in its queue, by kind and tenant "
+            "(0: none waits).",
+            by,
+            registry=r,
+        )
         self._running_gauge = Gauge(
             "jobmesh_gateway_jobs_running",
             "Jobs ASSIGNED to a worker or RUNNING, by kind and tenant.",
@@ -147,7 +156,8 @@ class GatewayMetrics:
         self._queued: Counter[tuple[str, str]] = Counter()
         """(kind, tenant) label values -> jobs QUEUED."""
         self._running: Counter[tuple[str, str]] = Counter()
-        self._enqueued_at: dict[str, float] = {}
+        self._oldest: dict[tuple[str, str], float] = {}
+        """(kind, tenant) label values -> the ready_at of its oldest ready job."""
         self._recent: deque[tuple[bool, float | None]] = deque(maxlen=RECENT_JOBS)
         """(succeeded, seconds from assignment to the end or None) of the latest ended jobs."""
         self._kinds = LabelValues(MAX_KINDS)
@@ -185,17 +195,39 @@ class GatewayMetrics:
             self._count(labels, job.state, -1)
             self._count(labels, state, +1)
 
-    def enqueued(self, job: job_pb2.Job) -> None:
-        self._enqueued_at[job.id] = time.monotonic()
+    def queued_in_store(self, kind: str, tenant: str, count: int) -> None:
+        """`count` jobs of a previous run wait QUEUED in the store."""
+        labels = self._kinds(kind), self._tenants(tenant)
+        self._count(labels, S.JOB_STATE_QUEUED, count)
 
-    def assigned(self, job: job_pb2.Job) -> None:
-        since = self._enqueued_at.pop(job.id, None)
-        if since is not None:
-            self._queue_wait.labels(self._kinds(job.spec.kind)).observe(time.monotonic() - since)
+    def queue_ages(self, oldest: Iterable[tuple[str, str, float | None]]) -> None:
+        """Each queue's (kind, tenant, ready_at of its oldest ready job or None), store-wide."""
+        found: dict[tuple[str, str], float] = {}
+        for kind, tenant, ready_at in oldest:
+            labels = self._kinds(kind), self._tenants(tenant)
+            if ready_at is not None:
+                found[labels] = min(ready_at, found.get(labels, ready_at))
+        for labels in self._oldest.keys() - found.keys():
+            self._queue_age.labels(*labels).set(0)
+        now = time.time()
+        for labels, ready_at in found.items():
+            self._queue_age.labels(*labels).set(max(0.0, now - ready_at))
+        self._oldest = found
+
+    def oldest_ages(self, now: float) -> dict[str, float]:
+        """Kind -> seconds its oldest ready job has waited (over every tenant)."""
+        ages: dict[str, float] = {}
+        for (kind, _), ready_at in self._oldest.items():
+            ages[kind] = max(ages.get(kind, 0.0), now - ready_at)
+        return ages
+
+    def assigned(self, job: job_pb2.Job, waited: float | None) -> None:
+        """A worker was given the job after it `waited` seconds in its queue (None: unknown)."""
+        if waited is not None:
+            self._queue_wait.labels(self._kinds(job.spec.kind)).observe(max(0.0, waited))
 
     def ended(self, job: job_pb2.Job) -> None:
         """`job` reached its terminal state, with its end time set."""
-        self._enqueued_at.pop(job.id, None)
         outcome = _ENDED.get(job.state, "")
         if not outcome:
             return
@@ -226,6 +258,7 @@ class GatewayMetrics:
             totals=Totals(**self._totals),
             queued=_by_kind(self._queued),
             running=_by_kind(self._running),
+            oldest_ages=self.oldest_ages(time.time()),
             recent_jobs=len(recent),
             success_rate=sum(ok for ok, _ in recent) / len(recent) if recent else 0.0,
             mean_processing_seconds=sum(ran) / len(ran) if ran else 0.0,

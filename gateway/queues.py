@@ -10,9 +10,9 @@ import itertools
 from collections import defaultdict
 from collections.abc import Iterator
 
-# (-priority, order, job id, attempt); `order` is global, so entries of different queues
-# compare by priority, then age.
-Entry = tuple[int, int, str, int]
+# (-priority, ready_at, order, job id, attempt): entries of different queues compare by
+# priority, then age (time.time() from which the job was ready), then arrival here.
+Entry = tuple[int, float, int, str, int]
 # (kind, tenant)
 QueueKey = tuple[str, str]
 
@@ -22,8 +22,28 @@ class KindQueues:
         self._heaps: defaultdict[QueueKey, list[Entry]] = defaultdict(list)
         self._order = itertools.count()
 
-    def push(self, key: QueueKey, priority: int, job_id: str, attempt: int) -> None:
-        heapq.heappush(self._heaps[key], (-priority, next(self._order), job_id, attempt))
+    def push(
+        self, key: QueueKey, priority: int, ready_at: float, job_id: str, attempt: int
+    ) -> None:
+        entry = (-priority, ready_at, next(self._order), job_id, attempt)
+        heapq.heappush(self._heaps[key], entry)
+
+    def size(self, key: QueueKey) -> int:
+        """Entries of the queue, some perhaps of jobs that left it meanwhile."""
+        heap = self._heaps.get(key)
+        return len(heap) if heap else 0
+
+    def worst(self, key: QueueKey) -> Entry | None:
+        """The entry `pop` would return last."""
+        heap = self._heaps.get(key)
+        return max(heap) if heap else None
+
+    def remove(self, key: QueueKey, entry: Entry) -> None:
+        heap = self._heaps[key]
+        heap.remove(entry)
+        heapq.heapify(heap)
+        if not heap:
+            del self._heaps[key]
 
     def queues(self) -> list[QueueKey]:
         """The keys of the queues that hold entries (a copy: popping may remove some)."""
@@ -39,7 +59,7 @@ class KindQueues:
         heap = self._heaps.get(key)
         if not heap:
             return None
-        _, _, job_id, attempt = heapq.heappop(heap)
+        _, _, _, job_id, attempt = heapq.heappop(heap)
         if not heap:
             del self._heaps[key]
         return job_id, attempt

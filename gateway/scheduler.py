@@ -1,9 +1,15 @@
 """The scheduler: priority queues per kind, credits per worker, attempts, retries, timeouts.
 
 All job state changes happen here, on the event loop, in memory first; each one is
-written to the store in order. Jobs not yet terminal stay in memory, so dispatch
-never waits on the database. A change is published to watchers only once the
-store has committed it.
+written to the store in order. A change is published to watchers only once the store has
+committed it.
+
+Queued jobs live in the store. The gateway holds in memory the running attempts and a
+window of each queue's head (`queue_window` jobs, claimed from the store by priority, then
+age, and refilled as it drains), so dispatch never waits on the database and memory does
+not grow with the queue. A new job goes straight into its queue's window when the window
+holds the whole queue; delayed jobs (`not_before`, a retry's backoff) and deadlines of jobs
+left in the store are woken by one timer each, from the store's next times.
 
 An attempt is fenced by (job id, attempt number) and by the session that owns it:
 anything else a worker says about a job is ignored. When a worker's stream breaks,
@@ -17,7 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import random
+import socket
+import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 
@@ -38,7 +49,8 @@ from gateway.metrics import GatewayMetrics
 from gateway.queues import Entry, KindQueues, QueueKey, Turns
 from gateway.quotas import Quota, QuotaOf, SubmitRate, check_usage, unlimited
 from gateway.schemas import KindSchemas, SchemaVersion
-from gateway.store import ANY_TENANT, Admit, Inserted, JobStore, Usage
+from gateway.store import ANY_TENANT, Admit, Inserted, JobStore, Placement, Unfinished, Usage
+from gateway.store.rows import placement_of
 from gateway.timers import Timers
 from gateway.tracing import JobTracer
 from gateway.workers import AttemptKey, SessionReplaced, WorkerSession
@@ -60,8 +72,10 @@ from jobmesh.v1 import dispatcher_pb2, job_pb2
 log = logging.getLogger(__name__)
 
 _RUNNING = frozenset({S.JOB_STATE_ASSIGNED, S.JOB_STATE_RUNNING})
-# (-priority, tenant's turn, order): what dispatch takes first, least first.
-Rank = tuple[int, float, int]
+QUEUE_AGES_INTERVAL = 5.0
+"""Seconds between reads of the queues' oldest jobs for /metrics."""
+# (-priority, tenant's turn, ready_at, order): what dispatch takes first, least first.
+Rank = tuple[int, float, float, int]
 
 
 class Scheduler:
@@ -90,8 +104,31 @@ class Scheduler:
         """Inline input bytes of Submits not yet committed."""
         self._loading: set[asyncio.Task[None]] = set()
         self._queues = KindQueues()
+        """The windows: queued jobs claimed from the store, each queue's head."""
         self._queued = 0
-        """Active jobs in state QUEUED, waiting in a queue or for a retry's backoff."""
+        """Jobs in state QUEUED, in the store or in a window."""
+        self._name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        """This gateway's name on the leases of the jobs it claims."""
+        self._ready_at: dict[str, float] = {}
+        """Job id -> when it was ready, of the jobs in a window."""
+        self._pending: set[QueueKey] = set()
+        """Queues whose ready jobs may not all be in their window: a refill may find more."""
+        self._news = Counter[QueueKey]()
+        """Bumped when a queue gains jobs in the store, so a refill under way knows."""
+        self._keys: set[QueueKey] = set()
+        """Every queue known to hold jobs in the store (some perhaps not ready yet)."""
+        self._wanted: set[QueueKey] = set()
+        """Queues whose window the claimer task is to refill."""
+        self._claimer: asyncio.Task[None] | None = None
+        self._claiming = asyncio.Lock()
+        """Held across each claim and the taking in of what it claimed: nothing else claims
+        meanwhile, so no job is taken in twice."""
+        self._wakes: dict[str, tuple[float, asyncio.TimerHandle]] = {}
+        """"ready" and "due" -> (time.time(), handle) of the next wake-up for jobs in the store."""
+        self._ages_read = -math.inf
+        self._ages_reading: asyncio.Future[None] | None = None
+        self._serving = Counter[tuple[str, str]]()
+        """(kind, tenant or ANY_TENANT) -> attached sessions serving it."""
         self._quota = quotas
         self._submit_rate = SubmitRate()
         self._turns = Turns()
@@ -113,29 +150,34 @@ class Scheduler:
     # --- start and stop -------------------------------------------------------
 
     async def recover(self) -> int:
-        """Takes back the unfinished jobs of a previous run; returns how many."""
+        """Takes back the running attempts of a previous run and learns which queues hold
+        jobs in the store (without reading them); returns how many jobs are unfinished."""
         await self._schemas.load()
-        jobs = await self._store.unfinished()
+        jobs = await self._store.running()
         for item in jobs:
             job = item.job
-            self._active[job.id] = job
-            if item.inline_bytes:
-                self._stored_inputs.add(job.id)
+            self._take_in(item)
             self._metrics.recovered(job)
             self._watch_deadline(job)
-            if job.state == S.JOB_STATE_QUEUED:
-                self._queued += 1
-                self._enqueue(job)
-            else:
-                self._running[job.tenant] += 1
-                # Its worker may still run it and re-attach to this gateway: the same
-                # credential and worker id take it back. Attempts stored before attempts
-                # recorded their principal have "", which lets any credential allowed the
-                # worker id take it back (as before).
-                principal = job.attempts[-1].principal if job.attempts else ""
-                self._orphan(job, job.worker_id, principal or None)
+            self._running[job.tenant] += 1
+            # Its worker may still run it and re-attach to this gateway: the same
+            # credential and worker id take it back. Attempts stored before attempts
+            # recorded their principal have "", which lets any credential allowed the
+            # worker id take it back (as before).
+            principal = job.attempts[-1].principal if job.attempts else ""
+            self._orphan(job, job.worker_id, principal or None)
+        depths = await self._store.queue_depths(time.time())
+        for depth in depths:
+            key = (depth.kind, depth.tenant)
+            self._keys.add(key)
+            self._pending.add(key)
+            self._queued += depth.queued
+            self._metrics.queued_in_store(depth.kind, depth.tenant, depth.queued)
+        self._metrics.queue_ages((d.kind, d.tenant, d.oldest_ready_at) for d in depths)
+        self._ages_read = time.monotonic()
+        await self._rearm()
         self._dispatch()
-        return len(jobs)
+        return len(jobs) + sum(depth.queued for depth in depths)
 
     def stop(self) -> None:
         """Stops scheduling. Running attempts stay as they are, for workers to re-attach.
@@ -144,9 +186,44 @@ class Scheduler:
         their sessions would otherwise hold the gateway's shutdown for the whole grace."""
         self._stopping = True
         self._timers.cancel_all()
+        for _, handle in self._wakes.values():
+            handle.cancel()
+        self._wakes.clear()
+        # The window goes back to the store, for whichever gateway claims it next.
+        windowed = [job_id for job_id in self._ready_at if job_id in self._active]
+        if windowed:
+            self._store.release(windowed)
         for session in list(self._sessions.values()):
             if not session.inflight:
                 session.close(Unavailable("the gateway is stopping"))
+
+    async def refresh_queue_ages(self, older_than: float = 0.0) -> None:
+        """Reads each queue's oldest ready job from the store into the metrics, unless that
+        was read less than `older_than` seconds ago; callers at once share one read."""
+        if time.monotonic() - self._ages_read < older_than:
+            return
+        if self._ages_reading is None or self._ages_reading.done():
+            self._ages_reading = asyncio.ensure_future(self._read_queue_ages())
+        await asyncio.shield(self._ages_reading)
+
+    async def _read_queue_ages(self) -> None:
+        depths = await self._store.queue_depths(time.time())
+        self._metrics.queue_ages((d.kind, d.tenant, d.oldest_ready_at) for d in depths)
+        self._ages_read = time.monotonic()
+
+    async def watch_queue_ages(self, interval: float = QUEUE_AGES_INTERVAL) -> None:
+        """Keeps the queue-age metrics fresh, every `interval` seconds, until cancelled."""
+        while True:
+            try:
+                await self.refresh_queue_ages(interval / 2)
+            except Exception:
+                log.warning("could not read the queues' ages", exc_info=True)
+            await asyncio.sleep(interval)
+
+    async def settled(self) -> None:
+        """Returns once no claim or store read it started is under way (for tests)."""
+        while self._loading:
+            await asyncio.gather(*self._loading, return_exceptions=True)
 
     # --- client calls ---------------------------------------------------------
 
@@ -204,7 +281,9 @@ class Scheduler:
         submitted_by: str,
         params_schemas: Sequence[str] = (),
     ) -> list[Inserted]:
-        jobs, events = [], []
+        jobs, events, placements = [], [], []
+        at = time.time()
+        room = Counter[QueueKey]()
         for spec, params_schema in zip(specs, params_schemas or [""] * len(specs), strict=True):
             job = job_pb2.Job(
                 id=new_job_id(),
@@ -223,7 +302,11 @@ class Scheduler:
                 )
             events.append(next_event(job, message="submitted"))
             jobs.append(job)
-        inserted = await self._store.insert(jobs, events, self._admit(tenant))
+            placements.append(self._place(job, at, room))
+        inserted = await self._store.insert(
+            jobs, events, self._admit(tenant), placements=placements
+        )
+        places = {job.id: p for job, p in zip(jobs, placements, strict=True)}
         answers = []
         for item in inserted:
             if item.existing:
@@ -235,13 +318,41 @@ class Scheduler:
             snapshot.CopyFrom(item.job)
             snapshot.spec.ClearField("inputs")  # the caller has them; Get returns them
             answers.append(Inserted(snapshot))
-            self._activate(item.job)
+            job = item.job
             self._queued += 1
-            self._metrics.submitted(item.job)
-            self._watch_deadline(item.job)
-            self._enqueue(item.job)
+            self._metrics.submitted(job)
+            placement = places[job.id]
+            if placement.owner:
+                self._activate(job)
+                self._into_window(job, placement.ready_at)
+            else:
+                self._left_in_store(job, placement)
+        for key in room:
+            self._trim(key)
         self._dispatch()
         return answers
+
+    def _place(
+        self, job: job_pb2.Job, at: float, room: Counter[QueueKey], delay: float = 0.0
+    ) -> Placement:
+        """Where a job (re)entering its queue at `at` goes: into the queue's window (leased
+        to this gateway) when it is ready and the window holds the whole queue with room
+        to spare, or when it ranks ahead of the window's last job (which `_trim` then gives
+        back); else into the store only. `room` counts what a batch already put in each
+        window."""
+        placement = placement_of(job, at, delay)
+        key = (job.spec.kind, job.tenant)
+        if placement.ready_at > at or not self._served(key):
+            return placement
+        window = self._settings.queue_window
+        if key not in self._pending and self._queues.size(key) + room[key] < window:
+            room[key] += 1
+            return Placement(placement.ready_at, placement.due_at, self._name)
+        worst = self._queues.worst(key)
+        if worst is not None and -worst[0] < job.spec.priority:
+            room[key] += 1
+            return Placement(placement.ready_at, placement.due_at, self._name)
+        return placement
 
     def _admit(self, tenant: str) -> Admit | None:
         """The store's check of the tenant's queued jobs and stored bytes, if it has a
@@ -267,6 +378,14 @@ class Scheduler:
         """Cancels `tenant`'s job (any tenant's for ANY_TENANT); `by` is the principal's name
         it records. Another tenant's job is NotFound, as an unknown one."""
         job = self._active.get(job_id)
+        if job is None:
+            # Queued in the store: claimed, so that no refill takes it in meanwhile.
+            async with self._claiming:
+                job = self._active.get(job_id)
+                if job is None:
+                    item = await self._store.claim_job(self._name, tenant, job_id, math.inf)
+                    if item is not None:
+                        job = self._take_in(item)
         if job is None or tenant not in (ANY_TENANT, job.tenant):
             # Terminal already (cancel is idempotent), or unknown.
             return await self.get(tenant, job_id)
@@ -355,6 +474,7 @@ class Scheduler:
             )
         self._sessions[session.session_id] = session
         self._kinds_seen.update(session.kinds)
+        self._serving.update((kind, session.tenant) for kind in session.kinds)
         self._schemas.attach(session, schemas or {})
         taken_back = 0
         for key in running:
@@ -379,6 +499,8 @@ class Scheduler:
         silent (missed pings), in which case they are retried at once."""
         if self._sessions.pop(session.session_id, None) is None:
             return
+        self._serving.subtract((kind, session.tenant) for kind in session.kinds)
+        self._serving += Counter()  # drops what is down to 0
         self._schemas.detach(session)
         log.info("worker %s detached: %s", session.worker_id, reason)
         if self._stopping:
@@ -583,13 +705,37 @@ class Scheduler:
         self._metrics.state_changed(job, state)
         job.state = state  # type: ignore[assignment]
 
-    def _save(self, job: job_pb2.Job, event: job_pb2.JobEvent | None) -> Awaitable[None]:
-        return self._store.save(job, event)
+    def _save(
+        self,
+        job: job_pb2.Job,
+        event: job_pb2.JobEvent | None,
+        placement: Placement | None = None,
+    ) -> Awaitable[None]:
+        return self._store.save(job, event, placement)
 
-    def _enqueue(self, job: job_pb2.Job) -> None:
-        self._queues.push((job.spec.kind, job.tenant), job.spec.priority, job.id, job.attempt)
-        self._metrics.enqueued(job)
-        self._tracer.queued(job)
+    # --- the queue: windows in memory, the rest in the store -----------------------
+
+    def _take_in(self, item: Unfinished) -> job_pb2.Job:
+        """Holds in memory a job claimed from the store; its inline inputs stay there."""
+        job = item.job
+        self._active[job.id] = job
+        if item.inline_bytes:
+            self._stored_inputs.add(job.id)
+        return job
+
+    def _served(self, key: QueueKey) -> bool:
+        """Whether some attached worker serves the queue: only such queues get a window."""
+        kind, tenant = key
+        return bool(self._serving[(kind, tenant)] or self._serving[(kind, ANY_TENANT)])
+
+    def _into_window(self, job: job_pb2.Job, ready_at: float) -> None:
+        """Puts a job this gateway holds (QUEUED, leased to it) in its queue's window."""
+        self._ready_at[job.id] = ready_at
+        self._queues.push(
+            (job.spec.kind, job.tenant), job.spec.priority, ready_at, job.id, job.attempt
+        )
+        self._tracer.queued(job, ready_at)
+        self._watch_deadline(job)
         if job.spec.HasField("schedule_to_start_timeout"):
             limit = duration_seconds(job.spec.schedule_to_start_timeout)
             job_id, attempt = job.id, job.attempt
@@ -603,7 +749,171 @@ class Scheduler:
                     error = Code.SCHEDULE_TO_START_TIMEOUT.error(message)
                     self._end(current, S.JOB_STATE_FAILED, error=error)
 
-            self._timers.after(limit, expire)
+            self._timers.after(ready_at + limit - time.time(), expire)
+
+    def _left_in_store(self, job: job_pb2.Job, placement: Placement) -> None:
+        """Notes a job QUEUED in the store only: its queue has more for a refill to claim,
+        or a wake-up is due when it becomes ready or falls due."""
+        key = (job.spec.kind, job.tenant)
+        self._keys.add(key)
+        if placement.ready_at <= time.time():
+            self._news[key] += 1
+            self._pending.add(key)
+        else:
+            self._wake("ready", placement.ready_at)
+        if placement.due_at is not None:
+            self._wake("due", placement.due_at)
+
+    def _drop(self, job: job_pb2.Job) -> None:
+        """Forgets a job that went back to the store, leased to no one."""
+        self._active.pop(job.id, None)
+        self._ready_at.pop(job.id, None)
+        self._forget_inputs(job.id)
+        self._owner.pop(job.id, None)
+        self._orphans.pop(job.id, None)
+        self._tracer.forget(job.id)
+
+    def _requeue(self, job: job_pb2.Job, event: job_pb2.JobEvent, delay: float = 0.0) -> None:
+        """Puts the job (just made QUEUED) back in its queue, ready in `delay` seconds: in its
+        window if it belongs there (`_place`), else in the store, forgotten until a refill
+        claims it again in its turn."""
+        key = (job.spec.kind, job.tenant)
+        placement = self._place(job, time.time(), Counter(), delay)
+        self._save(job, event, placement)
+        if placement.owner:
+            self._orphans.pop(job.id, None)
+            self._into_window(job, placement.ready_at)
+            self._trim(key)
+        else:
+            self._drop(job)
+            self._left_in_store(job, placement)
+
+    def _trim(self, key: QueueKey) -> None:
+        """Gives back to the store the last jobs of a window grown past `queue_window`."""
+        released = []
+        while self._queues.size(key) > self._settings.queue_window:
+            worst = self._queues.worst(key)
+            assert worst is not None
+            self._queues.remove(key, worst)
+            job = self._active.get(worst[3])
+            if job is not None and job.attempt == worst[4] and job.state == S.JOB_STATE_QUEUED:
+                self._drop(job)
+                released.append(job.id)
+        if released:
+            self._store.release(released)
+            self._news[key] += 1
+            self._pending.add(key)
+
+    def _refill(self, key: QueueKey) -> None:
+        """Has the queue's window refilled from the store: one task claims for every queue
+        that asked meanwhile, then dispatches once."""
+        if self._stopping:
+            return
+        self._wanted.add(key)
+        if self._claimer is None or self._claimer.done():
+            self._claimer = asyncio.ensure_future(self._claim_wanted())
+            self._loading.add(self._claimer)
+            self._claimer.add_done_callback(self._loading.discard)
+
+    async def _claim_wanted(self) -> None:
+        while self._wanted and not self._stopping:
+            keys = sorted(self._wanted)
+            self._wanted.clear()
+            async with self._claiming:
+                for key in keys:
+                    await self._claim(key)
+            self._dispatch()
+
+    async def _claim(self, key: QueueKey) -> None:
+        want = self._settings.queue_window - self._queues.size(key)
+        if want <= 0 or self._stopping:
+            return
+        news = self._news[key]
+        try:
+            claimed = await self._store.claim(self._name, *key, want, time.time(), math.inf)
+        except Exception:
+            log.exception("could not claim queued %s jobs of tenant %s; trying again", *key)
+            self._timers.after(1.0, self._dispatch)
+            return
+        if self._stopping:
+            self._store.release([item.job.id for item in claimed])
+            return
+        for item in claimed:
+            if item.job.id not in self._active:
+                self._into_window(self._take_in(item), item.ready_at)
+        if len(claimed) < want and self._news[key] == news:
+            self._pending.discard(key)
+
+    def _wake(self, what: str, at: float) -> None:
+        """Looks at the store again at `at` (time.time()) for jobs that become ready ("ready")
+        or fall due ("due"), unless an earlier wake-up is set."""
+        if self._stopping:
+            return
+        current = self._wakes.get(what)
+        if current is not None:
+            if current[0] <= at:
+                return
+            current[1].cancel()
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(max(0.0, at - time.time()), self._woken, what)
+        self._wakes[what] = (at, handle)
+
+    def _woken(self, what: str) -> None:
+        self._wakes.pop(what, None)
+        if what == "ready":
+            for key in self._keys:
+                self._news[key] += 1
+                self._pending.add(key)
+            task = asyncio.ensure_future(self._rearm())
+        else:
+            task = asyncio.ensure_future(self._fail_due())
+        self._loading.add(task)
+        task.add_done_callback(self._loading.discard)
+        self._dispatch()
+
+    async def _rearm(self) -> None:
+        """Sets the wake-ups from the store's next times."""
+        try:
+            ready, due = await self._store.next_times(time.time())
+        except Exception:
+            log.exception("could not read when queued jobs fall due; trying again")
+            self._wake("ready", time.time() + 1.0)
+            return
+        if ready is not None:
+            self._wake("ready", ready)
+        if due is not None:
+            self._wake("due", due)
+
+    async def _fail_due(self) -> None:
+        """Fails the jobs of the store that outlived their deadline or schedule-to-start
+        limit while queued."""
+        batch = 500
+        try:
+            while not self._stopping:
+                async with self._claiming:
+                    claimed = await self._store.claim_due(self._name, time.time(), batch, math.inf)
+                    for item in claimed:
+                        job = self._take_in(item)
+                        if job.HasField("deadline") and seconds_until(job.deadline) <= 0:
+                            limit = duration_seconds(job.spec.schedule_to_close_timeout)
+                            code, message = (
+                                Code.DEADLINE_EXCEEDED,
+                                f"the job did not end within {limit:g}s",
+                            )
+                        else:
+                            limit = duration_seconds(job.spec.schedule_to_start_timeout)
+                            code, message = (
+                                Code.SCHEDULE_TO_START_TIMEOUT,
+                                f"no worker started the job within {limit:g}s",
+                            )
+                        self._end(job, S.JOB_STATE_FAILED, error=code.error(message))
+                if len(claimed) < batch:
+                    break
+        except Exception:
+            log.exception("could not fail queued jobs that fell due; trying again")
+            self._wake("due", time.time() + 1.0)
+            return
+        await self._rearm()
 
     def _watch_deadline(self, job: job_pb2.Job) -> None:
         if not job.HasField("deadline"):
@@ -622,17 +932,6 @@ class Scheduler:
 
         self._timers.after(seconds_until(job.deadline), expire)
 
-    def _requeue_later(self, job: job_pb2.Job, delay: float) -> None:
-        job_id, attempt = job.id, job.attempt
-
-        def fire() -> None:
-            current = self._active.get(job_id)
-            if current is not None and current.attempt == attempt:
-                self._enqueue(current)
-                self._dispatch()
-
-        self._timers.after(delay, fire)
-
     def _dispatch(self) -> None:
         """Hands out queued jobs while some worker can take one: always the job with the
         highest priority among the kinds a worker has room for; within a priority, tenants
@@ -641,6 +940,10 @@ class Scheduler:
         if self._stopping:
             return
         quotas: dict[str, Quota] = {}
+        window = self._settings.queue_window
+        for key in self._pending:
+            if self._queues.size(key) <= window // 2 and self._served(key):
+                self._refill(key)
         while True:
             best: tuple[Rank, QueueKey, WorkerSession] | None = None
             for key in self._queues.queues():
@@ -653,10 +956,10 @@ class Scheduler:
                 head = self._live_head(key)
                 if head is None:
                     continue
-                rank = (head[0], self._turns.tag(tenant), head[1])
+                rank = (head[0], self._turns.tag(tenant), head[1], head[2])
                 if best is not None and best[0] <= rank:
                     continue
-                session = self._pick(*key, self._active[head[2]].params_schema)
+                session = self._pick(*key, self._active[head[3]].params_schema)
                 if session is not None:
                     best = (rank, key, session)
             if best is None:
@@ -666,12 +969,14 @@ class Scheduler:
             assert popped is not None
             self._turns.took(key[1], quotas[key[1]].weight)
             self._assign(self._active[popped[0]], session)
+            if key in self._pending and self._queues.size(key) <= window // 2:
+                self._refill(key)
 
     def _live_head(self, key: QueueKey) -> Entry | None:
         """The queue's next entry, dropping those of jobs cancelled or superseded meanwhile."""
         while (head := self._queues.head(key)) is not None:
-            job = self._active.get(head[2])
-            if job is not None and job.attempt == head[3] and job.state == S.JOB_STATE_QUEUED:
+            job = self._active.get(head[3])
+            if job is not None and job.attempt == head[4] and job.state == S.JOB_STATE_QUEUED:
                 return head
             self._queues.pop(key)
         return None
@@ -692,7 +997,8 @@ class Scheduler:
 
     def _assign(self, job: job_pb2.Job, session: WorkerSession) -> None:
         self._set_state(job, S.JOB_STATE_ASSIGNED)
-        self._metrics.assigned(job)
+        ready_at = self._ready_at.pop(job.id, None)
+        self._metrics.assigned(job, None if ready_at is None else time.time() - ready_at)
         job.worker_id = session.worker_id
         attempt = job.attempts.add(
             number=job.attempt, worker_id=session.worker_id, principal=session.principal
@@ -799,8 +1105,7 @@ class Scheduler:
         log.info(
             "job %s: %s", job.id, message, extra=job_fields(job.id, job.attempt, job.trace_context)
         )
-        self._save(job, next_event(job, message=message))
-        self._enqueue(job)
+        self._requeue(job, next_event(job, message=message))
 
     def _send_cancel(self, session: WorkerSession, key: AttemptKey, reason: str) -> None:
         cancel = dispatcher_pb2.Cancel(job_id=key[0], attempt=key[1], reason=reason)
@@ -848,11 +1153,7 @@ class Scheduler:
             message,
             extra=job_fields(job.id, failed_attempt, job.trace_context),
         )
-        self._save(job, next_event(job, message=message, error=error))
-        if delay > 0:
-            self._requeue_later(job, delay)
-        else:
-            self._enqueue(job)
+        self._requeue(job, next_event(job, message=message, error=error), delay)
 
     def _end(
         self, job: job_pb2.Job, state: int, *, error: job_pb2.JobError | None = None
@@ -862,11 +1163,7 @@ class Scheduler:
         if error is not None:
             job.error.CopyFrom(error)
         job.end_time.CopyFrom(now())
-        self._active.pop(job.id, None)
-        self._forget_inputs(job.id)
-        self._owner.pop(job.id, None)
-        self._orphans.pop(job.id, None)
-        self._tracer.forget(job.id)
+        self._drop(job)
         self._metrics.ended(job)
         log.log(
             logging.INFO if state == S.JOB_STATE_FAILED else logging.DEBUG,

@@ -8,8 +8,6 @@ events on the attempt span.
 
 from __future__ import annotations
 
-import time
-
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -33,8 +31,10 @@ class JobTracer:
         self._queued_at: dict[str, int] = {}
         self._attempts: dict[str, trace.Span] = {}
 
-    def queued(self, job: job_pb2.Job) -> None:
-        self._queued_at[job.id] = time.time_ns()
+    def queued(self, job: job_pb2.Job, ready_at: float) -> None:
+        """The job is in this gateway's window of its queue, where it waited from `ready_at`
+        (time.time()); its "queue wait" span is made when it is assigned."""
+        self._queued_at[job.id] = int(ready_at * 1e9)
 
     def assigned(self, job: job_pb2.Job) -> dict[str, str]:
         """Records the queue wait, starts the attempt's span; returns its context for Assign."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import time
 from collections.abc import Mapping
 
-from gateway.jobs import duration_seconds
+from gateway.jobs import duration_seconds, ts_seconds
 from jobmesh.errors import InvalidArgument
 from jobmesh.limits import Limits, payload_bytes, payload_names
 from jobmesh.params import Schema, schema_from_proto, typed
@@ -19,6 +20,7 @@ MAX_LABELS = 64
 MAX_LABEL_VALUE = 256
 MAX_ATTEMPTS = 100
 MAX_BACKOFF_SECONDS = 86400.0
+MAX_NOT_BEFORE_SECONDS = 366 * 24 * 3600.0
 MAX_TIMEOUT_SECONDS = 30 * 86400.0
 MAX_RETENTION_SECONDS = 3650 * 86400.0
 MAX_JOB_ID = 64
@@ -86,6 +88,10 @@ def spec(
         seconds = duration_seconds(value.retention)
         if not 0 < seconds <= MAX_RETENTION_SECONDS:
             raise InvalidArgument("must be positive and at most 3650 days", f"{field}.retention")
+    if value.HasField("not_before"):
+        ahead = ts_seconds(value.not_before) - time.time()
+        if ahead > MAX_NOT_BEFORE_SECONDS:
+            raise InvalidArgument("must be at most 366 days ahead", f"{field}.not_before")
 
 
 def _retry_policy(policy: job_pb2.RetryPolicy, field: str) -> None:

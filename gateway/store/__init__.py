@@ -1,4 +1,11 @@
-"""Where jobs and their events are kept. SQLite now; PostgreSQL when gateways are several."""
+"""Where jobs and their events are kept: SQLite for one gateway, PostgreSQL for several.
+
+The queue lives here too. A QUEUED job stays in the store until a gateway claims it: a
+claim leases the job to that gateway (its `owner` name) until the lease expires, which
+keeps every other gateway's claims off it. A gateway keeps in memory only the jobs it has
+claimed (a bounded window of each queue's head, and the running attempts), so its memory
+does not grow with the queue and a restart does not read the queue back.
+"""
 
 from __future__ import annotations
 
@@ -59,6 +66,8 @@ class Unfinished:
     job: job_pb2.Job
     inline_bytes: int
     """Bytes of the inline inputs left in the store (their values' lengths together)."""
+    ready_at: float = 0.0
+    """Of a QUEUED job: its `Placement.ready_at`."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,39 @@ class StoredSchema:
     """When a worker first declared it (time.time() seconds)."""
     last_seen: float
     """When a worker last attached declaring it."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a job stands in its queue while QUEUED; written with the job when it enters
+    the queue (insert, or a save that puts it back)."""
+
+    ready_at: float
+    """time.time() from which it may be claimed, and from which its age in the queue counts:
+    now for a job queued at once, later for `not_before` or a retry's backoff. A queue is
+    taken by priority (highest first), then `ready_at`, then id."""
+    due_at: float | None = None
+    """When it fails if still queued (its schedule-to-close deadline, or its
+    schedule-to-start limit from `ready_at`); None for never."""
+    owner: str = ""
+    """The gateway it stays leased to (it keeps it in memory); "" puts it in the store for
+    any gateway to claim."""
+    lease_until: float | None = None
+    """When the owner's lease ends (time.time()); None: when it is released, or the store
+    reopened by a gateway that owns the store alone (SQLite)."""
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """One queue (kind, tenant) of the store, counted store-wide."""
+
+    kind: str
+    tenant: str
+    queued: int
+    """Its QUEUED jobs, ready or not, claimed or not."""
+    oldest_ready_at: float | None
+    """The `ready_at` of its oldest ready job (ready by the `now` asked), None when it has
+    none: how long the queue has kept someone waiting."""
 
 
 @dataclass
@@ -97,8 +139,12 @@ class JobStore(Protocol):
         jobs: Sequence[job_pb2.Job],
         events: Sequence[job_pb2.JobEvent],
         admit: Admit | None = None,
+        *,
+        placements: Sequence[Placement] | None = None,
     ) -> list[Inserted]:
-        """Inserts new jobs (of one tenant) with their first event, all or none.
+        """Inserts new QUEUED jobs (of one tenant) with their first event and their place in
+        the queue (`placements`, one per job; None: each ready from its create time, due as
+        `rows.placement_of` says, leased to no one), all or none.
 
         A job whose (tenant, idempotency key) exists already is not inserted;
         the earlier job comes back, without its inline inputs, with `existing=True`,
@@ -107,8 +153,14 @@ class JobStore(Protocol):
         """
         ...
 
-    def save(self, job: job_pb2.Job, event: job_pb2.JobEvent | None) -> Awaitable[None]:
-        """Writes the job's status (not its spec) and appends the event.
+    def save(
+        self,
+        job: job_pb2.Job,
+        event: job_pb2.JobEvent | None,
+        placement: Placement | None = None,
+    ) -> Awaitable[None]:
+        """Writes the job's status (not its spec) and appends the event; `placement` puts a
+        QUEUED job (back) in its queue.
 
         Takes effect in call order even when the caller does not await it. The save that
         ends the job sets when it expires; one that makes it SUCCEEDED references its
@@ -134,8 +186,45 @@ class JobStore(Protocol):
 
     async def events(self, job_id: str, after_seq: int) -> list[job_pb2.JobEvent]: ...
 
-    async def unfinished(self) -> list[Unfinished]:
-        """Jobs not yet in a terminal state, in submit order; their inputs are not read."""
+    async def running(self) -> list[Unfinished]:
+        """Jobs ASSIGNED or RUNNING, in submit order; their inputs are not read. (Queued
+        jobs stay in the store: `claim` takes them.)"""
+        ...
+
+    async def claim(
+        self, owner: str, kind: str, tenant: str, limit: int, now: float, lease_until: float
+    ) -> list[Unfinished]:
+        """Leases to `owner`, until `lease_until`, the next `limit` QUEUED jobs of the queue
+        (kind, tenant) that are ready by `now` and not leased (or whose lease expired), by
+        priority, then `ready_at`, then id; returns them in that order, inputs unread."""
+        ...
+
+    async def claim_job(
+        self, owner: str, tenant: str, job_id: str, lease_until: float
+    ) -> Unfinished | None:
+        """Leases this QUEUED job of `tenant` (any tenant's for ANY_TENANT) to `owner`,
+        ready or not, if no other gateway holds a live lease on it; None otherwise."""
+        ...
+
+    async def claim_due(
+        self, owner: str, now: float, limit: int, lease_until: float
+    ) -> list[Unfinished]:
+        """Leases to `owner` up to `limit` QUEUED jobs not leased whose `due_at` has passed
+        by `now`, so that it fails them."""
+        ...
+
+    async def next_times(self, now: float) -> tuple[float | None, float | None]:
+        """(the earliest `ready_at` after `now`, the earliest `due_at`) among QUEUED jobs not
+        leased: when the next delayed job becomes ready, when the next one falls due."""
+        ...
+
+    def release(self, job_ids: Collection[str]) -> Awaitable[None]:
+        """Gives these QUEUED jobs' leases up: they stay in the store for any gateway to
+        claim. Takes effect in call order, as `save`."""
+        ...
+
+    async def queue_depths(self, now: float) -> list[QueueDepth]:
+        """Every queue that holds QUEUED jobs, counted store-wide."""
         ...
 
     async def inputs(self, job_id: str) -> dict[str, bytes]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
+from gateway.jobs import ts_seconds
 from gateway.store import legacy, rows
 from jobmesh.convert import TERMINAL_STATES
 from jobmesh.v1 import job_pb2
@@ -259,6 +260,58 @@ def _v8_tenant_usage(conn: sqlite3.Connection, retention: float) -> None:
     )
 
 
+def _v9_queue(conn: sqlite3.Connection, retention: float) -> None:
+    # Queued jobs stay in the store and gateways claim them (`JobStore.claim`): each queued
+    # job's place (priority, ready_at) and when it falls due, who holds it leased, and each
+    # queue's length kept by triggers, as tenant_usage is.
+    queued = int(job_pb2.JOB_STATE_QUEUED)
+
+    def count(kind: str, tenant: str, amount: str, where: str = "WHERE true") -> str:
+        return (
+            f"INSERT INTO queue_depth (kind, tenant, queued) SELECT {kind}, {tenant}, {amount}"
+            f" {where} ON CONFLICT (kind, tenant) DO UPDATE SET queued = queued + excluded.queued;"
+        )
+
+    _execute(
+        conn,
+        "ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN ready_at REAL",
+        "ALTER TABLE jobs ADD COLUMN due_at REAL",
+        "ALTER TABLE jobs ADD COLUMN lease_owner TEXT",
+        "ALTER TABLE jobs ADD COLUMN lease_until REAL",
+        f"""CREATE INDEX jobs_queue ON jobs (kind, tenant, priority DESC, ready_at, id)
+            WHERE state = {queued}""",
+        f"CREATE INDEX jobs_queue_age ON jobs (kind, tenant, ready_at) WHERE state = {queued}",
+        "CREATE INDEX jobs_leased ON jobs (lease_owner) WHERE lease_owner IS NOT NULL",
+        f"""CREATE INDEX jobs_queue_due ON jobs (due_at)
+            WHERE state = {queued} AND due_at IS NOT NULL""",
+        """CREATE TABLE queue_depth (
+            kind TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            queued INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (kind, tenant)
+        ) WITHOUT ROWID""",
+        f"""CREATE TRIGGER queue_job_added AFTER INSERT ON jobs WHEN new.state = {queued}
+        BEGIN {count("new.kind", "new.tenant", "1")} END""",
+        f"""CREATE TRIGGER queue_job_moved AFTER UPDATE OF state ON jobs
+        WHEN (old.state = {queued}) != (new.state = {queued})
+        BEGIN {count("new.kind", "new.tenant", f"iif(new.state = {queued}, 1, -1)")} END""",
+        f"""CREATE TRIGGER queue_job_deleted AFTER DELETE ON jobs WHEN old.state = {queued}
+        BEGIN UPDATE queue_depth SET queued = queued - 1
+            WHERE kind = old.kind AND tenant = old.tenant; END""",
+        count(
+            "kind", "tenant", "count(*)", f"FROM jobs WHERE state = {queued} GROUP BY kind, tenant"
+        ),
+    )
+    for rowid, spec_data, status_data in list(_jobs(conn, f"WHERE state = {queued}")):
+        job = rows.job_from_row(spec_data, status_data)
+        placement = rows.placement_of(job, ts_seconds(job.create_time))
+        conn.execute(
+            "UPDATE jobs SET priority = ?, ready_at = ?, due_at = ? WHERE rowid = ?",
+            (job.spec.priority, placement.ready_at, placement.due_at, rowid),
+        )
+
+
 def _legacy(rewrite: Callable[[bytes], bytes], data: bytes) -> bytes:
     """The row rewritten; as it was if it does not parse (it would not read either way, and
     one damaged row must not keep the gateway from starting)."""
@@ -278,6 +331,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "who uploaded each blob, for tenants", _v6_blob_owners),
     Migration(7, "the params schemas workers declared", _v7_kind_schemas),
     Migration(8, "queued jobs and stored bytes of each tenant, for quotas", _v8_tenant_usage),
+    Migration(9, "the queue in the store: places, leases, depths", _v9_queue),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from gateway.jobs import duration_seconds, ts_seconds
+from gateway.store import Placement
 from jobmesh.convert import TERMINAL_STATES
 from jobmesh.limits import payload_bytes
 from jobmesh.v1 import job_pb2
@@ -97,3 +98,17 @@ def output_blob_ids(job: job_pb2.Job) -> set[str]:
     if job.state != job_pb2.JOB_STATE_SUCCEEDED:
         return set()
     return {ref.id for ref in job.result.output_blobs.values()}
+
+
+def placement_of(job: job_pb2.Job, now: float, delay: float = 0.0, owner: str = "") -> Placement:
+    """Where a job (re)entering its queue at `now` stands: ready after its `not_before` and
+    `delay` (a retry's backoff), due at its deadline or its schedule-to-start limit."""
+    ready_at = now + delay
+    if job.spec.HasField("not_before"):
+        ready_at = max(ready_at, ts_seconds(job.spec.not_before))
+    due = []
+    if job.HasField("deadline"):
+        due.append(ts_seconds(job.deadline))
+    if job.spec.HasField("schedule_to_start_timeout"):
+        due.append(ready_at + duration_seconds(job.spec.schedule_to_start_timeout))
+    return Placement(ready_at, min(due) if due else None, owner)

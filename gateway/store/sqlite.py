@@ -20,6 +20,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -31,18 +32,20 @@ from gateway.store import (
     JobFilter,
     OnCommitted,
     Page,
+    Placement,
+    QueueDepth,
     StoredSchema,
     Unfinished,
     Usage,
     migrations,
     rows,
 )
-from jobmesh.convert import TERMINAL_STATES
 from jobmesh.v1 import job_pb2
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_QUEUED = int(job_pb2.JOB_STATE_QUEUED)
 _MAX_OPS_PER_COMMIT = 512
 
 DEFAULT_RETENTION = 7 * 24 * 3600.0
@@ -58,7 +61,8 @@ _FIELD_OVERHEAD = 6
 
 
 class _Save(NamedTuple):
-    """What `save` writes: the job's state, status and expiry, its event, its new blob refs."""
+    """What `save` writes: the job's state, status and expiry, its event, its new blob refs,
+    and its place in its queue if it (re)enters it."""
 
     job_id: str
     state: int
@@ -66,6 +70,7 @@ class _Save(NamedTuple):
     expire_time: float | None
     event: tuple[str, int, bytes] | None
     blob_ids: Collection[str]
+    placement: tuple[int, float, float | None, str | None, float | None] | None
 
 
 class _Op:
@@ -129,6 +134,12 @@ class SqliteStore:
         conn.execute(f"PRAGMA journal_size_limit={_JOURNAL_SIZE_LIMIT}")
         try:
             migrations.migrate(conn, self._path, retention=self._retention)
+            # One gateway owns the file (gateway.store.lock): what an earlier one held
+            # leased goes back to the queue.
+            conn.execute(
+                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL"
+                " WHERE lease_owner IS NOT NULL"
+            )
         except BaseException:
             conn.close()
             raise
@@ -199,6 +210,7 @@ class SqliteStore:
         statuses: dict[str, tuple[int, bytes, float | None]] = {}
         events: list[tuple[str, int, bytes]] = []
         refs: list[tuple[str, str]] = []
+        places: dict[str, tuple[int, float, float | None, str | None, float | None]] = {}
 
         def flush() -> None:
             if events:
@@ -213,6 +225,13 @@ class SqliteStore:
             if refs:
                 conn.executemany("INSERT OR IGNORE INTO blob_refs VALUES (?, ?)", refs)
                 refs.clear()
+            if places:
+                conn.executemany(
+                    "UPDATE jobs SET priority = ?, ready_at = ?, due_at = ?, lease_owner = ?,"
+                    " lease_until = ? WHERE id = ?",
+                    [(*row, job_id) for job_id, row in places.items()],
+                )
+                places.clear()
 
         conn.execute("BEGIN")
         try:
@@ -227,6 +246,8 @@ class SqliteStore:
                 if save.event is not None:
                     events.append(save.event)
                 refs.extend((blob_id, save.job_id) for blob_id in save.blob_ids)
+                if save.placement is not None:
+                    places[save.job_id] = save.placement
                 results.append((True, None))
             flush()
             conn.execute("COMMIT")
@@ -269,7 +290,11 @@ class SqliteStore:
         jobs: Sequence[job_pb2.Job],
         events: Sequence[job_pb2.JobEvent],
         admit: Admit | None = None,
+        *,
+        placements: Sequence[Placement] | None = None,
     ) -> list[Inserted]:
+        if placements is None:
+            placements = [rows.placement_of(job, ts_seconds(job.create_time)) for job in jobs]
         prepared = [
             (
                 (
@@ -283,11 +308,12 @@ class SqliteStore:
                     rows.spec_blob(job.spec),
                     rows.status_blob(job),
                     rows.expire_time(job, self._retention),
+                    *_place(job, placement),
                 ),
                 rows.inputs_row(job.spec),
                 [(blob_id, job.id) for blob_id in rows.input_blob_ids(job.spec)],
             )
-            for job in jobs
+            for job, placement in zip(jobs, placements, strict=True)
         ]
 
         def run(
@@ -327,8 +353,9 @@ class SqliteStore:
                         continue
                 conn.execute(
                     "INSERT INTO jobs (id, tenant, kind, state, idempotency_key, labels,"
-                    " create_time, spec, status, expire_time)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " create_time, spec, status, expire_time, priority, ready_at, due_at,"
+                    " lease_owner, lease_until)"
+                    f" VALUES ({', '.join('?' * 15)})",
                     row,
                 )
                 if inputs is not None:
@@ -350,7 +377,12 @@ class SqliteStore:
             self._on_committed(fresh)
         return inserted
 
-    def save(self, job: job_pb2.Job, event: job_pb2.JobEvent | None) -> asyncio.Future[None]:
+    def save(
+        self,
+        job: job_pb2.Job,
+        event: job_pb2.JobEvent | None,
+        placement: Placement | None = None,
+    ) -> asyncio.Future[None]:
         row = _Save(
             job.id,
             job.state,
@@ -358,6 +390,7 @@ class SqliteStore:
             rows.expire_time(job, self._retention),
             (event.job_id, event.seq, rows.stored_event(event)) if event else None,
             rows.output_blob_ids(job),
+            None if placement is None else _place(job, placement),
         )
         future = self._call(_unused, (event,) if event else (), save=row)
         # Callers often do not wait for a save; a failure must still be seen.
@@ -438,20 +471,124 @@ class SqliteStore:
 
         return await self._call(run)
 
-    async def unfinished(self) -> list[Unfinished]:
-        terminal = tuple(TERMINAL_STATES)
-        marks = ", ".join("?" * len(terminal))
+    async def running(self) -> list[Unfinished]:
+        running = (int(job_pb2.JOB_STATE_ASSIGNED), int(job_pb2.JOB_STATE_RUNNING))
 
         def run(conn: sqlite3.Connection) -> list[Unfinished]:
             found = conn.execute(
                 "SELECT spec, status, coalesce(bytes, 0)"
                 " FROM jobs LEFT JOIN job_inputs ON job_id = id"
-                f" WHERE state NOT IN ({marks}) ORDER BY jobs.rowid",
-                terminal,
+                " WHERE state IN (?, ?) ORDER BY jobs.rowid",
+                running,
             ).fetchall()
             return [
                 Unfinished(rows.job_from_row(spec, status), size) for spec, status, size in found
             ]
+
+        return await self._call(run)
+
+    async def claim(
+        self, owner: str, kind: str, tenant: str, limit: int, now: float, lease_until: float
+    ) -> list[Unfinished]:
+        def run(conn: sqlite3.Connection) -> list[Unfinished]:
+            # The queue's index in order, skipping what is leased or not ready yet.
+            ids = [
+                job_id
+                for (job_id,) in conn.execute(
+                    "SELECT id FROM jobs INDEXED BY jobs_queue"
+                    f" WHERE state = {_QUEUED} AND kind = ? AND tenant = ? AND ready_at <= ?"
+                    " AND (lease_owner IS NULL OR lease_until < ?)"
+                    " ORDER BY priority DESC, ready_at, id LIMIT ?",
+                    (kind, tenant, now, now, limit),
+                )
+            ]
+            return _lease(conn, ids, owner, lease_until)
+
+        return await self._call(run)
+
+    async def claim_job(
+        self, owner: str, tenant: str, job_id: str, lease_until: float
+    ) -> Unfinished | None:
+        where, args = _of_tenant(tenant, "id = ?", job_id)
+
+        def run(conn: sqlite3.Connection) -> Unfinished | None:
+            now = time.time()
+            found = conn.execute(
+                f"SELECT id FROM jobs WHERE {where} AND state = ?"
+                " AND (lease_owner IS NULL OR lease_owner = ? OR lease_until < ?)",
+                (*args, _QUEUED, owner, now),
+            ).fetchone()
+            claimed = _lease(conn, [found[0]], owner, lease_until) if found else []
+            return claimed[0] if claimed else None
+
+        return await self._call(run)
+
+    async def claim_due(
+        self, owner: str, now: float, limit: int, lease_until: float
+    ) -> list[Unfinished]:
+        def run(conn: sqlite3.Connection) -> list[Unfinished]:
+            ids = [
+                job_id
+                for (job_id,) in conn.execute(
+                    "SELECT id FROM jobs INDEXED BY jobs_queue_due"
+                    f" WHERE state = {_QUEUED} AND due_at IS NOT NULL AND due_at <= ?"
+                    " AND (lease_owner IS NULL OR lease_until < ?) ORDER BY due_at LIMIT ?",
+                    (now, now, limit),
+                )
+            ]
+            return _lease(conn, ids, owner, lease_until)
+
+        return await self._call(run)
+
+    async def next_times(self, now: float) -> tuple[float | None, float | None]:
+        def run(conn: sqlite3.Connection) -> tuple[float | None, float | None]:
+            ready: float | None = None
+            for kind, tenant in conn.execute(
+                "SELECT kind, tenant FROM queue_depth WHERE queued > 0"
+            ).fetchall():
+                (first,) = conn.execute(
+                    "SELECT min(ready_at) FROM jobs INDEXED BY jobs_queue_age"
+                    f" WHERE state = {_QUEUED} AND kind = ? AND tenant = ? AND ready_at > ?",
+                    (kind, tenant, now),
+                ).fetchone()
+                if first is not None and (ready is None or first < ready):
+                    ready = first
+            (due,) = conn.execute(
+                "SELECT min(due_at) FROM jobs INDEXED BY jobs_queue_due"
+                f" WHERE state = {_QUEUED} AND due_at IS NOT NULL AND lease_owner IS NULL",
+            ).fetchone()
+            return ready, due
+
+        return await self._call(run)
+
+    def release(self, job_ids: Collection[str]) -> asyncio.Future[None]:
+        wanted = [(job_id, _QUEUED) for job_id in job_ids]
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE id = ? AND state = ?",
+                wanted,
+            )
+
+        future = self._call(run)
+        future.add_done_callback(_log_failure)
+        return future
+
+    async def queue_depths(self, now: float) -> list[QueueDepth]:
+        def run(conn: sqlite3.Connection) -> list[QueueDepth]:
+            depths = []
+            for kind, tenant, queued in conn.execute(
+                "SELECT kind, tenant, queued FROM queue_depth WHERE queued > 0"
+                " ORDER BY kind, tenant"
+            ).fetchall():
+                (oldest,) = conn.execute(
+                    "SELECT min(ready_at) FROM jobs INDEXED BY jobs_queue_age"
+                    f" WHERE state = {_QUEUED} AND kind = ? AND tenant = ?",
+                    (kind, tenant),
+                ).fetchone()
+                ready = oldest if oldest is not None and oldest <= now else None
+                depths.append(QueueDepth(kind, tenant, queued, ready))
+            return depths
 
         return await self._call(run)
 
@@ -610,6 +747,40 @@ class SqliteStore:
             return [StoredSchema(*row) for row in found]
 
         return await self._call(run)
+
+
+def _place(
+    job: job_pb2.Job, placement: Placement
+) -> tuple[int, float, float | None, str | None, float | None]:
+    """The queue columns of a job: (priority, ready_at, due_at, lease_owner, lease_until)."""
+    return (
+        job.spec.priority,
+        placement.ready_at,
+        placement.due_at,
+        placement.owner or None,
+        placement.lease_until if placement.owner else None,
+    )
+
+
+def _lease(
+    conn: sqlite3.Connection, ids: Sequence[str], owner: str, lease_until: float
+) -> list[Unfinished]:
+    """Leases these jobs to `owner` and reads them back, in the order given."""
+    found: dict[str, Unfinished] = {}
+    for start in range(0, len(ids), _MAX_PARAMS):
+        chunk = ids[start : start + _MAX_PARAMS]
+        marks = ", ".join("?" * len(chunk))
+        conn.execute(
+            f"UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE id IN ({marks})",
+            (owner, lease_until, *chunk),
+        )
+        for job_id, spec, status, size, ready_at in conn.execute(
+            "SELECT id, spec, status, coalesce(bytes, 0), ready_at"
+            f" FROM jobs LEFT JOIN job_inputs ON job_id = id WHERE id IN ({marks})",
+            chunk,
+        ):
+            found[job_id] = Unfinished(rows.job_from_row(spec, status), size, ready_at)
+    return [found[job_id] for job_id in ids if job_id in found]
 
 
 def _usage(conn: sqlite3.Connection, tenant: str) -> Usage:

@@ -135,10 +135,12 @@ def kinds(stats: admin_service_pb2.ClusterStats) -> Table:
     table.add_column("KIND", no_wrap=True)
     table.add_column("QUEUED", justify="right")
     table.add_column("RUNNING", justify="right")
+    table.add_column("OLDEST", justify="right")
     for k in stats.kinds:
-        table.add_row(k.kind, str(k.queued), str(k.running))
+        age = k.oldest_queued_age.ToNanoseconds() / 1e9
+        table.add_row(k.kind, str(k.queued), str(k.running), _seconds(age) if age else "-")
     if not stats.kinds:
-        table.add_row("(no job queued or running)", "", "")
+        table.add_row("(no job queued or running)", "", "", "")
     return table
 
 

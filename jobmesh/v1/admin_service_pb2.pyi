@@ -271,21 +271,29 @@ class KindStats(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     QUEUED_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
+    OLDEST_QUEUED_AGE_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     queued: _builtins.int
     """Jobs QUEUED: waiting for a worker, or for a retry's backoff."""
     running: _builtins.int
     """Jobs ASSIGNED to a worker or RUNNING."""
+    @_builtins.property
+    def oldest_queued_age(self) -> _duration_pb2.Duration:
+        """How long the oldest job of the kind that is ready to run has waited in the queue (from
+        its Submit, its `not_before`, or its retry's backoff); zero when none waits.
+        """
+
     def __init__(
         self,
         *,
         kind: _builtins.str = ...,
         queued: _builtins.int = ...,
         running: _builtins.int = ...,
+        oldest_queued_age: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_queued_age", b"oldest_queued_age"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "queued", b"queued", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "oldest_queued_age", b"oldest_queued_age", "queued", b"queued", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14jobmesh/v1/job.proto\x12\njobmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb3\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x32\n\x0finitial_backoff\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x03 \x01(\x01\x12.\n\x0bmax_backoff\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06jitter\x18\x05 \x01(\x01\"\xbb\x05\n\x07JobSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12/\n\x06inputs\x18\x02 \x03(\x0b\x32\x1f.jobmesh.v1.JobSpec.InputsEntry\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12-\n\x0cretry_policy\x18\x06 \x01(\x0b\x32\x17.jobmesh.v1.RetryPolicy\x12/\n\x06labels\x18\x07 \x03(\x0b\x32\x1f.jobmesh.v1.JobSpec.LabelsEntry\x12\x39\n\x16start_to_close_timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12<\n\x19schedule_to_start_timeout\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12<\n\x19schedule_to_close_timeout\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x38\n\x0binput_blobs\x18\x0b \x03(\x0b\x32#.jobmesh.v1.JobSpec.InputBlobsEntry\x12,\n\tretention\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bparams_json\x18\r \x01(\t\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x46\n\x0fInputBlobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.jobmesh.v1.BlobRef:\x02\x38\x01J\x04\x08\x03\x10\x04R\x06params\"#\n\x07\x42lobRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"<\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\x9e\x02\n\tJobResult\x12\x33\n\x07outputs\x18\x01 \x03(\x0b\x32\".jobmesh.v1.JobResult.OutputsEntry\x12<\n\x0coutput_blobs\x18\x03 \x03(\x0b\x32&.jobmesh.v1.JobResult.OutputBlobsEntry\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\x1a.\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1aG\n\x10OutputBlobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.jobmesh.v1.BlobRef:\x02\x38\x01J\x04\x08\x02\x10\x03R\x08metadata\"\xc2\x01\n\x07\x41ttempt\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x14.jobmesh.v1.JobError\x12\x11\n\tprincipal\x18\x06 \x01(\t\"\xaf\x05\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12!\n\x04spec\x18\x03 \x01(\x0b\x32\x13.jobmesh.v1.JobSpec\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.jobmesh.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x10\n\x08progress\x18\x06 \x01(\x01\x12\x18\n\x10progress_message\x18\x07 \x01(\t\x12%\n\x06result\x18\x08 \x01(\x0b\x32\x15.jobmesh.v1.JobResult\x12#\n\x05\x65rror\x18\t \x01(\x0b\x32\x14.jobmesh.v1.JobError\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tworker_id\x18\r \x01(\t\x12%\n\x08\x61ttempts\x18\x0e \x03(\x0b\x32\x13.jobmesh.v1.Attempt\x12\x11\n\tevent_seq\x18\x0f \x01(\x04\x12,\n\x08\x64\x65\x61\x64line\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\rtrace_context\x18\x11 \x03(\x0b\x32!.jobmesh.v1.Job.TraceContextEntry\x12\x14\n\x0csubmitted_by\x18\x12 \x01(\t\x12\x14\n\x0c\x63\x61ncelled_by\x18\x13 \x01(\t\x12\x15\n\rparams_schema\x18\x14 \x01(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12&\n\x04type\x18\x03 \x01(\x0e\x32\x18.jobmesh.v1.JobEventType\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05state\x18\x05 \x01(\x0e\x32\x14.jobmesh.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12\x11\n\tworker_id\x18\x07 \x01(\t\x12\x10\n\x08progress\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\t\x12%\n\x06result\x18\n \x01(\x0b\x32\x15.jobmesh.v1.JobResult\x12#\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x14.jobmesh.v1.JobError*\xb2\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x16\n\x12JOB_STATE_ASSIGNED\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06*e\n\x0cJobEventType\x12\x1e\n\x1aJOB_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14JOB_EVENT_TYPE_STATE\x10\x01\x12\x1b\n\x17JOB_EVENT_TYPE_PROGRESS\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14jobmesh/v1/job.proto\x12\njobmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb3\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x32\n\x0finitial_backoff\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x03 \x01(\x01\x12.\n\x0bmax_backoff\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06jitter\x18\x05 \x01(\x01\"\xeb\x05\n\x07JobSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12/\n\x06inputs\x18\x02 \x03(\x0b\x32\x1f.jobmesh.v1.JobSpec.InputsEntry\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12-\n\x0cretry_policy\x18\x06 \x01(\x0b\x32\x17.jobmesh.v1.RetryPolicy\x12/\n\x06labels\x18\x07 \x03(\x0b\x32\x1f.jobmesh.v1.JobSpec.LabelsEntry\x12\x39\n\x16start_to_close_timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12<\n\x19schedule_to_start_timeout\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12<\n\x19schedule_to_close_timeout\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x38\n\x0binput_blobs\x18\x0b \x03(\x0b\x32#.jobmesh.v1.JobSpec.InputBlobsEntry\x12,\n\tretention\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bparams_json\x18\r \x01(\t\x12.\n\nnot_before\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x46\n\x0fInputBlobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.jobmesh.v1.BlobRef:\x02\x38\x01J\x04\x08\x03\x10\x04R\x06params\"#\n\x07\x42lobRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"<\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\x9e\x02\n\tJobResult\x12\x33\n\x07outputs\x18\x01 \x03(\x0b\x32\".jobmesh.v1.JobResult.OutputsEntry\x12<\n\x0coutput_blobs\x18\x03 \x03(\x0b\x32&.jobmesh.v1.JobResult.OutputBlobsEntry\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\x1a.\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1aG\n\x10OutputBlobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.jobmesh.v1.BlobRef:\x02\x38\x01J\x04\x08\x02\x10\x03R\x08metadata\"\xc2\x01\n\x07\x41ttempt\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x14.jobmesh.v1.JobError\x12\x11\n\tprincipal\x18\x06 \x01(\t\"\xaf\x05\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12!\n\x04spec\x18\x03 \x01(\x0b\x32\x13.jobmesh.v1.JobSpec\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.jobmesh.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x10\n\x08progress\x18\x06 \x01(\x01\x12\x18\n\x10progress_message\x18\x07 \x01(\t\x12%\n\x06result\x18\x08 \x01(\x0b\x32\x15.jobmesh.v1.JobResult\x12#\n\x05\x65rror\x18\t \x01(\x0b\x32\x14.jobmesh.v1.JobError\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tworker_id\x18\r \x01(\t\x12%\n\x08\x61ttempts\x18\x0e \x03(\x0b\x32\x13.jobmesh.v1.Attempt\x12\x11\n\tevent_seq\x18\x0f \x01(\x04\x12,\n\x08\x64\x65\x61\x64line\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\rtrace_context\x18\x11 \x03(\x0b\x32!.jobmesh.v1.Job.TraceContextEntry\x12\x14\n\x0csubmitted_by\x18\x12 \x01(\t\x12\x14\n\x0c\x63\x61ncelled_by\x18\x13 \x01(\t\x12\x15\n\rparams_schema\x18\x14 \x01(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12&\n\x04type\x18\x03 \x01(\x0e\x32\x18.jobmesh.v1.JobEventType\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05state\x18\x05 \x01(\x0e\x32\x14.jobmesh.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12\x11\n\tworker_id\x18\x07 \x01(\t\x12\x10\n\x08progress\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\t\x12%\n\x06result\x18\n \x01(\x0b\x32\x15.jobmesh.v1.JobResult\x12#\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x14.jobmesh.v1.JobError*\xb2\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x16\n\x12JOB_STATE_ASSIGNED\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06*e\n\x0cJobEventType\x12\x1e\n\x1aJOB_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14JOB_EVENT_TYPE_STATE\x10\x01\x12\x1b\n\x17JOB_EVENT_TYPE_PROGRESS\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,36 +45,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBRESULT_OUTPUTBLOBSENTRY']._serialized_options = b'8\001'
   _globals['_JOB_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_JOB_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2569
-  _globals['_JOBSTATE']._serialized_end=2747
-  _globals['_JOBEVENTTYPE']._serialized_start=2749
-  _globals['_JOBEVENTTYPE']._serialized_end=2850
+  _globals['_JOBSTATE']._serialized_start=2617
+  _globals['_JOBSTATE']._serialized_end=2795
+  _globals['_JOBEVENTTYPE']._serialized_start=2797
+  _globals['_JOBEVENTTYPE']._serialized_end=2898
   _globals['_RETRYPOLICY']._serialized_start=102
   _globals['_RETRYPOLICY']._serialized_end=281
   _globals['_JOBSPEC']._serialized_start=284
-  _globals['_JOBSPEC']._serialized_end=983
-  _globals['_JOBSPEC_INPUTSENTRY']._serialized_start=805
-  _globals['_JOBSPEC_INPUTSENTRY']._serialized_end=850
-  _globals['_JOBSPEC_LABELSENTRY']._serialized_start=852
-  _globals['_JOBSPEC_LABELSENTRY']._serialized_end=897
-  _globals['_JOBSPEC_INPUTBLOBSENTRY']._serialized_start=899
-  _globals['_JOBSPEC_INPUTBLOBSENTRY']._serialized_end=969
-  _globals['_BLOBREF']._serialized_start=985
-  _globals['_BLOBREF']._serialized_end=1020
-  _globals['_JOBERROR']._serialized_start=1022
-  _globals['_JOBERROR']._serialized_end=1082
-  _globals['_JOBRESULT']._serialized_start=1085
-  _globals['_JOBRESULT']._serialized_end=1371
-  _globals['_JOBRESULT_OUTPUTSENTRY']._serialized_start=1236
-  _globals['_JOBRESULT_OUTPUTSENTRY']._serialized_end=1282
-  _globals['_JOBRESULT_OUTPUTBLOBSENTRY']._serialized_start=1284
-  _globals['_JOBRESULT_OUTPUTBLOBSENTRY']._serialized_end=1355
-  _globals['_ATTEMPT']._serialized_start=1374
-  _globals['_ATTEMPT']._serialized_end=1568
-  _globals['_JOB']._serialized_start=1571
-  _globals['_JOB']._serialized_end=2258
-  _globals['_JOB_TRACECONTEXTENTRY']._serialized_start=2207
-  _globals['_JOB_TRACECONTEXTENTRY']._serialized_end=2258
-  _globals['_JOBEVENT']._serialized_start=2261
-  _globals['_JOBEVENT']._serialized_end=2566
+  _globals['_JOBSPEC']._serialized_end=1031
+  _globals['_JOBSPEC_INPUTSENTRY']._serialized_start=853
+  _globals['_JOBSPEC_INPUTSENTRY']._serialized_end=898
+  _globals['_JOBSPEC_LABELSENTRY']._serialized_start=900
+  _globals['_JOBSPEC_LABELSENTRY']._serialized_end=945
+  _globals['_JOBSPEC_INPUTBLOBSENTRY']._serialized_start=947
+  _globals['_JOBSPEC_INPUTBLOBSENTRY']._serialized_end=1017
+  _globals['_BLOBREF']._serialized_start=1033
+  _globals['_BLOBREF']._serialized_end=1068
+  _globals['_JOBERROR']._serialized_start=1070
+  _globals['_JOBERROR']._serialized_end=1130
+  _globals['_JOBRESULT']._serialized_start=1133
+  _globals['_JOBRESULT']._serialized_end=1419
+  _globals['_JOBRESULT_OUTPUTSENTRY']._serialized_start=1284
+  _globals['_JOBRESULT_OUTPUTSENTRY']._serialized_end=1330
+  _globals['_JOBRESULT_OUTPUTBLOBSENTRY']._serialized_start=1332
+  _globals['_JOBRESULT_OUTPUTBLOBSENTRY']._serialized_end=1403
+  _globals['_ATTEMPT']._serialized_start=1422
+  _globals['_ATTEMPT']._serialized_end=1616
+  _globals['_JOB']._serialized_start=1619
+  _globals['_JOB']._serialized_end=2306
+  _globals['_JOB_TRACECONTEXTENTRY']._serialized_start=2255
+  _globals['_JOB_TRACECONTEXTENTRY']._serialized_end=2306
+  _globals['_JOBEVENT']._serialized_start=2309
+  _globals['_JOBEVENT']._serialized_end=2614
 # @@protoc_insertion_point(module_scope)

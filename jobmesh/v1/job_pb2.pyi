@@ -193,6 +193,7 @@ class JobSpec(_message.Message):
     INPUT_BLOBS_FIELD_NUMBER: _builtins.int
     RETENTION_FIELD_NUMBER: _builtins.int
     PARAMS_JSON_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """The handler that runs the job, e.g. "echo" or "image.thumbnail"."""
     priority: _builtins.int
@@ -244,6 +245,13 @@ class JobSpec(_message.Message):
         it expired. Unset: the gateway's `--retention` (7 days by default).
         """
 
+    @_builtins.property
+    def not_before(self) -> _timestamp_pb2.Timestamp:
+        """Not dispatched before this time (a countdown or ETA): the job waits QUEUED until then,
+        and its age in the queue counts from then. Unset or past: at once. At most a year
+        ahead. `schedule_to_close_timeout` still counts from Submit.
+        """
+
     def __init__(
         self,
         *,
@@ -259,10 +267,11 @@ class JobSpec(_message.Message):
         input_blobs: _abc.Mapping[_builtins.str, Global___BlobRef] | None = ...,
         retention: _duration_pb2.Duration | None = ...,
         params_json: _builtins.str = ...,
+        not_before: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["retention", b"retention", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["not_before", b"not_before", "retention", b"retention", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "input_blobs", b"input_blobs", "inputs", b"inputs", "kind", b"kind", "labels", b"labels", "params_json", b"params_json", "priority", b"priority", "retention", b"retention", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "input_blobs", b"input_blobs", "inputs", b"inputs", "kind", b"kind", "labels", b"labels", "not_before", b"not_before", "params_json", b"params_json", "priority", b"priority", "retention", b"retention", "retry_policy", b"retry_policy", "schedule_to_close_timeout", b"schedule_to_close_timeout", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -34,9 +34,8 @@ def run(
     metrics: GatewayMetrics, job: job_pb2.Job, end: int, seconds: float, code: str = ""
 ) -> None:
     """Assigns the job at t=1000 and ends it `seconds` later in state `end`."""
-    metrics.enqueued(job)
     move(metrics, job, S.JOB_STATE_ASSIGNED)
-    metrics.assigned(job)
+    metrics.assigned(job, waited=0.5)
     attempt = job.attempts.add(number=job.attempt)
     attempt.start_time.FromSeconds(1000)
     move(metrics, job, S.JOB_STATE_RUNNING)

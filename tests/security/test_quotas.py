@@ -315,6 +315,7 @@ async def test_tenants_take_weighted_turns_within_a_priority(
     owners |= dict.fromkeys(await backlog(scheduler, B, 4), "B")
     session = worker(slots=1)
     scheduler.attach(session, ())
+    await scheduler.settled()  # the windows are claimed from the store
     assert tenants(run_one_at_a_time(scheduler, session, 12), owners) == order
 
 
@@ -326,6 +327,7 @@ async def test_a_higher_priority_goes_first_whatever_the_turns(
     owners |= dict.fromkeys(await backlog(scheduler, B, 2, priority=1), "B")
     session = worker(slots=1)
     scheduler.attach(session, ())
+    await scheduler.settled()
     assert tenants(run_one_at_a_time(scheduler, session, 5), owners) == "BBAAA"
 
 
@@ -337,6 +339,7 @@ async def test_a_tenant_at_its_max_running_waits_while_others_run(
     others = await backlog(scheduler, B, 2)
     session = worker(slots=6)
     scheduler.attach(session, ())
+    await scheduler.settled()
     assert {job_id for job_id, _ in session.inflight} == {*theirs[:2], *others}
     assert (await scheduler.get(A, theirs[2])).state == job_pb2.JOB_STATE_QUEUED
     run = dispatcher_pb2.Completed(job_id=theirs[0], attempt=1)
@@ -364,6 +367,7 @@ async def test_a_batch_past_max_queued_is_refused_whole(
     # Running jobs are not queued: room again.
     session = worker(slots=1)
     scheduler.attach(session, ())
+    await scheduler.settled()
     await store.barrier()
     await backlog(scheduler, A, 1)
 
