@@ -240,6 +240,11 @@ class Scheduler:
     def queued(self) -> int:
         return self._queued
 
+    @property
+    def held(self) -> int:
+        """Jobs held in memory: the windows' and the running attempts', never the whole queue."""
+        return len(self._active)
+
     async def submit(
         self,
         tenant: str,

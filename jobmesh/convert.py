@@ -7,11 +7,11 @@ import os
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeAlias, TypedDict, Unpack
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from jobmesh.blobs import Payload
@@ -56,6 +56,9 @@ class SpecOptions(TypedDict, total=False):
     """Longest the whole job may take, retries included; it then fails DEADLINE_EXCEEDED."""
     retention: Seconds | None
     """How long the job is kept after it ends (default: the gateway's `--retention`)."""
+    not_before: datetime | Seconds | None
+    """Not run before this time (a timezone-aware datetime), or this long from now (a
+    countdown in seconds or a timedelta); the job waits QUEUED until then."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ def job_spec(
         "schedule_to_close_timeout",
     )
     _set_duration(spec.retention, options.get("retention"), "retention")
+    _set_time(spec.not_before, options.get("not_before"), "not_before")
     return JobRequest(spec, files)
 
 
@@ -172,6 +176,26 @@ def _set_duration(duration: duration_pb2.Duration, value: Seconds | None, field:
         duration.FromTimedelta(delta)
     except (TypeError, ValueError, OverflowError) as e:
         raise InvalidArgument(f"not a number of seconds: {e}", field) from None
+
+
+def _set_time(stamp: timestamp_pb2.Timestamp, value: datetime | Seconds | None, field: str) -> None:
+    """A point in time: a timezone-aware datetime, or seconds (a timedelta) from now."""
+    if value is None:
+        return
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise InvalidArgument("must be timezone-aware (e.g. datetime.now(UTC))", field)
+        at = value
+    else:
+        try:
+            delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise InvalidArgument(f"not a time or a number of seconds: {e}", field) from None
+        at = datetime.now(UTC) + delta
+    try:
+        stamp.FromDatetime(at)
+    except (ValueError, OverflowError) as e:
+        raise InvalidArgument(str(e), field) from None
 
 
 def terminal_event(job: job_pb2.Job) -> job_pb2.JobEvent:

@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,23 @@ def seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
     return value
+
+
+def point_in_time(text: str) -> datetime | float:
+    """argparse type of a time: seconds from now, or ISO 8601 with an offset."""
+    try:
+        return seconds(text)
+    except ValueError:
+        pass
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"neither seconds from now nor an ISO 8601 time: {text!r}"
+        ) from None
+    if at.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give the time's offset (e.g. {text}+00:00 or {text}Z)")
+    return at
 
 
 def state(text: str) -> JobState:

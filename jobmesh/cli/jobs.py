@@ -67,6 +67,13 @@ def add_commands(
         metavar="SECONDS",
         help="keep the job this long after it ends (default: the gateway's --retention)",
     )
+    p.add_argument(
+        "--not-before",
+        type=cli_args.point_in_time,
+        metavar="WHEN",
+        help="do not run it before WHEN: seconds from now (90), or an ISO 8601 time with its "
+        "offset (2026-12-01T08:00:00+01:00)",
+    )
     p.add_argument("--wait", action="store_true", help="show progress until the job ends")
     p.add_argument(
         "--output",
@@ -138,6 +145,7 @@ def submit(args: argparse.Namespace) -> int:
             schedule_to_start_timeout=args.schedule_to_start_timeout,
             schedule_to_close_timeout=args.schedule_to_close_timeout,
             retention=args.retention,
+            not_before=args.not_before,
         )
         for warning in submitted.warnings:
             print(f"jobmesh: warning: {warning}", file=sys.stderr)
