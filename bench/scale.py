@@ -110,11 +110,15 @@ async def measure(tmp: Path, depth: int, dispatch: int, slots: int) -> dict[str,
         }
     finally:
         cluster.close()
-        for path in tmp.glob(f"queue-{depth}.db*"):
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+        remove(tmp, f"queue-{depth}.db*")
+
+
+def remove(tmp: Path, pattern: str) -> None:
+    for path in tmp.glob(pattern):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 async def main() -> None:

@@ -32,8 +32,8 @@ from gateway.metrics import GatewayMetrics
 from gateway.retention import Retention
 from gateway.scheduler import Scheduler
 from gateway.sessions import Dispatcher
-from gateway.store.lock import DatabaseLock
-from gateway.store.sqlite import SqliteStore
+from gateway.store.lock import database_lock
+from gateway.store.open import open_store, shown
 from gateway.watchers import EventHub
 from jobmesh import logs, telemetry
 from jobmesh.metrics import MetricsServer
@@ -81,8 +81,8 @@ class Gateway:
         self.mtls_port = 0
         """The port of --mtls-listen, where client certificates are required (0: none)."""
         self._hub = EventHub()
-        self._db_lock = DatabaseLock(settings.db)
-        self._store = SqliteStore(settings.db, retention=settings.retention)
+        self._db_lock = database_lock(settings.db)
+        self._store = open_store(settings.db, retention=settings.retention)
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         if settings.blob_dir:
             blob_dir = Path(settings.blob_dir)
@@ -133,6 +133,9 @@ class Gateway:
             raise
 
     async def _start(self) -> int:
+        # It holds the database alone (its lock): what an earlier gateway held leased goes
+        # back to the queue.
+        await self._store.forget_leases()
         recovered = await self._scheduler.recover()
         retention = Retention(self._store, self._blobs, blob_grace=self.settings.blob_grace)
         self._retention = asyncio.create_task(retention.run(self.settings.sweep_interval))
@@ -211,7 +214,7 @@ class Gateway:
         log.info(
             "gateway listening on %s (db %s, %d unfinished jobs recovered)",
             ports,
-            self.settings.db,
+            shown(self.settings.db),
             recovered,
         )
         return self.port

@@ -28,7 +28,11 @@ DEFAULT_DB = "jobmesh.db"
 @dataclass(frozen=True)
 class GatewaySettings:
     listen: str = setting(DEFAULT_LISTEN, help="HOST:PORT to serve on; port 0 picks a free one")
-    db: str = setting(DEFAULT_DB, help="SQLite file of jobs and events (':memory:' for tests)")
+    db: str = setting(
+        DEFAULT_DB,
+        help="SQLite file of jobs and events (':memory:' for tests), or a postgresql:// URL "
+        "for a database that several gateways share",
+    )
     wait_for_db: float = setting(
         0.0,
         help="seconds to wait for the gateway holding --db to exit, as a rolling restart "
@@ -59,7 +63,9 @@ class GatewaySettings:
     default_max_attempts: int = setting(
         3, help="attempts a job gets when its retry policy is silent"
     )
-    blob_dir: str = setting("", help="directory of uploaded payloads (default: DB.blobs)")
+    blob_dir: str = setting(
+        "", help="directory of uploaded payloads (default: DB.blobs; needed with PostgreSQL)"
+    )
     max_blob_bytes: int = setting(4 << 30, help="largest payload one upload may carry", size=True)
     upload_idle_timeout: float = setting(
         30.0, help="seconds an upload may send nothing before it is dropped"
@@ -148,8 +154,13 @@ class GatewaySettings:
 
     def __post_init__(self) -> None:
         parse_address(self.listen)
-        if not self.db:
-            raise ValueError("db must name a file or ':memory:'")
+        from gateway.store.open import check_db  # the store's own rule for what --db names
+
+        check_db(self.db)
+        if "://" in self.db and not self.blob_dir:
+            raise ValueError(
+                "blob_dir must be given with a PostgreSQL db: a directory for uploaded payloads"
+            )
         positive = (
             "ping_interval",
             "ack_timeout",

@@ -138,10 +138,14 @@ class Gateway(Proc):
 class Cluster:
     """Starts gateways and workers for one test; everything is stopped afterwards."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, postgres: str = "") -> None:
+        """Gateways keep their jobs in `tmp_path/jobmesh.db`, or in the PostgreSQL database
+        `postgres` names (a URL), with their blobs in `tmp_path/blobs`."""
         self.tmp = tmp_path
         self.procs: list[Proc] = []
         self.db = tmp_path / "jobmesh.db"
+        self.postgres = postgres
+        self.blob_dir = tmp_path / "blobs" if postgres else Path(f"{self.db}.blobs")
         self._n = 0
 
     def gateway(
@@ -166,7 +170,8 @@ class Cluster:
                 "--listen",
                 f"127.0.0.1:{port}",
                 "--db",
-                str(db or self.db),
+                str(db or self.postgres or self.db),
+                *(("--blob-dir", str(self.blob_dir)) if self.postgres and db is None else ()),
                 "--ping-interval",
                 str(ping_interval),
                 "--port-file",

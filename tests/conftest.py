@@ -1,4 +1,6 @@
-"""Fixtures: a `cluster` that starts real processes and stops them after the test.
+"""Fixtures: a `cluster` that starts real processes and stops them after the test;
+`postgres`, a PostgreSQL server of each test process's own, and `pg_dsn`, a new database
+on it for each test (tests/postgres.py).
 
 Tests that start processes get the `processes` marker here, so `make test-fast`
 (`pytest -m "not processes"`) runs the rest in seconds. A test that starts one in a way
@@ -16,11 +18,13 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import Cluster
+from tests.postgres import PostgresCluster, start_cluster
 
 TESTS = Path(__file__).parent
 # Fixtures that start processes: gateways and workers, a worker against the scripted
-# gateway (tests/worker/conftest.py), a handler process pool (tests/worker/test_*.py).
-PROCESS_FIXTURES = frozenset({"cluster", "start_worker", "pool"})
+# gateway (tests/worker/conftest.py), a handler process pool (tests/worker/test_*.py),
+# a PostgreSQL server (tests/postgres.py).
+PROCESS_FIXTURES = frozenset({"cluster", "start_worker", "pool", "postgres", "pg_dsn"})
 # Suites that are all real processes.
 PROCESS_DIRS = ("faults/", "integration/", "hostile/")
 # What a test, or a helper of its module it calls, says when it starts a process.
@@ -76,3 +80,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A PostgreSQL server of this test process's own (skipped where it is not installed)."""
+    server = start_cluster()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_dsn(postgres: PostgresCluster) -> Iterator[str]:
+    """The URL of a new empty database, dropped after the test."""
+    name = postgres.create_database()
+    try:
+        yield postgres.dsn(name)
+    finally:
+        postgres.drop_database(name)

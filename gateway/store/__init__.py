@@ -218,6 +218,11 @@ class JobStore(Protocol):
         leased: when the next delayed job becomes ready, when the next one falls due."""
         ...
 
+    async def forget_leases(self) -> None:
+        """Frees every lease, as if each had ended: called at start by a gateway that holds
+        the database alone (`gateway.store.lock`), for what an earlier one held."""
+        ...
+
     def release(self, job_ids: Collection[str]) -> Awaitable[None]:
         """Gives these QUEUED jobs' leases up: they stay in the store for any gateway to
         claim. Takes effect in call order, as `save`."""

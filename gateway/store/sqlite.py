@@ -134,12 +134,6 @@ class SqliteStore:
         conn.execute(f"PRAGMA journal_size_limit={_JOURNAL_SIZE_LIMIT}")
         try:
             migrations.migrate(conn, self._path, retention=self._retention)
-            # One gateway owns the file (gateway.store.lock): what an earlier one held
-            # leased goes back to the queue.
-            conn.execute(
-                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL"
-                " WHERE lease_owner IS NOT NULL"
-            )
         except BaseException:
             conn.close()
             raise
@@ -560,6 +554,15 @@ class SqliteStore:
             return ready, due
 
         return await self._call(run)
+
+    async def forget_leases(self) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL"
+                " WHERE lease_owner IS NOT NULL"
+            )
+
+        await self._call(run)
 
     def release(self, job_ids: Collection[str]) -> asyncio.Future[None]:
         wanted = [(job_id, _QUEUED) for job_id in job_ids]

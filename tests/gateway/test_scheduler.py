@@ -43,6 +43,7 @@ class Harness:
 
     async def start(self) -> Harness:
         await self.store.open(lambda events: None)
+        await self.store.forget_leases()  # as the gateway does, holding the database alone
         await self.scheduler.recover()
         return self
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 from google.protobuf import struct_pb2
 
 from gateway.jobs import S, next_event
-from gateway.store import JobFilter, legacy
+from gateway.store import JobFilter, Unfinished, legacy
 from gateway.store.migrations import LATEST, SchemaTooNew
 from gateway.store.sqlite import SqliteStore
 from tests.gateway.fixtures.make_jobmesh_v1 import (
@@ -117,7 +119,10 @@ async def test_a_database_of_the_first_release_upgrades_in_place(tmp_path: Path)
             S.JOB_STATE_FAILED,
         ]
 
-        [unfinished] = await store.unfinished()
+        # Version 9 put the queued job in its queue, ready since it was submitted.
+        [depth] = await store.queue_depths(time.time())
+        assert (depth.tenant, depth.queued, depth.oldest_ready_at) == ("default", 1, START)
+        [unfinished] = await queued_jobs(store)
         assert unfinished.job.id == QUEUED_ID
         assert unfinished.job.spec.inputs == {}
         assert unfinished.inline_bytes == len(b"queued input") + 3
@@ -141,7 +146,7 @@ async def test_a_database_of_the_first_release_upgrades_in_place(tmp_path: Path)
         assert await store.expired("default", SUCCEEDED_ID)
         assert await store.purge(START + 6 + RETENTION, 10) == 1
         assert await store.referenced({INPUT_BLOB, OUTPUT_BLOB}) == set()
-        assert [u.job.id for u in await store.unfinished()] == [QUEUED_ID]
+        assert [u.job.id for u in await queued_jobs(store)] == [QUEUED_ID]
     finally:
         await store.close()
     assert pragma(path, "user_version") == LATEST
@@ -151,10 +156,20 @@ async def test_a_database_of_the_first_release_upgrades_in_place(tmp_path: Path)
     await reopened.open(Committed())
     try:
         assert await reopened.inputs(QUEUED_ID) == {"in": b"queued input", "more": b"\x00\x01\x02"}
-        [unfinished] = await reopened.unfinished()
+        [unfinished] = await queued_jobs(reopened)
         assert json.loads(unfinished.job.spec.params_json) == OLD_PARAMS
     finally:
         await reopened.close()
+
+
+async def queued_jobs(store: SqliteStore) -> list[Unfinished]:
+    """Every queued job, each queue's claimed and given back."""
+    found = []
+    for depth in await store.queue_depths(time.time()):
+        claimed = await store.claim("t", depth.kind, depth.tenant, 100, time.time(), math.inf)
+        await store.release([item.job.id for item in claimed])
+        found.extend(claimed)
+    return found
 
 
 @pytest.mark.parametrize(

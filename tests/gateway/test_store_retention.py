@@ -1,5 +1,6 @@
 """Finished jobs expire: purge removes them with their events, inputs and blob references,
-leaves a tombstone so Get can say "expired", and gives the file's space back."""
+leaves a tombstone so Get can say "expired", and (SQLite) gives the file's space back.
+Each test runs on each store, as test_store.py's do."""
 
 from __future__ import annotations
 
@@ -11,23 +12,30 @@ import pytest
 from google.protobuf import duration_pb2
 
 from gateway.jobs import S, next_event, now, ts_seconds
+from gateway.store import JobStore
+from gateway.store.open import open_store
 from gateway.store.sqlite import SqliteStore
 from jobmesh.v1 import job_pb2
-from tests.gateway.test_store import Committed, insert, new_job
+from tests.gateway.test_store import STORES, Committed, insert, new_job
 
 RETENTION = 3600.0
 BLOB_IN, BLOB_OUT, OTHER = "a" * 64, "b" * 64, "c" * 64
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(str(tmp_path / "jobs.db"), retention=RETENTION)
+@pytest.fixture(params=STORES)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    db = (
+        str(tmp_path / "jobs.db")
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_dsn")
+    )
+    s = open_store(db, retention=RETENTION)
     await s.open(Committed())
     yield s
     await s.close()
 
 
-async def finish(store: SqliteStore, job: job_pb2.Job, state: int = S.JOB_STATE_SUCCEEDED) -> float:
+async def finish(store: JobStore, job: job_pb2.Job, state: int = S.JOB_STATE_SUCCEEDED) -> float:
     """Ends the job as the scheduler does; returns its end time."""
     job.state = state  # type: ignore[assignment]
     job.end_time.CopyFrom(now())
@@ -36,7 +44,7 @@ async def finish(store: SqliteStore, job: job_pb2.Job, state: int = S.JOB_STATE_
 
 
 async def test_a_job_with_its_own_retention_is_purged_once_it_expires(
-    store: SqliteStore,
+    store: JobStore,
 ) -> None:
     job = new_job()
     job.spec.retention.CopyFrom(duration_pb2.Duration(seconds=1))
@@ -54,7 +62,7 @@ async def test_a_job_with_its_own_retention_is_purged_once_it_expires(
     assert not await store.expired("default", "f" * 32)  # never existed
 
 
-async def test_a_job_without_its_own_retention_keeps_the_default(store: SqliteStore) -> None:
+async def test_a_job_without_its_own_retention_keeps_the_default(store: JobStore) -> None:
     [job] = await insert(store, new_job())
     end = await finish(store, job, S.JOB_STATE_FAILED)
     assert await store.purge(end + 2, 100) == 0
@@ -64,14 +72,17 @@ async def test_a_job_without_its_own_retention_keeps_the_default(store: SqliteSt
     assert await store.get("default", job.id) is None
 
 
-async def test_unfinished_jobs_are_never_purged(store: SqliteStore) -> None:
-    [queued] = await insert(store, new_job())
+async def test_unfinished_jobs_are_never_purged(store: JobStore) -> None:
+    queued, running = await insert(store, new_job(), new_job())
+    running.state = S.JOB_STATE_RUNNING
+    await store.save(running, next_event(running))
     assert await store.purge(ts_seconds(queued.create_time) + 100 * RETENTION, 100) == 0
-    assert [u.job.id for u in await store.unfinished()] == [queued.id]
+    assert await store.get("default", queued.id) is not None
+    assert [u.job.id for u in await store.running()] == [running.id]
 
 
 async def test_purge_goes_in_batches_and_tombstones_go_one_retention_later(
-    store: SqliteStore,
+    store: JobStore,
 ) -> None:
     jobs = await insert(store, *(new_job() for _ in range(5)))
     ends = [await finish(store, job) for job in jobs]
@@ -84,7 +95,7 @@ async def test_purge_goes_in_batches_and_tombstones_go_one_retention_later(
     assert not any([await store.expired("default", job.id) for job in jobs])
 
 
-async def test_jobs_reference_their_blobs_until_they_are_purged(store: SqliteStore) -> None:
+async def test_jobs_reference_their_blobs_until_they_are_purged(store: JobStore) -> None:
     job = new_job()
     job.spec.input_blobs["big"].CopyFrom(job_pb2.BlobRef(id=BLOB_IN, size=3))
     [job] = await insert(store, job)

@@ -29,7 +29,7 @@ def blob_files(root: Path) -> list[Path]:
 async def test_finished_jobs_and_their_blobs_expire_and_get_says_so(cluster: Cluster) -> None:
     gw = cluster.gateway("--retention", "3600", "--sweep-interval", "0.2", "--blob-grace", "0.5")
     cluster.worker(gw, "w1")
-    blobs = Path(str(cluster.db) + ".blobs")
+    blobs = cluster.blob_dir
     async with AsyncClient(gw.address) as client:
         big = os.urandom(3 << 20)  # uploaded as a blob by the SDK
         short = await client.wait(

@@ -62,7 +62,7 @@ async def test_blob_limits_and_bad_uploads_are_refused(cluster: Cluster) -> None
                 _ = [r async for r in stub.Upload(lying(size, sha, b"abcd"))]
             assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert message in (raised.value.details() or "")
-    assert not list((cluster.db.parent / "jobmesh.db.blobs").glob("**/.upload-*"))
+    assert not list(cluster.blob_dir.glob("**/.upload-*"))
 
 
 async def test_a_large_input_and_output_travel_as_blobs_end_to_end(
