@@ -63,9 +63,25 @@ def _says_spawn(fn: Callable[..., object]) -> bool:
         return False
 
 
+# Suites that run against each store: their `cluster`'s gateways keep jobs in SQLite, then
+# in PostgreSQL. A test that is about SQLite's file says so: `@pytest.mark.sqlite`.
+BOTH_STORES = ("faults/", "integration/", "gateway/test_db_lock.py")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "cluster" not in metafunc.fixturenames or metafunc.definition.get_closest_marker("sqlite"):
+        return
+    where = metafunc.definition.path.relative_to(TESTS).as_posix()
+    if where.startswith(BOTH_STORES):
+        metafunc.parametrize("cluster", ["sqlite", "postgresql"], indirect=True)
+
+
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
+    """Gateways and workers; their jobs in SQLite, or in PostgreSQL where a suite runs
+    against both (BOTH_STORES)."""
+    store = getattr(request, "param", "sqlite")
+    c = Cluster(tmp_path, request.getfixturevalue("pg_dsn") if store == "postgresql" else "")
     try:
         yield c
     finally:

@@ -103,8 +103,9 @@ def _me() -> dict[str, object]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
 
 
-# The advisory lock's key: one per database, the same for every jobmesh gateway.
-PG_LOCK_KEY = 0x6A6F626D657368  # "jobmesh"
+# The advisory lock's key: one per database, the same for every jobmesh gateway, apart
+# from the migrations' ("jobmesh"): "jobmesh" + "G".
+PG_LOCK_KEY = 0x6A6F626D65736847
 _PG_HOLDER = """SELECT a.application_name, a.client_addr, a.backend_start
     FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
     WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
@@ -127,7 +128,7 @@ class PostgresLock:
         import asyncpg  # the PostgreSQL extra's driver, imported only for a PostgreSQL --db
 
         me = _me()
-        name = f"jobmesh gateway pid {me['pid']} on {me['host']} since {me['since']}"[:63]
+        name = f"gateway pid {me['pid']} on {me['host']}"[:63]
         conn = await asyncpg.connect(self._dsn, server_settings={"application_name": name})
         try:
             deadline = time.monotonic() + wait
@@ -153,9 +154,10 @@ class PostgresLock:
     @staticmethod
     async def _holder(conn: Any) -> str:
         row = await conn.fetchrow(_PG_HOLDER, PG_LOCK_KEY >> 32, PG_LOCK_KEY & 0xFFFFFFFF)
-        if row is None or not row[0]:
+        if row is None or not str(row[0]).startswith("gateway pid "):
             return "another gateway"
-        return f"the {row[0]}" + (f" (from {row[1]})" if row[1] else "")
+        since = row[2].astimezone().isoformat(timespec="seconds")
+        return f"the {row[0]} (since {since}" + (f", from {row[1]})" if row[1] else ")")
 
     def release(self) -> None:
         if self._conn is not None:
