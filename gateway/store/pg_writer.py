@@ -3,8 +3,13 @@
 Writes are queued in call order. The writer takes whatever is waiting and commits it in
 one transaction; consecutive saves become one statement. If the transaction fails, each
 write runs again alone, so only the failing one fails. Futures are settled, and committed
-events reported, in commit order. While the server cannot be reached every write fails
-with `Unavailable`; the next write connects again.
+events reported, in commit order.
+
+While the server cannot be reached, a durable write (a job's state change, which the
+gateway has already acted on) is kept, in order, and tried again with a growing pause
+until the server is back; any other write (an insert: its caller can try again) fails at
+once with `Unavailable`. Nothing a gateway did is lost to an outage, and barriers settle
+only once everything before them is committed.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ MAX_OPS_PER_COMMIT = 512
 CLOSE_TIMEOUT = 5.0
 # Tries of a write that lost a deadlock or a serialization conflict to another gateway.
 _CONFLICT_TRIES = 3
+# Pauses between tries of durable writes while the server is down: from the first to the
+# longest, doubling.
+RETRY_FIRST = 0.1
+RETRY_LONGEST = 2.0
 
 Run = Callable[[asyncpg.Connection], Awaitable[tuple[Any, Sequence[job_pb2.JobEvent]]]]
 """A write: given the connection inside the transaction, its result and the events it
@@ -54,9 +63,12 @@ class SaveRow:
 class _Op:
     run: Run | None
     save: SaveRow | None
+    """Neither: a barrier, which writes nothing and settles once what came before did."""
     future: asyncio.Future[Any]
     tenants: Collection[str]
     """Whose counters it may change."""
+    durable: bool
+    """Kept and tried again while the server is down, rather than failed."""
 
 
 def is_down(exc: BaseException) -> bool:
@@ -90,19 +102,33 @@ class GroupWriter:
         self._closing = False
         self._task = asyncio.create_task(self._loop(), name="jobmesh-pg-writer")
         self.tail: asyncio.Future[Any] | None = None
-        """The future of the last write queued: once it is done, every write is."""
+        """The future of the last durable write queued: once it is done, every write is."""
+        self.down: Unavailable | None = None
+        """Why the server cannot be reached, while it cannot."""
 
     def submit(
-        self, run: Run | None = None, save: SaveRow | None = None, tenants: Collection[str] = ()
+        self,
+        run: Run | None = None,
+        save: SaveRow | None = None,
+        tenants: Collection[str] = (),
+        *,
+        durable: bool = False,
     ) -> asyncio.Future[Any]:
-        """Queues a write: `run`, or `save`; `tenants`: whose counters `run` may change."""
+        """Queues a write: `run`, or `save` (durable), or neither: a barrier (durable);
+        `tenants`: whose counters `run` may change. A write that is not durable fails at
+        once while the server is down."""
         if self._closing:
             raise RuntimeError("store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        durable = durable or run is None
+        if not durable and self.down is not None:
+            future.set_exception(self.down)
+            return future
         if save is not None:
             tenants = (save.tenant,)
-        self._ops.append(_Op(run, save, future, tenants))
-        self.tail = future
+        self._ops.append(_Op(run, save, future, tenants, durable))
+        if durable:
+            self.tail = future
         self._wake.set()
         return future
 
@@ -119,6 +145,7 @@ class GroupWriter:
             self._conn = None
 
     async def _loop(self) -> None:
+        pause = RETRY_FIRST
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -126,9 +153,28 @@ class GroupWriter:
                 batch = [
                     self._ops.popleft() for _ in range(min(len(self._ops), MAX_OPS_PER_COMMIT))
                 ]
-                await self._commit(batch)
+                kept = await self._commit(batch)
+                if not kept:
+                    pause = RETRY_FIRST
+                    continue
+                # The server is down: the durable writes go back first, in order.
+                self._ops.extendleft(reversed(kept))
+                if self._closing:
+                    self._give_up()
+                    return
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RETRY_LONGEST)
             if self._closing:
                 return
+
+    def _give_up(self) -> None:
+        """Fails what is left at close, the server still down."""
+        error = self.down or Unavailable("job store unavailable")
+        log.error("closing with %d writes the job store never took: %s", len(self._ops), error)
+        while self._ops:
+            op = self._ops.popleft()
+            if not op.future.done():
+                op.future.set_exception(error)
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is not None and self._conn.is_closed():
@@ -142,26 +188,46 @@ class GroupWriter:
                 raise
         return self._conn
 
-    async def _commit(self, batch: list[_Op]) -> None:
+    async def _commit(self, batch: list[_Op]) -> list[_Op]:
+        """Commits the batch; returns its durable writes not committed if the server was
+        down, to be tried again (the others failed)."""
         try:
             conn = await self._connection()
             outcomes = await self._transaction(conn, batch)
         except Exception as exc:
             if self._lost(exc):
-                outcomes = [self._failure(exc)] * len(batch)
-            elif len(batch) == 1 and not isinstance(exc, asyncpg.TransactionRollbackError):
+                return self._went_down(batch, self._failure(exc))
+            if len(batch) == 1 and not isinstance(exc, asyncpg.TransactionRollbackError):
                 outcomes = [self._failure(exc)]
             else:
                 # One write failed (or lost to another gateway's): run each alone, so
                 # only the failing one fails.
                 outcomes = []
-                for op in batch:
+                for i, op in enumerate(batch):
                     outcome = await self._alone(op)
-                    outcomes.append(outcome)
                     if isinstance(outcome[1], Unavailable):
-                        outcomes.extend([outcome] * (len(batch) - len(outcomes)))
-                        break
+                        self._settle(batch[:i], outcomes)
+                        return self._went_down(batch[i:], outcome)
+                    outcomes.append(outcome)
+        if self.down is not None:
+            log.info("the job store is back")
+            self.down = None
         self._settle(batch, outcomes)
+        return []
+
+    def _went_down(
+        self, batch: list[_Op], failure: tuple[bool, Any, Sequence[job_pb2.JobEvent]]
+    ) -> list[_Op]:
+        """The server went away before `batch` committed: what may fail fails (what is
+        queued too, rather than wait for the server); the durable writes come back."""
+        if self.down is None:
+            log.error("the job store is down (%s); its writes wait for it", failure[1])
+        self.down = failure[1]
+        waiting = [op for op in self._ops if not op.durable]
+        self._ops = collections.deque(op for op in self._ops if op.durable)
+        failed = [op for op in batch if not op.durable] + waiting
+        self._settle(failed, [failure] * len(failed))
+        return [op for op in batch if op.durable]
 
     async def _alone(self, op: _Op) -> tuple[bool, Any, Sequence[job_pb2.JobEvent]]:
         for attempt in range(_CONFLICT_TRIES):
@@ -194,9 +260,12 @@ class GroupWriter:
         self, conn: asyncpg.Connection, batch: list[_Op]
     ) -> list[tuple[bool, Any, Sequence[job_pb2.JobEvent]]]:
         tenants = sorted({tenant for op in batch for tenant in op.tenants})
-        if len(tenants) < 2 and all(op.save is not None for op in batch):
-            # Saves alone are one statement: its own transaction, one round trip.
-            await self._save_all(conn, [op.save for op in batch if op.save is not None])
+        if len(tenants) < 2 and all(op.run is None for op in batch):
+            # Saves (and barriers) alone are one statement: its own transaction, one round
+            # trip; barriers alone, none.
+            rows = [op.save for op in batch if op.save is not None]
+            if rows:
+                await self._save_all(conn, rows)
             return [(True, None, _events(op.save)) for op in batch]
         results: list[tuple[bool, Any, Sequence[job_pb2.JobEvent]]] = []
         saves: list[SaveRow] = []
@@ -206,8 +275,9 @@ class GroupWriter:
                 # in one order, two gateways' writes cannot deadlock on them.
                 await conn.execute(pg_queries.LOCK_TENANTS, tenants)
             for op in batch:
-                if op.save is not None:
-                    saves.append(op.save)
+                if op.run is None:
+                    if op.save is not None:
+                        saves.append(op.save)
                     results.append((True, None, _events(op.save)))
                     continue
                 if saves:

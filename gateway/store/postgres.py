@@ -127,10 +127,11 @@ class PostgresStore:
         self, run: Run, *, tenants: Collection[str] = (), unawaited: bool = False
     ) -> asyncio.Future[Any]:
         """`run` in the writer's next group commit; `tenants`: whose counters it may change;
-        `unawaited`: callers may not wait for it, so a failure is logged."""
+        `unawaited`: callers may not wait for it, so it is durable (kept through an
+        outage) and a failure is logged."""
         if self._writer is None:
             raise RuntimeError("store is not open")
-        future = self._writer.submit(run, tenants=tenants)
+        future = self._writer.submit(run, tenants=tenants, durable=unawaited)
         if unawaited:
             future.add_done_callback(_log_failure)
         return future
@@ -146,7 +147,7 @@ class PostgresStore:
         if self._pool is None or self._writer is None:
             raise RuntimeError("store is not open")
         tail = self._writer.tail
-        if tail is not None and not tail.done():
+        if tail is not None and not tail.done() and self._writer.down is None:
             await asyncio.wait([tail])
         for attempt in range(2):
             try:
@@ -258,7 +259,7 @@ class PostgresStore:
             rows.stored_event(event) if event is not None else None,
             rows.output_blob_ids(job),
         )
-        future = self._writer.submit(save=row)
+        future = self._writer.submit(save=row, durable=True)
         # Callers often do not wait for a save; a failure must still be seen.
         future.add_done_callback(_log_failure)
         return future
@@ -301,18 +302,8 @@ class PostgresStore:
     def barrier(self) -> asyncio.Future[None]:
         if self._writer is None:
             raise RuntimeError("store is not open")
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        tail = self._writer.tail
-        if tail is None or tail.done():
-            done.set_result(None)
-            return done
-
-        # Writes settle in order: the last one done means all are.
-        def settle(_: asyncio.Future[Any]) -> None:
-            if not done.done():
-                done.set_result(None)
-
-        tail.add_done_callback(settle)
+        # Settled once every write before it is committed, after an outage too.
+        done: asyncio.Future[None] = self._writer.submit()
         return done
 
     # --- JobStore: jobs and events --------------------------------------------

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from jobmesh import AsyncClient
+from jobmesh.errors import JobmeshError
 from jobmesh.v1 import admin_service_pb2
 from tests.cluster import Cluster
 from tests.faults.batch import (
@@ -30,6 +31,7 @@ from tests.faults.batch import (
     workers_by_id,
 )
 from tests.faults.proxy import TcpProxy
+from tests.postgres import PostgresCluster
 
 __all__ = ["SCENARIOS", "FaultRecord", "Scale", "describe"]
 
@@ -248,6 +250,43 @@ async def gateway_sigterm(cluster: Cluster, scale: Scale) -> FaultRecord:
     """SIGTERM the gateway mid-batch (graceful) and restart it on the same database and
     port: the workers re-attach with their attempts and nothing runs twice."""
     return await _gateway_restart(cluster, scale, "gateway_sigterm", signal.SIGTERM, grace=10.0)
+
+
+# --- the database --------------------------------------------------------------------------
+
+
+async def postgres_outage(
+    cluster: Cluster, scale: Scale, server: PostgresCluster, outage: float = 10.0
+) -> FaultRecord:
+    """Stop the gateway's PostgreSQL mid-batch for `outage` seconds, then start it again:
+    calls that need it fail UNAVAILABLE meanwhile, the workers run on, and the gateway
+    writes what happened once the server is back."""
+    batch = Batch(cluster, scale, "postgres_outage")
+    gw = batch.gateway()
+    batch.workers(gw)
+    async with AsyncClient(gw.address) as client:
+        await batch.submit(client)
+        answers: list[str] = []
+
+        async def fault() -> None:
+            stopped = time.monotonic()
+            await asyncio.to_thread(server.stop)
+            calls = (
+                lambda: client.submit("count", params={"log": str(batch.side_channel)}),
+                lambda: client.get(batch.ids[-1]),
+            )
+            for call in calls:
+                try:
+                    await call()
+                    answers.append("OK")
+                except JobmeshError as e:
+                    answers.append(e.code.name)
+            await asyncio.sleep(max(0.0, outage - (time.monotonic() - stopped)))
+            await asyncio.to_thread(server.start)
+
+        record = await batch.inject(client, fault, detected=attached("w1", "w2"))
+        record.facts["calls_during_outage"] = answers
+        return record
 
 
 SCENARIOS: dict[str, Callable[[Cluster, Scale], Awaitable[FaultRecord]]] = {

@@ -6,11 +6,14 @@ small enough for the suite to stay quick.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.cluster import Cluster
 from tests.faults import scenarios
 from tests.faults.scenarios import FaultRecord, Scale, describe
+from tests.postgres import PostgresCluster
 
 SCALE = Scale(jobs=200, seconds=0.05, slots=4)
 
@@ -109,3 +112,17 @@ async def test_a_gateway_stopped_gracefully_and_restarted_runs_nothing_twice(
     assert record.detect_seconds is not None
     assert record.duplicated == 0, describe(record)
     assert record.facts["held_carried_on"] == record.facts["held"] == 2, describe(record)
+
+
+@pytest.mark.sqlite  # not run twice: it is about PostgreSQL
+async def test_a_postgresql_outage_refuses_calls_and_the_mesh_resumes_losing_nothing(
+    tmp_path: Path, postgres: PostgresCluster, pg_dsn: str
+) -> None:
+    cluster = Cluster(tmp_path, pg_dsn)
+    try:
+        record = await scenarios.postgres_outage(cluster, SCALE, postgres)
+    finally:
+        cluster.close()
+    assert record.facts["calls_during_outage"] == ["UNAVAILABLE", "UNAVAILABLE"]
+    assert_every_job_succeeded(record)
+    assert record.unexpected_duplicates == set(), describe(record)
