@@ -5,11 +5,12 @@ written to the store in order. A change is published to watchers only once the s
 committed it.
 
 Queued jobs live in the store. The gateway holds in memory the running attempts and a
-window of each queue's head (`queue_window` jobs, claimed from the store by priority, then
-age, and refilled as it drains), so dispatch never waits on the database and memory does
-not grow with the queue. A new job goes straight into its queue's window when the window
-holds the whole queue; delayed jobs (`not_before`, a retry's backoff) and deadlines of jobs
-left in the store are woken by one timer each, from the store's next times.
+window of each queue's head (`gateway.windows`), so dispatch never waits on the database
+and memory does not grow with the queue.
+
+Worker messages reach it as typed verbs (`accepted`, `progressed`, `completed`, `failed`,
+`refused`), decoded by `gateway.sessions.apply`; timers call methods that first check with
+`_live` that what they were set for still holds.
 
 An attempt is fenced by (job id, attempt number) and by the session that owns it:
 anything else a worker says about a job is ignored. When a worker's stream breaks,
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import random
 import socket
@@ -46,13 +46,13 @@ from gateway.jobs import (
     seconds_until,
 )
 from gateway.metrics import GatewayMetrics
-from gateway.queues import Entry, KindQueues, QueueKey, Turns
+from gateway.queues import Entry, QueueKey, Turns
 from gateway.quotas import Quota, QuotaOf, SubmitRate, check_usage, unlimited
 from gateway.schemas import KindSchemas, SchemaVersion
 from gateway.store import ANY_TENANT, Admit, Inserted, JobStore, Placement, Unfinished, Usage
-from gateway.store.rows import placement_of
 from gateway.timers import Timers
 from gateway.tracing import JobTracer
+from gateway.windows import Windows
 from gateway.workers import AttemptKey, SessionReplaced, WorkerSession
 from jobmesh import codes
 from jobmesh.codes import Code
@@ -72,8 +72,6 @@ from jobmesh.v1 import dispatcher_pb2, job_pb2
 log = logging.getLogger(__name__)
 
 _RUNNING = frozenset({S.JOB_STATE_ASSIGNED, S.JOB_STATE_RUNNING})
-QUEUE_AGES_INTERVAL = 5.0
-"""Seconds between reads of the queues' oldest jobs for /metrics."""
 # (-priority, tenant's turn, ready_at, order): what dispatch takes first, least first.
 Rank = tuple[int, float, float, int]
 
@@ -103,32 +101,11 @@ class Scheduler:
         self._submitting_bytes = 0
         """Inline input bytes of Submits not yet committed."""
         self._loading: set[asyncio.Task[None]] = set()
-        self._queues = KindQueues()
-        """The windows: queued jobs claimed from the store, each queue's head."""
         self._queued = 0
         """Jobs in state QUEUED, in the store or in a window."""
-        self._name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        """This gateway's name on the leases of the jobs it claims."""
-        self._ready_at: dict[str, float] = {}
-        """Job id -> when it was ready, of the jobs in a window."""
-        self._pending: set[QueueKey] = set()
-        """Queues whose ready jobs may not all be in their window: a refill may find more."""
-        self._news = Counter[QueueKey]()
-        """Bumped when a queue gains jobs in the store, so a refill under way knows."""
-        self._keys: set[QueueKey] = set()
-        """Every queue known to hold jobs in the store (some perhaps not ready yet)."""
-        self._wanted: set[QueueKey] = set()
-        """Queues whose window the claimer task is to refill."""
-        self._claimer: asyncio.Task[None] | None = None
-        self._claiming = asyncio.Lock()
-        """Held across each claim and the taking in of what it claimed: nothing else claims
-        meanwhile, so no job is taken in twice."""
-        self._wakes: dict[str, tuple[float, asyncio.TimerHandle]] = {}
-        """"ready" and "due" -> (time.time(), handle) of the next wake-up for jobs in the store."""
-        self._ages_read = -math.inf
-        self._ages_reading: asyncio.Future[None] | None = None
-        self._serving = Counter[tuple[str, str]]()
-        """(kind, tenant or ANY_TENANT) -> attached sessions serving it."""
+        name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._windows = Windows(store, name, settings.queue_window, self, self._metrics)
+        """Which queued jobs this gateway holds (leased to `name`), and wake-ups for the rest."""
         self._quota = quotas
         self._submit_rate = SubmitRate()
         self._turns = Turns()
@@ -155,8 +132,7 @@ class Scheduler:
         await self._schemas.load()
         jobs = await self._store.running()
         for item in jobs:
-            job = item.job
-            self._take_in(item)
+            job = self.take_in(item)
             self._metrics.recovered(job)
             self._watch_deadline(job)
             self._running[job.tenant] += 1
@@ -166,18 +142,9 @@ class Scheduler:
             # worker id take it back (as before).
             principal = job.attempts[-1].principal if job.attempts else ""
             self._orphan(job, job.worker_id, principal or None)
-        depths = await self._store.queue_depths(time.time())
-        for depth in depths:
-            key = (depth.kind, depth.tenant)
-            self._keys.add(key)
-            self._pending.add(key)
-            self._queued += depth.queued
-            self._metrics.queued_in_store(depth.kind, depth.tenant, depth.queued)
-        self._metrics.queue_ages((d.kind, d.tenant, d.oldest_ready_at) for d in depths)
-        self._ages_read = time.monotonic()
-        await self._rearm()
+        self._queued += await self._windows.recover()
         self._dispatch()
-        return len(jobs) + sum(depth.queued for depth in depths)
+        return len(jobs) + self._queued
 
     def stop(self) -> None:
         """Stops scheduling. Running attempts stay as they are, for workers to re-attach.
@@ -186,42 +153,22 @@ class Scheduler:
         their sessions would otherwise hold the gateway's shutdown for the whole grace."""
         self._stopping = True
         self._timers.cancel_all()
-        for _, handle in self._wakes.values():
-            handle.cancel()
-        self._wakes.clear()
-        # The window goes back to the store, for whichever gateway claims it next.
-        windowed = [job_id for job_id in self._ready_at if job_id in self._active]
-        if windowed:
-            self._store.release(windowed)
+        self._windows.stop()
         for session in list(self._sessions.values()):
             if not session.inflight:
                 session.close(Unavailable("the gateway is stopping"))
 
     async def refresh_queue_ages(self, older_than: float = 0.0) -> None:
-        """Reads each queue's oldest ready job from the store into the metrics, unless that
-        was read less than `older_than` seconds ago; callers at once share one read."""
-        if time.monotonic() - self._ages_read < older_than:
-            return
-        if self._ages_reading is None or self._ages_reading.done():
-            self._ages_reading = asyncio.ensure_future(self._read_queue_ages())
-        await asyncio.shield(self._ages_reading)
+        """Reads each queue's oldest ready job into the metrics (`Windows.refresh_ages`)."""
+        await self._windows.refresh_ages(older_than)
 
-    async def _read_queue_ages(self) -> None:
-        depths = await self._store.queue_depths(time.time())
-        self._metrics.queue_ages((d.kind, d.tenant, d.oldest_ready_at) for d in depths)
-        self._ages_read = time.monotonic()
-
-    async def watch_queue_ages(self, interval: float = QUEUE_AGES_INTERVAL) -> None:
-        """Keeps the queue-age metrics fresh, every `interval` seconds, until cancelled."""
-        while True:
-            try:
-                await self.refresh_queue_ages(interval / 2)
-            except Exception:
-                log.warning("could not read the queues' ages", exc_info=True)
-            await asyncio.sleep(interval)
+    async def watch_queue_ages(self) -> None:
+        """Keeps the queue-age metrics fresh until cancelled (`Windows.watch_ages`)."""
+        await self._windows.watch_ages()
 
     async def settled(self) -> None:
         """Returns once no claim or store read it started is under way (for tests)."""
+        await self._windows.settled()
         while self._loading:
             await asyncio.gather(*self._loading, return_exceptions=True)
 
@@ -307,7 +254,7 @@ class Scheduler:
                 )
             events.append(next_event(job, message="submitted"))
             jobs.append(job)
-            placements.append(self._place(job, at, room))
+            placements.append(self._windows.place(job, at, room))
         inserted = await self._store.insert(
             jobs, events, self._admit(tenant), placements=placements
         )
@@ -329,35 +276,13 @@ class Scheduler:
             placement = places[job.id]
             if placement.owner:
                 self._activate(job)
-                self._into_window(job, placement.ready_at)
+                self._windows.enter(job, placement.ready_at)
             else:
-                self._left_in_store(job, placement)
+                self._windows.left_in_store(job, placement)
         for key in room:
-            self._trim(key)
+            self._windows.trim(key)
         self._dispatch()
         return answers
-
-    def _place(
-        self, job: job_pb2.Job, at: float, room: Counter[QueueKey], delay: float = 0.0
-    ) -> Placement:
-        """Where a job (re)entering its queue at `at` goes: into the queue's window (leased
-        to this gateway) when it is ready and the window holds the whole queue with room
-        to spare, or when it ranks ahead of the window's last job (which `_trim` then gives
-        back); else into the store only. `room` counts what a batch already put in each
-        window."""
-        placement = placement_of(job, at, delay)
-        key = (job.spec.kind, job.tenant)
-        if placement.ready_at > at or not self._served(key):
-            return placement
-        window = self._settings.queue_window
-        if key not in self._pending and self._queues.size(key) + room[key] < window:
-            room[key] += 1
-            return Placement(placement.ready_at, placement.due_at, self._name)
-        worst = self._queues.worst(key)
-        if worst is not None and -worst[0] < job.spec.priority:
-            room[key] += 1
-            return Placement(placement.ready_at, placement.due_at, self._name)
-        return placement
 
     def _admit(self, tenant: str) -> Admit | None:
         """The store's check of the tenant's queued jobs and stored bytes, if it has a
@@ -385,12 +310,7 @@ class Scheduler:
         job = self._active.get(job_id)
         if job is None:
             # Queued in the store: claimed, so that no refill takes it in meanwhile.
-            async with self._claiming:
-                job = self._active.get(job_id)
-                if job is None:
-                    item = await self._store.claim_job(self._name, tenant, job_id, math.inf)
-                    if item is not None:
-                        job = self._take_in(item)
+            job = await self._windows.claim_job(tenant, job_id) or self._active.get(job_id)
         if job is None or tenant not in (ANY_TENANT, job.tenant):
             # Terminal already (cancel is idempotent), or unknown.
             return await self.get(tenant, job_id)
@@ -479,7 +399,7 @@ class Scheduler:
             )
         self._sessions[session.session_id] = session
         self._kinds_seen.update(session.kinds)
-        self._serving.update((kind, session.tenant) for kind in session.kinds)
+        self._windows.serving(session.kinds, session.tenant, +1)
         self._schemas.attach(session, schemas or {})
         taken_back = 0
         for key in running:
@@ -504,8 +424,7 @@ class Scheduler:
         silent (missed pings), in which case they are retried at once."""
         if self._sessions.pop(session.session_id, None) is None:
             return
-        self._serving.subtract((kind, session.tenant) for kind in session.kinds)
-        self._serving += Counter()  # drops what is down to 0
+        self._windows.serving(session.kinds, session.tenant, -1)
         self._schemas.detach(session)
         log.info("worker %s detached: %s", session.worker_id, reason)
         if self._stopping:
@@ -523,66 +442,56 @@ class Scheduler:
                 self._orphan(job, session.worker_id, session.principal)
         self._dispatch()
 
-    def handle(self, session: WorkerSession, request: dispatcher_pb2.SessionRequest) -> None:
-        """Applies everything one (possibly coalesced) worker message reports."""
-        if self._sessions.get(session.session_id) is not session:
-            return  # detached or replaced: what it still says is fenced off with it
-        if request.HasField("draining") and not session.draining:
-            session.draining = True
-            log.info("worker %s is draining", session.worker_id)
-        if request.HasField("pong"):
-            session.heard(request.pong)
-        acked: list[dispatcher_pb2.AttemptRef] = []
-        if request.accepted or request.completed or request.failed or request.refused:
-            session.stalled = False
-        for accepted in request.accepted:
-            key = (accepted.job_id, accepted.attempt)
-            job = self._current(*key, session)
-            if job is None:
-                if key not in session.inflight:
-                    # Accepted after the gateway gave up on it: stop it.
-                    self._send_cancel(session, key, "this attempt was superseded")
-            elif job.state == S.JOB_STATE_ASSIGNED:
-                self._set_state(job, S.JOB_STATE_RUNNING)
-                self._save(job, next_event(job))
-        for progress in request.progress:
-            job = self._current(progress.job_id, progress.attempt, session)
-            if job is not None:
-                self._progress(job, progress)
-        for completed in request.completed:
-            key = (completed.job_id, completed.attempt)
-            acked.append(dispatcher_pb2.AttemptRef(job_id=key[0], attempt=key[1]))
-            job = self._current(*key, session)
-            session.release(key)
-            if job is None:
-                continue
-            try:
-                self._check_result(completed.result)
-            except InvalidArgument as e:
-                # Clients write outputs to files by name; a name like '../x' must not reach
-                # them, and a result too large or too deep would break every Get of the job.
-                bad = Code.INVALID_RESULT.error(e.message)
-                self._attempt_failed(job, bad, backoff=False)
-            else:
-                self._close_attempt(job, None)
-                job.result.CopyFrom(completed.result)
-                job.progress = 1.0
-                self._end(job, S.JOB_STATE_SUCCEEDED)
-        for failed in request.failed:
-            key = (failed.job_id, failed.attempt)
-            acked.append(dispatcher_pb2.AttemptRef(job_id=key[0], attempt=key[1]))
-            job = self._current(*key, session)
-            session.release(key)
-            if job is None:
-                continue
-            self._attempt_failed(job, self._worker_error(failed.error), backoff=True)
-        for refused in request.refused:
-            self._refused(session, refused)
-        if acked:
-            self._ack_when_durable(session, acked)
-        self._dispatch()
+    # --- what a worker says: `gateway.sessions.apply` decodes its messages into these ------
+    # Each is fenced by `_current`; the caller dispatches once the whole message is applied.
 
-    def _refused(self, session: WorkerSession, refused: dispatcher_pb2.Refused) -> None:
+    def attached(self, session: WorkerSession) -> bool:
+        """Whether the session is live: what a detached or replaced one says is ignored."""
+        return self._sessions.get(session.session_id) is session
+
+    def accepted(self, session: WorkerSession, job_id: str, attempt: int) -> None:
+        key = (job_id, attempt)
+        job = self._current(job_id, attempt, session)
+        if job is None:
+            if key not in session.inflight:
+                # Accepted after the gateway gave up on it: stop it.
+                self._send_cancel(session, key, "this attempt was superseded")
+        elif job.state == S.JOB_STATE_ASSIGNED:
+            self._set_state(job, S.JOB_STATE_RUNNING)
+            self._save(job, next_event(job))
+
+    def progressed(self, session: WorkerSession, progress: dispatcher_pb2.Progress) -> None:
+        job = self._current(progress.job_id, progress.attempt, session)
+        if job is not None:
+            self._progress(job, progress)
+
+    def completed(self, session: WorkerSession, completed: dispatcher_pb2.Completed) -> None:
+        key = (completed.job_id, completed.attempt)
+        job = self._current(*key, session)
+        session.release(key)
+        if job is None:
+            return
+        try:
+            self._check_result(completed.result)
+        except InvalidArgument as e:
+            # Clients write outputs to files by name; a name like '../x' must not reach
+            # them, and a result too large or too deep would break every Get of the job.
+            bad = Code.INVALID_RESULT.error(e.message)
+            self._attempt_failed(job, bad, backoff=False)
+        else:
+            self._close_attempt(job, None)
+            job.result.CopyFrom(completed.result)
+            job.progress = 1.0
+            self._end(job, S.JOB_STATE_SUCCEEDED)
+
+    def failed(self, session: WorkerSession, failed: dispatcher_pb2.Failed) -> None:
+        key = (failed.job_id, failed.attempt)
+        job = self._current(*key, session)
+        session.release(key)
+        if job is not None:
+            self._attempt_failed(job, self._worker_error(failed.error), backoff=True)
+
+    def refused(self, session: WorkerSession, refused: dispatcher_pb2.Refused) -> None:
         """A worker did not start an attempt: its slots are busier than the gateway knew (a
         handler that outlived its attempt) or it no longer serves the kind. It gets nothing
         more until its next pong; the job goes back to the queue, no attempt used."""
@@ -599,9 +508,11 @@ class Scheduler:
         session.paused = True
         self._unassign(job, session.worker_id, reason)
 
-    def _ack_when_durable(
-        self, session: WorkerSession, acked: list[dispatcher_pb2.AttemptRef]
-    ) -> None:
+    def dispatch(self) -> None:
+        """Hands out queued jobs while some worker can take one (`_dispatch`)."""
+        self._dispatch()
+
+    def acknowledge(self, session: WorkerSession, acked: list[dispatcher_pb2.AttemptRef]) -> None:
         """Tells the worker it may forget these results, once what they changed is committed."""
         ack = dispatcher_pb2.SessionResponse(acked=acked)
 
@@ -688,19 +599,17 @@ class Scheduler:
         return None
 
     def _orphan(self, job: job_pb2.Job, worker_id: str, principal: str | None) -> None:
-        job_id, attempt = job.id, job.attempt
-        self._orphans[job_id] = (attempt, worker_id, principal)
+        self._orphans[job.id] = (job.attempt, worker_id, principal)
         grace = self._settings.reattach_grace
+        self._timers.after(grace, self._orphan_expired, job.id, job.attempt, worker_id, grace)
 
-        def expire() -> None:
-            if self._orphans.get(job_id, (0, "", None))[0] != attempt:
-                return
-            del self._orphans[job_id]
-            lost = Code.WORKER_LOST.error(f"worker {worker_id} did not come back within {grace:g}s")
-            self._attempt_failed(self._active[job_id], lost, backoff=False)
-            self._dispatch()
-
-        self._timers.after(grace, expire)
+    def _orphan_expired(self, job_id: str, attempt: int, worker_id: str, grace: float) -> None:
+        if self._orphans.get(job_id, (0, "", None))[0] != attempt:
+            return  # taken back, or ended
+        del self._orphans[job_id]
+        lost = Code.WORKER_LOST.error(f"worker {worker_id} did not come back within {grace:g}s")
+        self._attempt_failed(self._active[job_id], lost, backoff=False)
+        self._dispatch()
 
     def _set_state(self, job: job_pb2.Job, state: int) -> None:
         self._queued += (state == S.JOB_STATE_QUEUED) - (job.state == S.JOB_STATE_QUEUED)
@@ -718,9 +627,9 @@ class Scheduler:
     ) -> Awaitable[None]:
         return self._store.save(job, event, placement)
 
-    # --- the queue: windows in memory, the rest in the store -----------------------
+    # --- the queue: what `Windows` asks of the scheduler (a `WindowHost`) -----------------
 
-    def _take_in(self, item: Unfinished) -> job_pb2.Job:
+    def take_in(self, item: Unfinished) -> job_pb2.Job:
         """Holds in memory a job claimed from the store; its inline inputs stay there."""
         job = item.job
         self._active[job.id] = job
@@ -728,51 +637,38 @@ class Scheduler:
             self._stored_inputs.add(job.id)
         return job
 
-    def _served(self, key: QueueKey) -> bool:
-        """Whether some attached worker serves the queue: only such queues get a window."""
-        kind, tenant = key
-        return bool(self._serving[(kind, tenant)] or self._serving[(kind, ANY_TENANT)])
+    def holds(self, job_id: str) -> bool:
+        return job_id in self._active
 
-    def _into_window(self, job: job_pb2.Job, ready_at: float) -> None:
-        """Puts a job this gateway holds (QUEUED, leased to it) in its queue's window."""
-        self._ready_at[job.id] = ready_at
-        self._queues.push(
-            (job.spec.kind, job.tenant), job.spec.priority, ready_at, job.id, job.attempt
-        )
+    def give_back(self, job_id: str, attempt: int) -> bool:
+        job = self._live(job_id, attempt, S.JOB_STATE_QUEUED)
+        if job is not None:
+            self._drop(job)
+        return job is not None
+
+    def entered(self, job: job_pb2.Job, ready_at: float) -> None:
         self._tracer.queued(job, ready_at)
         self._watch_deadline(job)
         if job.spec.HasField("schedule_to_start_timeout"):
             limit = duration_seconds(job.spec.schedule_to_start_timeout)
-            job_id, attempt = job.id, job.attempt
+            delay = ready_at + limit - time.time()
+            self._timers.after(delay, self._start_overdue, job.id, job.attempt)
 
-            def expire() -> None:
-                current = self._active.get(job_id)
-                if current is None or current.attempt != attempt:
-                    return
-                if current.state == S.JOB_STATE_QUEUED:
-                    message = f"no worker started the job within {limit:g}s"
-                    error = Code.SCHEDULE_TO_START_TIMEOUT.error(message)
-                    self._end(current, S.JOB_STATE_FAILED, error=error)
-
-            self._timers.after(ready_at + limit - time.time(), expire)
-
-    def _left_in_store(self, job: job_pb2.Job, placement: Placement) -> None:
-        """Notes a job QUEUED in the store only: its queue has more for a refill to claim,
-        or a wake-up is due when it becomes ready or falls due."""
-        key = (job.spec.kind, job.tenant)
-        self._keys.add(key)
-        if placement.ready_at <= time.time():
-            self._news[key] += 1
-            self._pending.add(key)
+    def fell_due(self, job: job_pb2.Job) -> None:
+        if job.HasField("deadline") and seconds_until(job.deadline) <= 0:
+            limit = duration_seconds(job.spec.schedule_to_close_timeout)
+            error = Code.DEADLINE_EXCEEDED.error(f"the job did not end within {limit:g}s")
         else:
-            self._wake("ready", placement.ready_at)
-        if placement.due_at is not None:
-            self._wake("due", placement.due_at)
+            limit = duration_seconds(job.spec.schedule_to_start_timeout)
+            error = Code.SCHEDULE_TO_START_TIMEOUT.error(
+                f"no worker started the job within {limit:g}s"
+            )
+        self._end(job, S.JOB_STATE_FAILED, error=error)
 
     def _drop(self, job: job_pb2.Job) -> None:
-        """Forgets a job that went back to the store, leased to no one."""
+        """Forgets a job: it ended, or went back to the store leased to no one."""
         self._active.pop(job.id, None)
-        self._ready_at.pop(job.id, None)
+        self._windows.taken(job.id)
         self._forget_inputs(job.id)
         self._owner.pop(job.id, None)
         self._orphans.pop(job.id, None)
@@ -780,162 +676,88 @@ class Scheduler:
 
     def _requeue(self, job: job_pb2.Job, event: job_pb2.JobEvent, delay: float = 0.0) -> None:
         """Puts the job (just made QUEUED) back in its queue, ready in `delay` seconds: in its
-        window if it belongs there (`_place`), else in the store, forgotten until a refill
-        claims it again in its turn."""
-        key = (job.spec.kind, job.tenant)
-        placement = self._place(job, time.time(), Counter(), delay)
+        window if it belongs there (`Windows.place`), else in the store, forgotten until a
+        refill claims it again in its turn."""
+        placement = self._windows.place(job, time.time(), Counter(), delay)
         self._save(job, event, placement)
         if placement.owner:
             self._orphans.pop(job.id, None)
-            self._into_window(job, placement.ready_at)
-            self._trim(key)
+            self._windows.enter(job, placement.ready_at)
+            self._windows.trim((job.spec.kind, job.tenant))
         else:
             self._drop(job)
-            self._left_in_store(job, placement)
-
-    def _trim(self, key: QueueKey) -> None:
-        """Gives back to the store the last jobs of a window grown past `queue_window`."""
-        released = []
-        while self._queues.size(key) > self._settings.queue_window:
-            worst = self._queues.worst(key)
-            assert worst is not None
-            self._queues.remove(key, worst)
-            job = self._active.get(worst[3])
-            if job is not None and job.attempt == worst[4] and job.state == S.JOB_STATE_QUEUED:
-                self._drop(job)
-                released.append(job.id)
-        if released:
-            self._store.release(released)
-            self._news[key] += 1
-            self._pending.add(key)
-
-    def _refill(self, key: QueueKey) -> None:
-        """Has the queue's window refilled from the store: one task claims for every queue
-        that asked meanwhile, then dispatches once."""
-        if self._stopping:
-            return
-        self._wanted.add(key)
-        if self._claimer is None or self._claimer.done():
-            self._claimer = asyncio.ensure_future(self._claim_wanted())
-            self._loading.add(self._claimer)
-            self._claimer.add_done_callback(self._loading.discard)
-
-    async def _claim_wanted(self) -> None:
-        while self._wanted and not self._stopping:
-            keys = sorted(self._wanted)
-            self._wanted.clear()
-            async with self._claiming:
-                for key in keys:
-                    await self._claim(key)
-            self._dispatch()
-
-    async def _claim(self, key: QueueKey) -> None:
-        want = self._settings.queue_window - self._queues.size(key)
-        if want <= 0 or self._stopping:
-            return
-        news = self._news[key]
-        try:
-            claimed = await self._store.claim(self._name, *key, want, time.time(), math.inf)
-        except Exception:
-            log.exception("could not claim queued %s jobs of tenant %s; trying again", *key)
-            self._timers.after(1.0, self._dispatch)
-            return
-        if self._stopping:
-            self._store.release([item.job.id for item in claimed])
-            return
-        for item in claimed:
-            if item.job.id not in self._active:
-                self._into_window(self._take_in(item), item.ready_at)
-        if len(claimed) < want and self._news[key] == news:
-            self._pending.discard(key)
-
-    def _wake(self, what: str, at: float) -> None:
-        """Looks at the store again at `at` (time.time()) for jobs that become ready ("ready")
-        or fall due ("due"), unless an earlier wake-up is set."""
-        if self._stopping:
-            return
-        current = self._wakes.get(what)
-        if current is not None:
-            if current[0] <= at:
-                return
-            current[1].cancel()
-        loop = asyncio.get_running_loop()
-        handle = loop.call_later(max(0.0, at - time.time()), self._woken, what)
-        self._wakes[what] = (at, handle)
-
-    def _woken(self, what: str) -> None:
-        self._wakes.pop(what, None)
-        if what == "ready":
-            for key in self._keys:
-                self._news[key] += 1
-                self._pending.add(key)
-            task = asyncio.ensure_future(self._rearm())
-        else:
-            task = asyncio.ensure_future(self._fail_due())
-        self._loading.add(task)
-        task.add_done_callback(self._loading.discard)
-        self._dispatch()
-
-    async def _rearm(self) -> None:
-        """Sets the wake-ups from the store's next times."""
-        try:
-            ready, due = await self._store.next_times(time.time())
-        except Exception:
-            log.exception("could not read when queued jobs fall due; trying again")
-            self._wake("ready", time.time() + 1.0)
-            return
-        if ready is not None:
-            self._wake("ready", ready)
-        if due is not None:
-            self._wake("due", due)
-
-    async def _fail_due(self) -> None:
-        """Fails the jobs of the store that outlived their deadline or schedule-to-start
-        limit while queued."""
-        batch = 500
-        try:
-            while not self._stopping:
-                async with self._claiming:
-                    claimed = await self._store.claim_due(self._name, time.time(), batch, math.inf)
-                    for item in claimed:
-                        job = self._take_in(item)
-                        if job.HasField("deadline") and seconds_until(job.deadline) <= 0:
-                            limit = duration_seconds(job.spec.schedule_to_close_timeout)
-                            code, message = (
-                                Code.DEADLINE_EXCEEDED,
-                                f"the job did not end within {limit:g}s",
-                            )
-                        else:
-                            limit = duration_seconds(job.spec.schedule_to_start_timeout)
-                            code, message = (
-                                Code.SCHEDULE_TO_START_TIMEOUT,
-                                f"no worker started the job within {limit:g}s",
-                            )
-                        self._end(job, S.JOB_STATE_FAILED, error=code.error(message))
-                if len(claimed) < batch:
-                    break
-        except Exception:
-            log.exception("could not fail queued jobs that fell due; trying again")
-            self._wake("due", time.time() + 1.0)
-            return
-        await self._rearm()
+            self._windows.left_in_store(job, placement)
 
     def _watch_deadline(self, job: job_pb2.Job) -> None:
-        if not job.HasField("deadline"):
+        if job.HasField("deadline"):
+            self._timers.after(seconds_until(job.deadline), self._deadline_passed, job.id)
+
+    # --- what timers find: each checks with `_live` that its attempt is still current -----
+
+    def _live(
+        self,
+        job_id: str,
+        attempt: int | None = None,
+        state: int | None = None,
+        session: WorkerSession | None = None,
+    ) -> job_pb2.Job | None:
+        """The job this gateway holds, if it is still at `attempt`, in `state`, and owned by
+        `session` (each when given); else None: what a timer was set for is over."""
+        job = self._active.get(job_id)
+        if (
+            job is None
+            or (attempt is not None and job.attempt != attempt)
+            or (state is not None and job.state != state)
+            or (session is not None and self._owner.get(job_id) is not session)
+        ):
+            return None
+        return job
+
+    def _deadline_passed(self, job_id: str) -> None:
+        job = self._live(job_id)
+        if job is None:
             return
-        job_id = job.id
         limit = duration_seconds(job.spec.schedule_to_close_timeout)
+        error = Code.DEADLINE_EXCEEDED.error(f"the job did not end within {limit:g}s")
+        self._stop_attempt(job, error)
+        self._end(job, S.JOB_STATE_FAILED, error=error)
+        self._dispatch()
 
-        def expire() -> None:
-            current = self._active.get(job_id)
-            if current is not None:
-                message = f"the job did not end within {limit:g}s"
-                error = Code.DEADLINE_EXCEEDED.error(message)
-                self._stop_attempt(current, error)
-                self._end(current, S.JOB_STATE_FAILED, error=error)
-                self._dispatch()
+    def _start_overdue(self, job_id: str, attempt: int) -> None:
+        job = self._live(job_id, attempt, S.JOB_STATE_QUEUED)
+        if job is None:
+            return
+        limit = duration_seconds(job.spec.schedule_to_start_timeout)
+        error = Code.SCHEDULE_TO_START_TIMEOUT.error(f"no worker started the job within {limit:g}s")
+        self._end(job, S.JOB_STATE_FAILED, error=error)
 
-        self._timers.after(seconds_until(job.deadline), expire)
+    def _ack_overdue(self, job_id: str, attempt: int, session: WorkerSession) -> None:
+        """An Assign not accepted in time goes back to the queue; the worker may never
+        have received it."""
+        job = self._live(job_id, attempt, S.JOB_STATE_ASSIGNED, session)
+        if job is None:
+            return
+        session.release((job_id, attempt))
+        session.stalled = True
+        error = Code.ASSIGN_NOT_ACKNOWLEDGED.error(
+            f"worker {session.worker_id} did not accept the job within "
+            f"{self._settings.ack_timeout:g}s"
+        )
+        self._stop_attempt(job, error)
+        self._attempt_failed(job, error, backoff=False)
+        self._dispatch()
+
+    def _attempt_overdue(self, job_id: str, attempt: int) -> None:
+        """A backstop: the worker enforces the attempt's timeout and reports TIMEOUT; this
+        fires only if it cannot (a stuck worker), after a margin for the report to arrive."""
+        job = self._live(job_id, attempt)
+        if job is None:
+            return
+        limit = duration_seconds(job.spec.start_to_close_timeout)
+        error = Code.TIMEOUT.error(f"the attempt did not end within {limit:g}s")
+        self._stop_attempt(job, error)
+        self._attempt_failed(job, error, backoff=True)
+        self._dispatch()
 
     def _dispatch(self) -> None:
         """Hands out queued jobs while some worker can take one: always the job with the
@@ -945,13 +767,11 @@ class Scheduler:
         if self._stopping:
             return
         quotas: dict[str, Quota] = {}
-        window = self._settings.queue_window
-        for key in self._pending:
-            if self._queues.size(key) <= window // 2 and self._served(key):
-                self._refill(key)
+        windows = self._windows
+        windows.refill_low()
         while True:
             best: tuple[Rank, QueueKey, WorkerSession] | None = None
-            for key in self._queues.queues():
+            for key in windows.queues.queues():
                 tenant = key[1]
                 quota = quotas.get(tenant)
                 if quota is None:
@@ -970,20 +790,19 @@ class Scheduler:
             if best is None:
                 return
             _, key, session = best
-            popped = self._queues.pop(key)
+            popped = windows.queues.pop(key)
             assert popped is not None
             self._turns.took(key[1], quotas[key[1]].weight)
             self._assign(self._active[popped[0]], session)
-            if key in self._pending and self._queues.size(key) <= window // 2:
-                self._refill(key)
+            windows.refill_if_low(key)
 
     def _live_head(self, key: QueueKey) -> Entry | None:
         """The queue's next entry, dropping those of jobs cancelled or superseded meanwhile."""
-        while (head := self._queues.head(key)) is not None:
-            job = self._active.get(head[3])
-            if job is not None and job.attempt == head[4] and job.state == S.JOB_STATE_QUEUED:
+        queues = self._windows.queues
+        while (head := queues.head(key)) is not None:
+            if self._live(head[3], head[4], S.JOB_STATE_QUEUED) is not None:
                 return head
-            self._queues.pop(key)
+            queues.pop(key)
         return None
 
     def _pick(self, kind: str, tenant: str, schema: str = "") -> WorkerSession | None:
@@ -1002,7 +821,7 @@ class Scheduler:
 
     def _assign(self, job: job_pb2.Job, session: WorkerSession) -> None:
         self._set_state(job, S.JOB_STATE_ASSIGNED)
-        ready_at = self._ready_at.pop(job.id, None)
+        ready_at = self._windows.taken(job.id)
         self._metrics.assigned(job, None if ready_at is None else time.time() - ready_at)
         job.worker_id = session.worker_id
         attempt = job.attempts.add(
@@ -1055,48 +874,13 @@ class Scheduler:
         task.add_done_callback(self._loading.discard)
 
     def _watch_ack(self, job: job_pb2.Job, session: WorkerSession) -> None:
-        """An Assign not accepted in time goes back to the queue; the worker may never
-        have received it."""
-        job_id, attempt, limit = job.id, job.attempt, self._settings.ack_timeout
-
-        def expire() -> None:
-            current = self._active.get(job_id)
-            if (
-                current is None
-                or current.attempt != attempt
-                or current.state != S.JOB_STATE_ASSIGNED
-                or self._owner.get(job_id) is not session
-            ):
-                return
-            session.release((job_id, attempt))
-            session.stalled = True
-            error = Code.ASSIGN_NOT_ACKNOWLEDGED.error(
-                f"worker {session.worker_id} did not accept the job within {limit:g}s"
-            )
-            self._stop_attempt(current, error)
-            self._attempt_failed(current, error, backoff=False)
-            self._dispatch()
-
-        self._timers.after(limit, expire)
+        limit = self._settings.ack_timeout
+        self._timers.after(limit, self._ack_overdue, job.id, job.attempt, session)
 
     def _watch_attempt_timeout(self, job: job_pb2.Job) -> None:
-        """A backstop: the worker enforces the attempt's timeout and reports TIMEOUT; this
-        fires only if it cannot (a stuck worker), after a margin for the report to arrive."""
-        job_id, attempt = job.id, job.attempt
         limit = duration_seconds(job.spec.start_to_close_timeout)
         margin = self._settings.ping_interval * self._settings.ping_misses + 5.0
-
-        def expire() -> None:
-            current = self._active.get(job_id)
-            if current is None or current.attempt != attempt:
-                return
-            message = f"the attempt did not end within {limit:g}s"
-            error = Code.TIMEOUT.error(message)
-            self._stop_attempt(current, error)
-            self._attempt_failed(current, error, backoff=True)
-            self._dispatch()
-
-        self._timers.after(limit + margin, expire)
+        self._timers.after(limit + margin, self._attempt_overdue, job.id, job.attempt)
 
     def _unassign(self, job: job_pb2.Job, worker_id: str, reason: str) -> None:
         """Puts back a job its worker refused before starting it; no attempt was used."""

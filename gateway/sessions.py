@@ -156,7 +156,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 # Only a pong answering a ping proves the worker alive (see WorkerSession.heard).
                 if any(c.result.output_blobs for c in request.completed):
                     await self._scheduler.foreign_outputs(session, request)
-                self._scheduler.handle(session, request)
+                apply(self._scheduler, session, request)
         except grpc.aio.AioRpcError as exc:
             return f"stream broke: {exc.code().name}"
         return "worker closed the stream"
@@ -172,3 +172,35 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             session.pinged = seq
             session.outbox.put(dispatcher_pb2.SessionResponse(ping=dispatcher_pb2.Ping(seq=seq)))
             await asyncio.sleep(self._ping_interval)
+
+
+def apply(
+    scheduler: Scheduler, session: WorkerSession, request: dispatcher_pb2.SessionRequest
+) -> None:
+    """Applies everything one (possibly coalesced) worker message reports, through the
+    scheduler's verbs, then dispatches once."""
+    if not scheduler.attached(session):
+        return  # detached or replaced: what it still says is fenced off with it
+    if request.HasField("draining") and not session.draining:
+        session.draining = True
+        log.info("worker %s is draining", session.worker_id)
+    if request.HasField("pong"):
+        session.heard(request.pong)
+    if request.accepted or request.completed or request.failed or request.refused:
+        session.stalled = False
+    for accepted in request.accepted:
+        scheduler.accepted(session, accepted.job_id, accepted.attempt)
+    for progress in request.progress:
+        scheduler.progressed(session, progress)
+    for completed in request.completed:
+        scheduler.completed(session, completed)
+    for failed in request.failed:
+        scheduler.failed(session, failed)
+    for refused in request.refused:
+        scheduler.refused(session, refused)
+    ended = [(c.job_id, c.attempt) for c in request.completed]
+    ended += [(f.job_id, f.attempt) for f in request.failed]
+    if ended:
+        acked = [dispatcher_pb2.AttemptRef(job_id=j, attempt=a) for j, a in ended]
+        scheduler.acknowledge(session, acked)
+    scheduler.dispatch()

@@ -18,6 +18,7 @@ from gateway.config import GatewaySettings
 from gateway.jobs import S, ts_seconds
 from gateway.metrics import GatewayMetrics
 from gateway.scheduler import Scheduler
+from gateway.sessions import apply
 from gateway.store.sqlite import SqliteStore
 from gateway.workers import WorkerSession
 from jobmesh import job_spec
@@ -73,7 +74,7 @@ class Harness:
         """Completes the session's one attempt; its job id."""
         [(job_id, attempt)] = session.inflight
         done = dispatcher_pb2.Completed(job_id=job_id, attempt=attempt)
-        self.scheduler.handle(session, dispatcher_pb2.SessionRequest(completed=[done]))
+        apply(self.scheduler, session, dispatcher_pb2.SessionRequest(completed=[done]))
         await self.scheduler.settled()
         return job_id
 
@@ -188,7 +189,7 @@ async def test_a_retry_waits_its_backoff_in_the_store_then_runs(harness: Harness
     failed = dispatcher_pb2.Failed(
         job_id=flaky, attempt=1, error=Code.HANDLER_ERROR.error("try again", retryable=True)
     )
-    harness.scheduler.handle(session, dispatcher_pb2.SessionRequest(failed=[failed]))
+    apply(harness.scheduler, session, dispatcher_pb2.SessionRequest(failed=[failed]))
     assert harness.scheduler.held == 0  # waiting out its backoff in the store
     await until(lambda: bool(session.inflight))
     assert session.inflight.keys() == {(flaky, 2)}

@@ -23,6 +23,7 @@ from gateway.jobs import S, next_event
 from gateway.quotas import Quota, SubmitRate, quotas_of
 from gateway.retention import Retention
 from gateway.scheduler import Scheduler
+from gateway.sessions import apply
 from gateway.store import Usage
 from gateway.store.sqlite import SqliteStore
 from gateway.workers import WorkerSession
@@ -289,7 +290,7 @@ def run_one_at_a_time(scheduler: Scheduler, session: WorkerSession, n: int) -> l
         [(job_id, attempt)] = session.inflight
         ran.append(job_id)
         done = dispatcher_pb2.Completed(job_id=job_id, attempt=attempt)
-        scheduler.handle(session, dispatcher_pb2.SessionRequest(completed=[done]))
+        apply(scheduler, session, dispatcher_pb2.SessionRequest(completed=[done]))
     assert not session.inflight
     return ran
 
@@ -343,7 +344,7 @@ async def test_a_tenant_at_its_max_running_waits_while_others_run(
     assert {job_id for job_id, _ in session.inflight} == {*theirs[:2], *others}
     assert (await scheduler.get(A, theirs[2])).state == job_pb2.JOB_STATE_QUEUED
     run = dispatcher_pb2.Completed(job_id=theirs[0], attempt=1)
-    scheduler.handle(session, dispatcher_pb2.SessionRequest(completed=[run]))
+    apply(scheduler, session, dispatcher_pb2.SessionRequest(completed=[run]))
     assert {job_id for job_id, _ in session.inflight} == {theirs[1], theirs[2], *others}
 
 

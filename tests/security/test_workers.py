@@ -18,6 +18,7 @@ import pytest
 from gateway.blobs import BlobStore
 from gateway.config import GatewaySettings
 from gateway.scheduler import Scheduler
+from gateway.sessions import apply
 from gateway.store.sqlite import SqliteStore
 from gateway.workers import WorkerSession
 from jobmesh import AsyncClient
@@ -409,10 +410,10 @@ async def test_a_replaced_session_is_closed_and_fenced_off(
     assert new.inflight.keys() == {(job_id, 1)}
 
     # What the closed session still says is ignored; the new one's result counts.
-    scheduler.handle(old, completed(job_id, '{"from": "old"}'))
+    apply(scheduler, old, completed(job_id, '{"from": "old"}'))
     await store.barrier()
     assert (await scheduler.get("default", job_id)).state == job_pb2.JOB_STATE_ASSIGNED
-    scheduler.handle(new, completed(job_id, '{"from": "new"}'))
+    apply(scheduler, new, completed(job_id, '{"from": "new"}'))
     await store.barrier()
     job = await scheduler.get("default", job_id)
     assert job.state == job_pb2.JOB_STATE_SUCCEEDED
@@ -452,7 +453,7 @@ async def test_after_a_restart_a_lost_workers_attempts_are_taken_back_by_its_cre
 
         impostor = session("w1", "b", "impostor")
         restarted.attach(impostor, [(job_id, 1)])
-        restarted.handle(impostor, completed(job_id, '{"from": "b"}'))
+        apply(restarted, impostor, completed(job_id, '{"from": "b"}'))
         await store.barrier()
         assert (await restarted.get("default", job_id)).state == job_pb2.JOB_STATE_ASSIGNED
         restarted.detach(impostor, "gone")
@@ -460,7 +461,7 @@ async def test_after_a_restart_a_lost_workers_attempts_are_taken_back_by_its_cre
         owner = session("w1", "a", "after")
         restarted.attach(owner, [(job_id, 1)])
         assert owner.inflight.keys() == {(job_id, 1)}
-        restarted.handle(owner, completed(job_id, '{"from": "a"}'))
+        apply(restarted, owner, completed(job_id, '{"from": "a"}'))
         await store.barrier()
         job = await restarted.get("default", job_id)
         assert job.state == job_pb2.JOB_STATE_SUCCEEDED
