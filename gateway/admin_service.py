@@ -23,16 +23,21 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         self._scheduler = scheduler
         self._metrics = metrics
 
-    def _workers(self) -> list[admin_service_pb2.Worker]:
-        workers = sorted(self._scheduler.sessions, key=lambda s: s.worker_id)
-        return [w.to_proto() for w in workers]
+    async def _workers(self) -> list[admin_service_pb2.Worker]:
+        """This gateway's workers, then those of the others sharing its database."""
+        here = [s.to_proto() for s in sorted(self._scheduler.sessions, key=lambda s: s.worker_id)]
+        if here and self._scheduler.shared:
+            for worker in here:
+                worker.gateway = self._scheduler.name
+        elsewhere = await self._scheduler.mesh_workers()
+        return here + sorted(elsewhere, key=lambda w: (w.gateway, w.worker_id))
 
     async def ListWorkers(
         self,
         request: admin_service_pb2.ListWorkersRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> admin_service_pb2.ListWorkersResponse:
-        return admin_service_pb2.ListWorkersResponse(workers=self._workers())
+        return admin_service_pb2.ListWorkersResponse(workers=await self._workers())
 
     async def WatchStats(
         self,
@@ -51,6 +56,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             at = time.monotonic()
             snapshot = self._metrics.snapshot()
             stats = self._stats(snapshot, previous, at)
+            stats.workers.extend(await self._workers())
             previous = (at, snapshot.totals)
             yield admin_service_pb2.WatchStatsResponse(stats=stats)
             await asyncio.sleep(interval)
@@ -59,7 +65,6 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         self, snapshot: Snapshot, previous: tuple[float, Totals] | None, at: float
     ) -> admin_service_pb2.ClusterStats:
         stats = admin_service_pb2.ClusterStats(
-            workers=self._workers(),
             kinds=[
                 _kind_stats(kind, snapshot)
                 for kind in sorted({*snapshot.queued, *snapshot.running})

@@ -13,6 +13,7 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,6 +29,7 @@ from gateway.blobs import BlobStore
 from gateway.config import GatewaySettings
 from gateway.interceptors import ErrorInterceptor
 from gateway.job_service import JobService
+from gateway.mesh import Mesh, SharedStore
 from gateway.metrics import GatewayMetrics
 from gateway.retention import Retention
 from gateway.scheduler import Scheduler
@@ -98,6 +100,17 @@ class Gateway:
         self._scheduler = Scheduler(
             settings, self._store, self._blobs, self.metrics, quotas=self._auth.quota
         )
+        self._mesh: Mesh | None = None
+        if getattr(self._store, "shared", False):
+            self._mesh = Mesh(
+                cast(SharedStore, self._store),
+                self._scheduler.name,
+                self._scheduler,
+                self._hub,
+                lease=settings.lease,
+                reattach_grace=settings.reattach_grace,
+            )
+            self._scheduler.join(self._mesh)
         self._metrics_server: MetricsServer | None = None
         self._health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -133,9 +146,12 @@ class Gateway:
             raise
 
     async def _start(self) -> int:
-        # It holds the database alone (its lock): what an earlier gateway held leased goes
-        # back to the queue.
-        await self._store.forget_leases()
+        if self._mesh is not None:
+            await self._mesh.start()
+        else:
+            # It holds the database alone (its lock): what an earlier gateway held leased
+            # goes back to the queue.
+            await self._store.forget_leases()
         recovered = await self._scheduler.recover()
         retention = Retention(self._store, self._blobs, blob_grace=self.settings.blob_grace)
         self._retention = asyncio.create_task(retention.run(self.settings.sweep_interval))
@@ -219,6 +235,21 @@ class Gateway:
         )
         return self.port
 
+    @property
+    def name(self) -> str:
+        return self._scheduler.name
+
+    def lost(self) -> asyncio.Future[bool]:
+        """Done if this gateway lost its place among the gateways sharing its database (it
+        was cut off from it longer than its lease, and the others took its work over)."""
+        if self._mesh is None:
+            return asyncio.get_running_loop().create_future()  # never
+        return asyncio.ensure_future(self._mesh.lost.wait())
+
+    @property
+    def lost_reason(self) -> str:
+        return "" if self._mesh is None else self._mesh.reason
+
     async def stop(self, grace: float = 5.0) -> None:
         """Stops taking calls, lets running ones end within `grace`, then flushes the store."""
         if self._server is None:
@@ -234,6 +265,10 @@ class Gateway:
 
     async def _close(self) -> None:
         """Closes what `start` opened besides the server."""
+        if self._mesh is not None:
+            with contextlib.suppress(Exception):  # what cannot be written is logged
+                await self._store.barrier()  # written as a member, before it leaves
+            await self._mesh.stop()
         for task in (self._retention, self._queue_ages):
             if task is not None:
                 task.cancel()
@@ -362,7 +397,11 @@ async def serve(settings: GatewaySettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     try:
-        await stopping.wait()
+        lost = gateway.lost()
+        signalled: asyncio.Future[bool] = asyncio.ensure_future(stopping.wait())
+        done, _ = await asyncio.wait([signalled, lost], return_when=asyncio.FIRST_COMPLETED)
+        if lost in done:
+            raise OSError(f"gateway {gateway.name} stopped: {gateway.lost_reason}")
         log.info("signal received; stopping")
     finally:
         await gateway.stop()

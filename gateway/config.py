@@ -60,6 +60,11 @@ class GatewaySettings:
     )
     ack_timeout: float = setting(10.0, help="seconds a worker has to accept a job")
     reattach_grace: float = setting(10.0, help="seconds a lost worker's jobs wait for it to return")
+    lease: float = setting(
+        15.0,
+        help="with gateways sharing a PostgreSQL database: seconds a silent gateway keeps its "
+        "jobs before the others take them over",
+    )
     default_max_attempts: int = setting(
         3, help="attempts a job gets when its retry policy is silent"
     )
@@ -163,6 +168,7 @@ class GatewaySettings:
             )
         positive = (
             "ping_interval",
+            "lease",
             "ack_timeout",
             "upload_idle_timeout",
             "retention",

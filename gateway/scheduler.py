@@ -23,6 +23,7 @@ One session per identity is live: a newer one replaces it and its stream is ende
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -30,7 +31,8 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Iterable, Mapping, Sequence
+from typing import Any
 
 from gateway import validation
 from gateway.blobs import BlobStore
@@ -45,6 +47,7 @@ from gateway.jobs import (
     retry_delay,
     seconds_until,
 )
+from gateway.mesh import Mesh
 from gateway.metrics import GatewayMetrics
 from gateway.queues import Entry, QueueKey, Turns
 from gateway.quotas import Quota, QuotaOf, SubmitRate, check_usage, unlimited
@@ -67,11 +70,17 @@ from jobmesh.errors import (
 from jobmesh.limits import payload_bytes
 from jobmesh.logs import job_fields
 from jobmesh.params import Schema
-from jobmesh.v1 import dispatcher_pb2, job_pb2
+from jobmesh.v1 import admin_service_pb2, dispatcher_pb2, job_pb2
 
 log = logging.getLogger(__name__)
 
 _RUNNING = frozenset({S.JOB_STATE_ASSIGNED, S.JOB_STATE_RUNNING})
+BRING_BACK_WAIT = 25.0
+"""Longest an Attach waits for the gateway that ran its attempts to be declared dead (the
+worker waits 30 s for its Welcome)."""
+CANCEL_WAIT = 5.0
+"""Seconds a Cancel waits for the gateway running the job to end it."""
+CANCEL_POLL = 0.05
 # (-priority, tenant's turn, ready_at, order): what dispatch takes first, least first.
 Rank = tuple[int, float, float, int]
 
@@ -103,9 +112,12 @@ class Scheduler:
         self._loading: set[asyncio.Task[None]] = set()
         self._queued = 0
         """Jobs in state QUEUED, in the store or in a window."""
-        name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._windows = Windows(store, name, settings.queue_window, self, self._metrics)
-        """Which queued jobs this gateway holds (leased to `name`), and wake-ups for the rest."""
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        """This gateway's name on the leases of the jobs it claims, and among gateways."""
+        self._windows = Windows(store, self.name, settings.queue_window, self, self._metrics)
+        """Which queued jobs this gateway holds (leased to it), and wake-ups for the rest."""
+        self._mesh: Mesh | None = None
+        """The gateways sharing the store with this one, if they may be several."""
         self._quota = quotas
         self._submit_rate = SubmitRate()
         self._turns = Turns()
@@ -130,7 +142,9 @@ class Scheduler:
         """Takes back the running attempts of a previous run and learns which queues hold
         jobs in the store (without reading them); returns how many jobs are unfinished."""
         await self._schemas.load()
-        jobs = await self._store.running()
+        # Sharing the store, the running attempts are other gateways' (those of dead ones
+        # come back through `bring_back` and `orphaned`).
+        jobs = [] if self._mesh is not None else await self._store.running()
         for item in jobs:
             job = self.take_in(item)
             self._metrics.recovered(job)
@@ -157,6 +171,85 @@ class Scheduler:
         for session in list(self._sessions.values()):
             if not session.inflight:
                 session.close(Unavailable("the gateway is stopping"))
+
+    def join(self, mesh: Mesh) -> None:
+        """Shares the store with other gateways (call before `recover`)."""
+        self._mesh = mesh
+
+    @property
+    def shared(self) -> bool:
+        """Whether other gateways share the store."""
+        return self._mesh is not None
+
+    # --- other gateways: what `Mesh` asks of the scheduler (a `MeshHost`) -----------------
+
+    def queues_filled(self, queues: list[tuple[str, str]]) -> None:
+        for key in queues:
+            self._windows.filled(key)
+        self._dispatch()
+
+    def cancel_asked(self, job_id: str, reason: str, by: str) -> None:
+        if job_id in self._active:
+            self._spawn(self._cancel_here(job_id, reason, by))
+
+    async def _cancel_here(self, job_id: str, reason: str, by: str) -> None:
+        await self.cancel(ANY_TENANT, job_id, reason, by=by)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._loading.add(task)
+        task.add_done_callback(self._loading.discard)
+
+    def orphaned(self, items: list[Unfinished]) -> None:
+        for item in items:
+            job = self.take_in(item)
+            self._running[job.tenant] += 1
+            self._metrics.recovered(job)
+            lost = Code.WORKER_LOST.error(
+                f"gateway of worker {job.worker_id} died and the worker did not come back "
+                f"within {self._settings.reattach_grace:g}s"
+            )
+            self._attempt_failed(job, lost, backoff=False)
+        self._dispatch()
+
+    def workers(self) -> admin_service_pb2.ListWorkersResponse:
+        return admin_service_pb2.ListWorkersResponse(workers=[s.to_proto() for s in self.sessions])
+
+    async def mesh_workers(self) -> list[admin_service_pb2.Worker]:
+        """The workers attached to the other gateways sharing the store."""
+        return [] if self._mesh is None else await self._mesh.workers()
+
+    async def bring_back(self, worker_id: str, principal: str, running: list[AttemptKey]) -> None:
+        """Takes over the attempts a worker re-attaching here runs for a gateway that died,
+        as orphans of that worker, so that `attach` gives them back to it."""
+        if self._mesh is None:
+            return
+        left = [key for key in running if key[0] not in self._active]
+        # A gateway that just died is not marked dead yet: wait for it, up to a lease (and
+        # within the worker's patience for a Welcome).
+        deadline = time.monotonic() + min(self._settings.lease * 1.5, BRING_BACK_WAIT)
+        while left:
+            for key in list(left):
+                item = await self._store.claim_running(*key)  # type: ignore[attr-defined]
+                if item is None:
+                    continue
+                left.remove(key)
+                job = self.take_in(item)
+                self._running[job.tenant] += 1
+                self._metrics.recovered(job)
+                self._watch_deadline(job)
+                self._orphan(job, worker_id, principal)
+            if not left or time.monotonic() >= deadline:
+                break
+            await self._mesh.take_over_now()
+            left = [key for key in left if await self._still_elsewhere(*key)]
+
+    async def _still_elsewhere(self, job_id: str, attempt: int) -> bool:
+        """Whether the attempt still runs, at another gateway (so worth waiting for)."""
+        if job_id in self._active:
+            return False
+        job = await self._store.get(ANY_TENANT, job_id)
+        return job is not None and job.attempt == attempt and job.state in _RUNNING
 
     async def refresh_queue_ages(self, older_than: float = 0.0) -> None:
         """Reads each queue's oldest ready job into the metrics (`Windows.refresh_ages`)."""
@@ -311,6 +404,8 @@ class Scheduler:
         if job is None:
             # Queued in the store: claimed, so that no refill takes it in meanwhile.
             job = await self._windows.claim_job(tenant, job_id) or self._active.get(job_id)
+        if job is None and self._mesh is not None:
+            return await self._cancel_elsewhere(tenant, job_id, reason, by)
         if job is None or tenant not in (ANY_TENANT, job.tenant):
             # Terminal already (cancel is idempotent), or unknown.
             return await self.get(tenant, job_id)
@@ -318,6 +413,21 @@ class Scheduler:
         self._stop_attempt(job, error)
         job.cancelled_by = by
         await self._end(job, S.JOB_STATE_CANCELLED, error=error)
+        return job
+
+    async def _cancel_elsewhere(
+        self, tenant: str, job_id: str, reason: str, by: str
+    ) -> job_pb2.Job:
+        """Asks the gateway running the job to cancel it, and waits a little for it to end."""
+        job = await self.get(tenant, job_id)
+        if job.state in TERMINAL_STATES:
+            return job
+        await self._store.ask_cancel(job_id, reason, by)  # type: ignore[attr-defined]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CANCEL_WAIT):
+                while job.state not in TERMINAL_STATES:
+                    await asyncio.sleep(CANCEL_POLL)
+                    job = await self.get(tenant, job_id)
         return job
 
     def holds_blob(self, principal: str, tenant: str, blob_id: str) -> bool:
@@ -764,8 +874,8 @@ class Scheduler:
         highest priority among the kinds a worker has room for; within a priority, tenants
         take weighted turns (`Turns`), then the oldest job goes first. A tenant with
         `max_running` jobs assigned or running here waits. One tenant: priority, then age."""
-        if self._stopping:
-            return
+        if self._stopping or (self._mesh is not None and not self._mesh.current):
+            return  # a gateway that may have lost its leases hands nothing out
         quotas: dict[str, Quota] = {}
         windows = self._windows
         windows.refill_low()

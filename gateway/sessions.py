@@ -93,14 +93,15 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             principal=principal.name,
             tenant=principal.tenant,
         )
+        running = [(r.job_id, r.attempt) for r in attach.running]
         try:
             check_worker_id(principal, session.worker_id)
+            # Attempts it runs for a gateway that died are taken over first, so that the
+            # results it sends again find them here.
+            await self._scheduler.bring_back(session.worker_id, session.principal, running)
+            session.last_heard = time.monotonic()  # that wait was the gateway's, not silence
             # Before the Welcome, so that a refusal is the answer to the Attach.
-            self._scheduler.attach(
-                session,
-                ((r.job_id, r.attempt) for r in attach.running),
-                schemas,
-            )
+            self._scheduler.attach(session, running, schemas)
         except PermissionDenied as e:
             log.warning("refused an attach from %s: %s", session.peer, e.message)
             raise

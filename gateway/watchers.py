@@ -26,6 +26,10 @@ class Subscription:
             self.backlog.append(event)
         self._ready.set()
 
+    def push_nothing(self) -> None:
+        """Wakes the watcher with nothing new: it looks at `lagged`."""
+        self._ready.set()
+
     async def wait(self) -> None:
         await self._ready.wait()
         self._ready.clear()
@@ -46,6 +50,13 @@ class EventHub:
             subs.discard(sub)
             if not subs:
                 del self._subs[job_id]
+
+    def poke(self, job_id: str) -> None:
+        """The job has new events this gateway did not publish (another gateway wrote them):
+        its watchers read them from the store."""
+        for sub in self._subs.get(job_id, ()):
+            sub.lagged = True
+            sub.push_nothing()
 
     def publish(self, events: Sequence[job_pb2.JobEvent]) -> None:
         for event in events:

@@ -191,6 +191,12 @@ class Windows:
         if placement.due_at is not None:
             self._wake("due", placement.due_at)
 
+    def filled(self, key: QueueKey) -> None:
+        """Another gateway put jobs in the queue: a refill may find them."""
+        self._keys.add(key)
+        self._news[key] += 1
+        self._pending.add(key)
+
     def taken(self, job_id: str) -> float | None:
         """The job left its window (assigned, ended, back to the store): when it was ready."""
         return self._ready_at.pop(job_id, None)

@@ -18,6 +18,8 @@ from jobmesh.v1 import admin_service_pb2, admin_service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0
+# The lease of gateways on PostgreSQL in tests: a killed one's work moves within seconds.
+PG_LEASE = "5"
 
 
 def _env() -> dict[str, str]:
@@ -171,7 +173,11 @@ class Cluster:
                 f"127.0.0.1:{port}",
                 "--db",
                 str(db or self.postgres or self.db),
-                *(("--blob-dir", str(self.blob_dir)) if self.postgres and db is None else ()),
+                *(
+                    ("--blob-dir", str(self.blob_dir), "--lease", PG_LEASE)
+                    if self.postgres and db is None
+                    else ()
+                ),
                 "--ping-interval",
                 str(ping_interval),
                 "--port-file",
@@ -198,14 +204,16 @@ class Cluster:
         slots: int = 2,
         wait: bool = True,
         env: Mapping[str, str] | None = None,
+        address: str = "",
     ) -> Proc:
+        """A worker of `gateway`, dialing `address` if given (a proxy in front of it)."""
         proc = Proc(
             args=[
                 sys.executable,
                 "-m",
                 "worker_service",
                 "--gateway",
-                gateway.address,
+                address or gateway.address,
                 "--worker-id",
                 worker_id,
                 "--slots",

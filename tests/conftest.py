@@ -64,12 +64,14 @@ def _says_spawn(fn: Callable[..., object]) -> bool:
 
 
 # Suites that run against each store: their `cluster`'s gateways keep jobs in SQLite, then
-# in PostgreSQL. A test that is about SQLite's file says so: `@pytest.mark.sqlite`.
-BOTH_STORES = ("faults/", "integration/", "gateway/test_db_lock.py")
+# in PostgreSQL. A test that sets up its own store says so: `@pytest.mark.one_store`.
+BOTH_STORES = ("faults/", "integration/")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "cluster" not in metafunc.fixturenames or metafunc.definition.get_closest_marker("sqlite"):
+    if "cluster" not in metafunc.fixturenames or metafunc.definition.get_closest_marker(
+        "one_store"
+    ):
         return
     where = metafunc.definition.path.relative_to(TESTS).as_posix()
     if where.startswith(BOTH_STORES):

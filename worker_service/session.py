@@ -84,7 +84,7 @@ class Session:
         handler: SessionHandler,
         *,
         token: TokenSource | None = None,
-        welcome_timeout: float = 10.0,
+        welcome_timeout: float = 30.0,
     ) -> None:
         self._settings = settings
         self._token = settings.token_source() if token is None else token
@@ -337,7 +337,16 @@ class Session:
             call = dispatcher_pb2_grpc.DispatcherStub(channel).Session(
                 None, metadata=self._token.metadata()
             )
-            await call.write(dispatcher_pb2.SessionRequest(attach=self._handler.attach()))
+            attach = self._handler.attach()
+            # Attempts whose result is not acknowledged are this worker's still: a gateway
+            # that took over from a dead one claims them as it does running ones.
+            listed = {(r.job_id, r.attempt) for r in attach.running}
+            attach.running.extend(
+                dispatcher_pb2.AttemptRef(job_id=job_id, attempt=attempt)
+                for job_id, attempt in self._unacked
+                if (job_id, attempt) not in listed
+            )
+            await call.write(dispatcher_pb2.SessionRequest(attach=attach))
             # Not `wait_for`: before Python 3.12 it swallows a cancel (`close`) that
             # arrives as the read completes, and the session would go on after its close.
             async with asyncio.timeout(self._welcome_timeout):

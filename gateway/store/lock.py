@@ -1,7 +1,5 @@
-"""One gateway per database: an exclusive lock, held while the gateway runs.
-
-SQLite: a lock on `DB.lock`. PostgreSQL: a session advisory lock, until several gateways
-can share one database (the lease-based dispatch of issue #11 that is still to come).
+"""One gateway per SQLite file: an exclusive lock on `DB.lock`, held while the gateway runs.
+(Gateways share a PostgreSQL database: `gateway.mesh`.)
 
 Two gateways writing one file collide on event numbers and leave jobs stuck, so a gateway
 locks its database before it opens it, and a second one fails at once, or waits for the
@@ -25,7 +23,6 @@ import logging
 import os
 import socket
 import time
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +34,7 @@ class DatabaseLocked(OSError):
 
 
 class DatabaseLock:
-    """The lock of the SQLite file `db` (none for ':memory:'); `database_lock` picks the
-    lock a `--db` needs."""
+    """The lock of the SQLite file `db` (none for ':memory:')."""
 
     def __init__(self, db: str) -> None:
         self.path = "" if db == ":memory:" else db + ".lock"
@@ -103,70 +99,9 @@ def _me() -> dict[str, object]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
 
 
-# The advisory lock's key: one per database, the same for every jobmesh gateway, apart
-# from the migrations' ("jobmesh"): "jobmesh" + "G".
-PG_LOCK_KEY = 0x6A6F626D65736847
-_PG_HOLDER = """SELECT a.application_name, a.client_addr, a.backend_start
-    FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-    WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
-        SELECT oid FROM pg_database WHERE datname = current_database())
-    AND l.classid = $1 AND l.objid = $2"""
+def database_lock(db: str) -> DatabaseLock:
+    """The lock that keeps a second gateway off `db`: none for PostgreSQL, which gateways
+    share (`gateway.mesh`)."""
+    from gateway.store.open import is_postgres
 
-
-class PostgresLock:
-    """One gateway per PostgreSQL database, as `DatabaseLock` is per SQLite file: a session
-    advisory lock on a connection of its own, released when the gateway exits (or dies: the
-    server drops the session). Its holder is named by the connection's application_name."""
-
-    def __init__(self, dsn: str, where: str) -> None:
-        self._dsn = dsn
-        self._where = where
-        """The database, as messages may show it (no password)."""
-        self._conn: Any = None
-
-    async def acquire(self, wait: float = 0.0) -> None:
-        import asyncpg  # the PostgreSQL extra's driver, imported only for a PostgreSQL --db
-
-        me = _me()
-        name = f"gateway pid {me['pid']} on {me['host']}"[:63]
-        conn = await asyncpg.connect(self._dsn, server_settings={"application_name": name})
-        try:
-            deadline = time.monotonic() + wait
-            said = False
-            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", PG_LOCK_KEY):
-                holder = await self._holder(conn)
-                if time.monotonic() >= deadline:
-                    waited = f" after waiting {wait:g} s" if wait else ""
-                    hint = "" if wait else "; stop it first, or wait for it with --wait-for-db"
-                    raise DatabaseLocked(
-                        f"{self._where} is in use by {holder}{waited}{hint} (one gateway per "
-                        "database for now)"
-                    )
-                if not said:
-                    log.info("waiting for %s to release %s", holder, self._where)
-                    said = True
-                await asyncio.sleep(POLL_INTERVAL)
-        except BaseException:
-            conn.terminate()
-            raise
-        self._conn = conn
-
-    @staticmethod
-    async def _holder(conn: Any) -> str:
-        row = await conn.fetchrow(_PG_HOLDER, PG_LOCK_KEY >> 32, PG_LOCK_KEY & 0xFFFFFFFF)
-        if row is None or not str(row[0]).startswith("gateway pid "):
-            return "another gateway"
-        since = row[2].astimezone().isoformat(timespec="seconds")
-        return f"the {row[0]} (since {since}" + (f", from {row[1]})" if row[1] else ")")
-
-    def release(self) -> None:
-        if self._conn is not None:
-            self._conn.terminate()
-            self._conn = None
-
-
-def database_lock(db: str) -> DatabaseLock | PostgresLock:
-    """The lock that keeps a second gateway off `db`."""
-    from gateway.store.open import is_postgres, shown
-
-    return PostgresLock(db, shown(db)) if is_postgres(db) else DatabaseLock(db)
+    return DatabaseLock(":memory:" if is_postgres(db) else db)

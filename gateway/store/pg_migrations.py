@@ -124,6 +124,17 @@ _TABLES = (
         queued BIGINT NOT NULL DEFAULT 0,
         PRIMARY KEY (kind, tenant)
     )""",
+    # The gateways sharing the database: a lease of a job is its gateway's, live while the
+    # gateway beats (`heartbeat_at`); one silent too long is marked dead by another, which
+    # takes its work over.
+    """CREATE TABLE gateways (
+        name TEXT PRIMARY KEY,
+        started_at DOUBLE PRECISION NOT NULL,
+        heartbeat_at DOUBLE PRECISION NOT NULL,
+        dead_at DOUBLE PRECISION,
+        dead BOOLEAN NOT NULL DEFAULT false,
+        workers BYTEA NOT NULL DEFAULT ''
+    )""",
 )
 
 # The counters follow the rows they count. Jobs come and go many at a time (a batch, a

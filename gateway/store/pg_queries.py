@@ -17,6 +17,7 @@ from gateway.store import ANY_TENANT, JobFilter, Placement, Unfinished, rows
 from jobmesh.v1 import job_pb2
 
 QUEUED = int(job_pb2.JOB_STATE_QUEUED)
+RUNNING_STATES = (int(job_pb2.JOB_STATE_ASSIGNED), int(job_pb2.JOB_STATE_RUNNING))
 
 LOCK_USAGE = """
 WITH u AS (
@@ -151,6 +152,18 @@ SELECT kind, tenant, queued,
         WHERE state = {QUEUED} AND jobs.kind = q.kind AND jobs.tenant = q.tenant
             AND ready_at <= $1)
 FROM queue_depth AS q WHERE queued > 0 ORDER BY kind, tenant"""
+
+CLAIM_RUNNING = f"""
+UPDATE jobs SET lease_owner = $1, lease_until = 'Infinity'
+WHERE state IN {RUNNING_STATES}
+    AND lease_owner IN (SELECT name FROM gateways WHERE dead)"""
+"""Leases to $1 running jobs of dead gateways: narrowed further, then RETURNING."""
+
+RUNNING_OF_DEAD = f"""
+SELECT {CLAIMED} FROM jobs
+WHERE id = $1 AND state IN {RUNNING_STATES}
+    AND lease_owner IN (SELECT name FROM gateways WHERE dead)
+FOR UPDATE"""
 
 RELEASE = f"""
 UPDATE jobs SET lease_owner = NULL, lease_until = NULL

@@ -49,6 +49,7 @@ class SaveRow:
 
     job_id: str
     tenant: str
+    kind: str
     state: int
     status: bytes
     expire_time: float | None
@@ -69,6 +70,47 @@ class _Op:
     """Whose counters it may change."""
     durable: bool
     """Kept and tried again while the server is down, rather than failed."""
+
+
+class Fenced(Unavailable):
+    """Other gateways took this one's jobs over (it could not reach the database for longer
+    than its lease): nothing it writes is taken any more."""
+
+
+# Channels of the notices gateways sharing a database send each other (LISTEN/NOTIFY),
+# each payload "<sender>\n<body>": queues with jobs to claim ("kind\ttenant" lines), jobs
+# with new events (ids, comma-separated), a cancel asked for ("job id\treason\tby").
+QUEUED_CHANNEL = "jobmesh_queued"
+EVENTS_CHANNEL = "jobmesh_events"
+CANCEL_CHANNEL = "jobmesh_cancel"
+# A notice's payload must stay under 8000 bytes; longer bodies are split.
+_NOTICE_BYTES = 7000
+
+
+def notices(channel: str, sender: str, items: Sequence[str], sep: str) -> list[tuple[str, str]]:
+    """(channel, payload) of the notices that carry `items`, each under the size limit."""
+    out: list[tuple[str, str]] = []
+    body: list[str] = []
+    size = 0
+    for item in items:
+        if body and size + len(item) + 1 > _NOTICE_BYTES:
+            out.append((channel, f"{sender}\n{sep.join(body)}"))
+            body, size = [], 0
+        body.append(item)
+        size += len(item) + 1
+    if body:
+        out.append((channel, f"{sender}\n{sep.join(body)}"))
+    return out
+
+
+async def notify(conn: asyncpg.Connection, sent: Sequence[tuple[str, str]]) -> None:
+    """Sends notices within the transaction: they reach listeners once it commits."""
+    if sent:
+        await conn.execute(
+            "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS n(c, p)",
+            [c for c, _ in sent],
+            [p for _, p in sent],
+        )
 
 
 def is_down(exc: BaseException) -> bool:
@@ -105,6 +147,11 @@ class GroupWriter:
         """The future of the last durable write queued: once it is done, every write is."""
         self.down: Unavailable | None = None
         """Why the server cannot be reached, while it cannot."""
+        self.owner: str | None = None
+        """The gateway's name once it shares the database (`PostgresStore.join`): then every
+        transaction first checks that it is still a live member (`Fenced` if not), and
+        sends notices of what other gateways care about."""
+        self.on_fenced: Callable[[Fenced], None] = lambda error: None
 
     def submit(
         self,
@@ -194,6 +241,11 @@ class GroupWriter:
         try:
             conn = await self._connection()
             outcomes = await self._transaction(conn, batch)
+        except Fenced as fenced:
+            self._ops.clear()  # what is queued goes the same way: nothing is taken
+            self._settle(batch, [(False, fenced, ())] * len(batch))
+            self.on_fenced(fenced)
+            return []
         except Exception as exc:
             if self._lost(exc):
                 return self._went_down(batch, self._failure(exc))
@@ -243,6 +295,8 @@ class GroupWriter:
 
     def _lost(self, exc: BaseException) -> bool:
         """Whether the connection is gone (then so is the transaction, whatever failed)."""
+        if isinstance(exc, Fenced):
+            return False
         if isinstance(exc, Unavailable) or is_down(exc):
             return True
         return self._conn is not None and self._conn.is_closed()
@@ -260,7 +314,7 @@ class GroupWriter:
         self, conn: asyncpg.Connection, batch: list[_Op]
     ) -> list[tuple[bool, Any, Sequence[job_pb2.JobEvent]]]:
         tenants = sorted({tenant for op in batch for tenant in op.tenants})
-        if len(tenants) < 2 and all(op.run is None for op in batch):
+        if self.owner is None and len(tenants) < 2 and all(op.run is None for op in batch):
             # Saves (and barriers) alone are one statement: its own transaction, one round
             # trip; barriers alone, none.
             rows = [op.save for op in batch if op.save is not None]
@@ -270,6 +324,15 @@ class GroupWriter:
         results: list[tuple[bool, Any, Sequence[job_pb2.JobEvent]]] = []
         saves: list[SaveRow] = []
         async with conn.transaction():
+            if self.owner is not None:
+                dead = await conn.fetchval(
+                    "SELECT dead FROM gateways WHERE name = $1 FOR SHARE", self.owner
+                )
+                if dead is not False:
+                    raise Fenced(
+                        f"gateway {self.owner} lost its jobs to the other gateways (it could "
+                        "not reach the database for longer than its lease)"
+                    )
             if len(tenants) > 1:
                 # The triggers lock each tenant's counters as they go: taken here first,
                 # in one order, two gateways' writes cannot deadlock on them.
@@ -288,7 +351,29 @@ class GroupWriter:
                 results.append((True, value, events))
             if saves:
                 await self._save_all(conn, saves)
+            if self.owner is not None:
+                await notify(conn, self._notices(batch))
         return results
+
+    def _notices(self, batch: list[_Op]) -> list[tuple[str, str]]:
+        """What the saves of a batch tell other gateways: jobs with new events, queues with
+        jobs put back in them."""
+        assert self.owner is not None
+        saves = [op.save for op in batch if op.save is not None]
+        events = sorted({s.job_id for s in saves if s.event is not None})
+        queued = sorted(
+            {
+                f"{s.kind}\t{s.tenant}"
+                for s in saves
+                if s.placement is not None
+                and not s.placement.owner
+                and s.state == job_pb2.JOB_STATE_QUEUED
+            }
+        )
+        return [
+            *notices(EVENTS_CHANNEL, self.owner, events, ","),
+            *notices(QUEUED_CHANNEL, self.owner, queued, "\n"),
+        ]
 
     @staticmethod
     async def _save_all(conn: asyncpg.Connection, rows: list[SaveRow]) -> None:

@@ -40,7 +40,20 @@ from gateway.store import (
     rows,
 )
 from gateway.store.open import shown
-from gateway.store.pg_writer import CLOSE_TIMEOUT, GroupWriter, Run, SaveRow, is_down, unavailable
+from gateway.store.pg_writer import (
+    CANCEL_CHANNEL,
+    CLOSE_TIMEOUT,
+    EVENTS_CHANNEL,
+    QUEUED_CHANNEL,
+    Fenced,
+    GroupWriter,
+    Run,
+    SaveRow,
+    is_down,
+    notices,
+    notify,
+    unavailable,
+)
 from jobmesh.v1 import job_pb2
 
 log = logging.getLogger(__name__)
@@ -72,6 +85,9 @@ class PostgresStore:
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._writer: GroupWriter | None = None
+        self._owner: str | None = None
+        """This gateway's name in the `gateways` table, once it joined."""
+        self._listener: asyncpg.Connection | None = None
 
     async def open(self, on_committed: OnCommitted) -> None:
         # No command timeout: a migration, or the wait for another gateway's, takes what
@@ -100,6 +116,9 @@ class PostgresStore:
         self._writer = GroupWriter(self._connect, on_committed)
 
     async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.terminate()
+            self._listener = None
         if self._writer is not None:
             await self._writer.close()
             self._writer = None
@@ -231,6 +250,14 @@ class PostgresStore:
                 else Inserted(earlier[job.spec.idempotency_key], existing=True)
                 for job in jobs
             ]
+            if self._owner is not None:
+                now = time.time()
+                queued = {
+                    f"{job.spec.kind}\t{job.tenant}"
+                    for job, place in zip(jobs, placements, strict=True)
+                    if job.id in inserted and not place.owner and place.ready_at <= now
+                }
+                await notify(conn, notices(QUEUED_CHANNEL, self._owner, sorted(queued), "\n"))
             return out, [event for event in events if event.job_id in inserted]
 
         result = await self._write(run, tenants=(tenant,))
@@ -250,6 +277,7 @@ class PostgresStore:
         row = SaveRow(
             job.id,
             job.tenant,
+            job.spec.kind,
             int(job.state),
             rows.status_blob(job),
             rows.expire_time(job, self._retention),
@@ -278,10 +306,172 @@ class PostgresStore:
         wanted = list(job_ids)
 
         async def run(conn: asyncpg.Connection) -> tuple[None, Sequence[job_pb2.JobEvent]]:
-            await conn.execute(pg_queries.RELEASE, wanted)
+            found = await conn.fetch(pg_queries.RELEASE + " RETURNING kind, tenant", wanted)
+            await self._notify_queued(conn, found)
             return None, ()
 
         return self._write(run, unawaited=True)
+
+    async def _notify_queued(self, conn: asyncpg.Connection, queues: Sequence[Any]) -> None:
+        if self._owner is not None and queues:
+            keys = sorted({f"{kind}\t{tenant}" for kind, tenant in queues})
+            await notify(conn, notices(QUEUED_CHANNEL, self._owner, keys, "\n"))
+
+    # --- several gateways on one database -------------------------------------------
+    # Each gateway joins under a name of its own and beats; the jobs it leases are live as
+    # long as it does. One silent for longer than the lease is marked dead by another
+    # (`take_over`): its queued jobs go back to the queue and its running attempts are
+    # claimed by the gateway their worker re-attaches to (`claim_running`), or retried
+    # by any once the re-attach grace has passed (`claim_orphaned`). Every write of a
+    # gateway marked dead is refused (`Fenced`): a gateway cut off from the database
+    # cannot commit over the work the others took over.
+
+    shared = True
+    """Several gateways may share this store."""
+
+    async def join(self, owner: str, on_fenced: Callable[[Fenced], None]) -> None:
+        """Enters the gateway in the table of gateways; from then on its writes are fenced
+        by its membership, and `on_fenced` is called if it is ever marked dead."""
+        now = time.time()
+        await self._fetch(
+            "INSERT INTO gateways (name, started_at, heartbeat_at) VALUES ($1, $2, $2)",
+            owner,
+            now,
+        )
+        self._owner = owner
+        assert self._writer is not None
+        self._writer.owner = owner
+        self._writer.on_fenced = on_fenced
+
+    async def leave(self) -> None:
+        """Leaves the gateways at a graceful stop: its running attempts are free for the
+        gateway their worker re-attaches to, at once."""
+        await self._fetch(
+            "UPDATE gateways SET dead = true, dead_at = $2 WHERE name = $1",
+            self._owner,
+            time.time(),
+        )
+
+    async def heartbeat(self, workers: bytes) -> bool:
+        """Says the gateway is alive, with the workers attached to it (a ListWorkersResponse);
+        False if it was marked dead meanwhile (its work taken over)."""
+        alive = await self._fetchval(
+            "UPDATE gateways SET heartbeat_at = $2, workers = $3 WHERE name = $1 AND NOT dead"
+            " RETURNING true",
+            self._owner,
+            time.time(),
+            workers,
+        )
+        return bool(alive)
+
+    async def take_over(self, silent_for: float) -> tuple[list[str], list[tuple[str, str]]]:
+        """Marks dead the gateways that did not beat for `silent_for` seconds and puts their
+        queued jobs back in the queue; returns their names and those queues."""
+
+        async def run(conn: asyncpg.Connection) -> tuple[Any, Sequence[job_pb2.JobEvent]]:
+            now = time.time()
+            dead = [
+                name
+                for (name,) in await conn.fetch(
+                    "UPDATE gateways SET dead = true, dead_at = $1"
+                    " WHERE NOT dead AND heartbeat_at < $2 AND name != $3 RETURNING name",
+                    now,
+                    now - silent_for,
+                    self._owner,
+                )
+            ]
+            found: list[Any] = []
+            if dead:
+                found = await conn.fetch(
+                    "UPDATE jobs SET lease_owner = NULL, lease_until = NULL"
+                    f" WHERE lease_owner = ANY($1::text[]) AND state = {pg_migrations.QUEUED}"
+                    " RETURNING kind, tenant",
+                    dead,
+                )
+                await self._notify_queued(conn, found)
+            # Gateways dead for a day are forgotten.
+            await conn.execute(
+                "DELETE FROM gateways WHERE dead AND dead_at < $1 AND NOT EXISTS"
+                " (SELECT 1 FROM jobs WHERE lease_owner = gateways.name)",
+                now - 86400,
+            )
+            return (dead, sorted({(kind, tenant) for kind, tenant in found})), ()
+
+        taken: tuple[list[str], list[tuple[str, str]]] = await self._write(run)
+        return taken
+
+    async def claim_running(self, job_id: str, attempt: int) -> Unfinished | None:
+        """Takes over an attempt of a dead gateway, for the worker that re-attached here
+        with it; None unless the job runs that attempt under a dead gateway's lease."""
+
+        async def run(conn: asyncpg.Connection) -> tuple[Any, Sequence[job_pb2.JobEvent]]:
+            row = await conn.fetchrow(pg_queries.RUNNING_OF_DEAD, job_id)
+            if row is None:
+                return None, ()
+            item = pg_queries.claimed(*row)
+            if item.job.attempt != attempt:
+                return None, ()
+            await conn.execute(
+                "UPDATE jobs SET lease_owner = $1, lease_until = 'Infinity' WHERE id = $2",
+                self._owner,
+                job_id,
+            )
+            return item, ()
+
+        found: Unfinished | None = await self._write(run)
+        return found
+
+    async def claim_orphaned(self, dead_before: float, limit: int) -> list[Unfinished]:
+        """Takes over the running attempts of gateways dead since before `dead_before`
+        whose workers did not re-attach anywhere: to be retried."""
+
+        async def run(conn: asyncpg.Connection) -> tuple[Any, Sequence[job_pb2.JobEvent]]:
+            found = await conn.fetch(
+                pg_queries.CLAIM_RUNNING
+                + " AND lease_owner IN (SELECT name FROM gateways WHERE dead AND dead_at < $2)"
+                + " AND id IN (SELECT id FROM jobs WHERE lease_owner IN"
+                + " (SELECT name FROM gateways WHERE dead) LIMIT $3)"
+                + " RETURNING "
+                + pg_queries.CLAIMED,
+                self._owner,
+                dead_before,
+                limit,
+            )
+            return [pg_queries.claimed(*row) for row in found], ()
+
+        claimed: list[Unfinished] = await self._write(run)
+        return claimed
+
+    async def mesh_workers(self) -> list[tuple[str, bytes]]:
+        """(gateway, its workers as a ListWorkersResponse) of every other live gateway."""
+        found = await self._fetch(
+            "SELECT name, workers FROM gateways WHERE NOT dead AND name != $1 ORDER BY name",
+            self._owner,
+        )
+        return [(name, bytes(workers)) for name, workers in found]
+
+    async def ask_cancel(self, job_id: str, reason: str, by: str) -> None:
+        """Asks the gateway running the job to cancel it."""
+
+        async def run(conn: asyncpg.Connection) -> tuple[None, Sequence[job_pb2.JobEvent]]:
+            body = [f"{job_id}\t{reason}\t{by}"]
+            await notify(conn, notices(CANCEL_CHANNEL, self._owner or "", body, ""))
+            return None, ()
+
+        await self._write(run)
+
+    async def listen(self, on_notice: Callable[[str, str, str], None]) -> None:
+        """Calls `on_notice(channel, sender, body)` for each notice of another gateway."""
+        conn = await self._connect(command_timeout=None)
+
+        def heard(_: object, _pid: int, channel: str, payload: object) -> None:
+            sender, _, body = str(payload).partition("\n")
+            if sender != self._owner:
+                on_notice(channel, sender, body)
+
+        for channel in (QUEUED_CHANNEL, EVENTS_CHANNEL, CANCEL_CHANNEL):
+            await conn.add_listener(channel, heard)
+        self._listener = conn
 
     def declare_schema(self, schema: StoredSchema) -> asyncio.Future[None]:
         async def run(conn: asyncpg.Connection) -> tuple[None, Sequence[job_pb2.JobEvent]]:

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from jobmesh.v1 import dispatcher_pb2 as jobmesh_dot_v1_dot_dispatcher__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ejobmesh/v1/admin_service.proto\x12\njobmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bjobmesh/v1/dispatcher.proto\"\x14\n\x12ListWorkersRequest\":\n\x13ListWorkersResponse\x12#\n\x07workers\x18\x01 \x03(\x0b\x32\x12.jobmesh.v1.Worker\"\xb0\x03\n\x06Worker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\'\n\x05kinds\x18\x03 \x03(\x0b\x32\x18.jobmesh.v1.KindCapacity\x12\r\n\x05slots\x18\x04 \x01(\r\x12\x13\n\x0b\x61\x63tive_jobs\x18\x05 \x01(\r\x12.\n\x06labels\x18\x06 \x03(\x0b\x32\x1e.jobmesh.v1.Worker.LabelsEntry\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x0c\n\x04peer\x18\x08 \x01(\t\x12&\n\x05state\x18\t \x01(\x0e\x32\x17.jobmesh.v1.WorkerState\x12\x30\n\x0c\x63onnect_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_pong_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05stats\x18\x0c \x01(\x0b\x32\x17.jobmesh.v1.WorkerStats\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"@\n\x11WatchStatsRequest\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"=\n\x12WatchStatsResponse\x12\'\n\x05stats\x18\x01 \x01(\x0b\x32\x18.jobmesh.v1.ClusterStats\"\xde\x02\n\x0c\x43lusterStats\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12#\n\x07workers\x18\x03 \x03(\x0b\x32\x12.jobmesh.v1.Worker\x12$\n\x05kinds\x18\x04 \x03(\x0b\x32\x15.jobmesh.v1.KindStats\x12#\n\x05rates\x18\x05 \x01(\x0b\x32\x14.jobmesh.v1.JobRates\x12%\n\x06totals\x18\x06 \x01(\x0b\x32\x15.jobmesh.v1.JobCounts\x12\x13\n\x0brecent_jobs\x18\x07 \x01(\r\x12\x14\n\x0csuccess_rate\x18\x08 \x01(\x01\x12\x37\n\x14mean_processing_time\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"p\n\tKindStats\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x34\n\x11oldest_queued_age\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x7f\n\x08JobRates\x12\x1c\n\x14submitted_per_second\x18\x01 \x01(\x01\x12\x1c\n\x14\x63ompleted_per_second\x18\x02 \x01(\x01\x12\x19\n\x11\x66\x61iled_per_second\x18\x03 \x01(\x01\x12\x1c\n\x14\x63\x61ncelled_per_second\x18\x04 \x01(\x01\"T\n\tJobCounts\x12\x11\n\tsubmitted\x18\x01 \x01(\x04\x12\x11\n\tcompleted\x18\x02 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x04\x12\x11\n\tcancelled\x18\x04 \x01(\x04*_\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_STATE_ACTIVE\x10\x01\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x02\x32\xad\x01\n\x0c\x41\x64minService\x12N\n\x0bListWorkers\x12\x1e.jobmesh.v1.ListWorkersRequest\x1a\x1f.jobmesh.v1.ListWorkersResponse\x12M\n\nWatchStats\x12\x1d.jobmesh.v1.WatchStatsRequest\x1a\x1e.jobmesh.v1.WatchStatsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ejobmesh/v1/admin_service.proto\x12\njobmesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bjobmesh/v1/dispatcher.proto\"\x14\n\x12ListWorkersRequest\":\n\x13ListWorkersResponse\x12#\n\x07workers\x18\x01 \x03(\x0b\x32\x12.jobmesh.v1.Worker\"\xc1\x03\n\x06Worker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\'\n\x05kinds\x18\x03 \x03(\x0b\x32\x18.jobmesh.v1.KindCapacity\x12\r\n\x05slots\x18\x04 \x01(\r\x12\x13\n\x0b\x61\x63tive_jobs\x18\x05 \x01(\r\x12.\n\x06labels\x18\x06 \x03(\x0b\x32\x1e.jobmesh.v1.Worker.LabelsEntry\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x0c\n\x04peer\x18\x08 \x01(\t\x12&\n\x05state\x18\t \x01(\x0e\x32\x17.jobmesh.v1.WorkerState\x12\x30\n\x0c\x63onnect_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_pong_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05stats\x18\x0c \x01(\x0b\x32\x17.jobmesh.v1.WorkerStats\x12\x0f\n\x07gateway\x18\r \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"@\n\x11WatchStatsRequest\x12+\n\x08interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"=\n\x12WatchStatsResponse\x12\'\n\x05stats\x18\x01 \x01(\x0b\x32\x18.jobmesh.v1.ClusterStats\"\xde\x02\n\x0c\x43lusterStats\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12#\n\x07workers\x18\x03 \x03(\x0b\x32\x12.jobmesh.v1.Worker\x12$\n\x05kinds\x18\x04 \x03(\x0b\x32\x15.jobmesh.v1.KindStats\x12#\n\x05rates\x18\x05 \x01(\x0b\x32\x14.jobmesh.v1.JobRates\x12%\n\x06totals\x18\x06 \x01(\x0b\x32\x15.jobmesh.v1.JobCounts\x12\x13\n\x0brecent_jobs\x18\x07 \x01(\r\x12\x14\n\x0csuccess_rate\x18\x08 \x01(\x01\x12\x37\n\x14mean_processing_time\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"p\n\tKindStats\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x34\n\x11oldest_queued_age\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x7f\n\x08JobRates\x12\x1c\n\x14submitted_per_second\x18\x01 \x01(\x01\x12\x1c\n\x14\x63ompleted_per_second\x18\x02 \x01(\x01\x12\x19\n\x11\x66\x61iled_per_second\x18\x03 \x01(\x01\x12\x1c\n\x14\x63\x61ncelled_per_second\x18\x04 \x01(\x01\"T\n\tJobCounts\x12\x11\n\tsubmitted\x18\x01 \x01(\x04\x12\x11\n\tcompleted\x18\x02 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x04\x12\x11\n\tcancelled\x18\x04 \x01(\x04*_\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_STATE_ACTIVE\x10\x01\x12\x19\n\x15WORKER_STATE_DRAINING\x10\x02\x32\xad\x01\n\x0c\x41\x64minService\x12N\n\x0bListWorkers\x12\x1e.jobmesh.v1.ListWorkersRequest\x1a\x1f.jobmesh.v1.ListWorkersResponse\x12M\n\nWatchStats\x12\x1d.jobmesh.v1.WatchStatsRequest\x1a\x1e.jobmesh.v1.WatchStatsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,28 +36,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKER_LABELSENTRY']._loaded_options = None
   _globals['_WORKER_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERSTATE']._serialized_start=1468
-  _globals['_WORKERSTATE']._serialized_end=1563
+  _globals['_WORKERSTATE']._serialized_start=1485
+  _globals['_WORKERSTATE']._serialized_end=1580
   _globals['_LISTWORKERSREQUEST']._serialized_start=140
   _globals['_LISTWORKERSREQUEST']._serialized_end=160
   _globals['_LISTWORKERSRESPONSE']._serialized_start=162
   _globals['_LISTWORKERSRESPONSE']._serialized_end=220
   _globals['_WORKER']._serialized_start=223
-  _globals['_WORKER']._serialized_end=655
-  _globals['_WORKER_LABELSENTRY']._serialized_start=610
-  _globals['_WORKER_LABELSENTRY']._serialized_end=655
-  _globals['_WATCHSTATSREQUEST']._serialized_start=657
-  _globals['_WATCHSTATSREQUEST']._serialized_end=721
-  _globals['_WATCHSTATSRESPONSE']._serialized_start=723
-  _globals['_WATCHSTATSRESPONSE']._serialized_end=784
-  _globals['_CLUSTERSTATS']._serialized_start=787
-  _globals['_CLUSTERSTATS']._serialized_end=1137
-  _globals['_KINDSTATS']._serialized_start=1139
-  _globals['_KINDSTATS']._serialized_end=1251
-  _globals['_JOBRATES']._serialized_start=1253
-  _globals['_JOBRATES']._serialized_end=1380
-  _globals['_JOBCOUNTS']._serialized_start=1382
-  _globals['_JOBCOUNTS']._serialized_end=1466
-  _globals['_ADMINSERVICE']._serialized_start=1566
-  _globals['_ADMINSERVICE']._serialized_end=1739
+  _globals['_WORKER']._serialized_end=672
+  _globals['_WORKER_LABELSENTRY']._serialized_start=627
+  _globals['_WORKER_LABELSENTRY']._serialized_end=672
+  _globals['_WATCHSTATSREQUEST']._serialized_start=674
+  _globals['_WATCHSTATSREQUEST']._serialized_end=738
+  _globals['_WATCHSTATSRESPONSE']._serialized_start=740
+  _globals['_WATCHSTATSRESPONSE']._serialized_end=801
+  _globals['_CLUSTERSTATS']._serialized_start=804
+  _globals['_CLUSTERSTATS']._serialized_end=1154
+  _globals['_KINDSTATS']._serialized_start=1156
+  _globals['_KINDSTATS']._serialized_end=1268
+  _globals['_JOBRATES']._serialized_start=1270
+  _globals['_JOBRATES']._serialized_end=1397
+  _globals['_JOBCOUNTS']._serialized_start=1399
+  _globals['_JOBCOUNTS']._serialized_end=1483
+  _globals['_ADMINSERVICE']._serialized_start=1583
+  _globals['_ADMINSERVICE']._serialized_end=1756
 # @@protoc_insertion_point(module_scope)

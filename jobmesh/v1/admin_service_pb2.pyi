@@ -112,6 +112,7 @@ class Worker(_message.Message):
     CONNECT_TIME_FIELD_NUMBER: _builtins.int
     LAST_PONG_TIME_FIELD_NUMBER: _builtins.int
     STATS_FIELD_NUMBER: _builtins.int
+    GATEWAY_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     session_id: _builtins.str
     slots: _builtins.int
@@ -120,6 +121,10 @@ class Worker(_message.Message):
     version: _builtins.str
     peer: _builtins.str
     state: Global___WorkerState.ValueType
+    gateway: _builtins.str
+    """The gateway the worker is attached to, when several share one database (its name:
+    host, pid and a random part); empty with one gateway.
+    """
     @_builtins.property
     def kinds(self) -> _containers.RepeatedCompositeFieldContainer[_dispatcher_pb2.KindCapacity]: ...
     @_builtins.property
@@ -147,10 +152,11 @@ class Worker(_message.Message):
         connect_time: _timestamp_pb2.Timestamp | None = ...,
         last_pong_time: _timestamp_pb2.Timestamp | None = ...,
         stats: _dispatcher_pb2.WorkerStats | None = ...,
+        gateway: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "last_pong_time", b"last_pong_time", "stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "connect_time", b"connect_time", "kinds", b"kinds", "labels", b"labels", "last_pong_time", b"last_pong_time", "peer", b"peer", "session_id", b"session_id", "slots", b"slots", "state", b"state", "stats", b"stats", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "connect_time", b"connect_time", "gateway", b"gateway", "kinds", b"kinds", "labels", b"labels", "last_pong_time", b"last_pong_time", "peer", b"peer", "session_id", b"session_id", "slots", b"slots", "state", b"state", "stats", b"stats", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -309,7 +309,9 @@ class Attach(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def running(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptRef]:
-        """Attempts still running after a reconnect."""
+        """Attempts still running after a reconnect, and those whose result the worker holds
+        unacknowledged (it sends them again after the Welcome).
+        """
 
     def __init__(
         self,

@@ -64,6 +64,11 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
+    def retarget(self, target: str) -> None:
+        """Forwards new connections to `target` from now on (a Service's other endpoint)."""
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+
     def cut(self) -> None:
         """Resets every open connection; new ones are accepted as usual."""
         self._call(self._reset_all())

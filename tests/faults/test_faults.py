@@ -114,7 +114,7 @@ async def test_a_gateway_stopped_gracefully_and_restarted_runs_nothing_twice(
     assert record.facts["held_carried_on"] == record.facts["held"] == 2, describe(record)
 
 
-@pytest.mark.sqlite  # not run twice: it is about PostgreSQL
+@pytest.mark.one_store  # it is about PostgreSQL
 async def test_a_postgresql_outage_refuses_calls_and_the_mesh_resumes_losing_nothing(
     tmp_path: Path, postgres: PostgresCluster, pg_dsn: str
 ) -> None:

@@ -1,5 +1,4 @@
-"""One gateway per database (a SQLite file; for now a PostgreSQL database too): a second one
-fails at once, or waits with --wait-for-db."""
+"""One gateway per SQLite file: a second one fails at once, or waits with --wait-for-db."""
 
 from __future__ import annotations
 
@@ -19,8 +18,9 @@ def test_a_second_gateway_on_the_same_db_fails_at_once_naming_the_first(
     second = cluster.gateway(wait=False)
     assert second.wait() == EXIT_ERROR
     [line] = second.output().splitlines()
-    where = cluster.postgres or cluster.db
-    assert f"{where} is in use by the gateway pid {first.pid} on {socket.gethostname()}" in line
+    assert (
+        f"{cluster.db} is in use by the gateway pid {first.pid} on {socket.gethostname()}" in line
+    )
     assert "--wait-for-db" in line
     assert first.alive()
 

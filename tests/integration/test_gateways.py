@@ -1,0 +1,123 @@
+"""Several gateways on one PostgreSQL database, all active: any gateway takes any call, a job
+submitted at one runs on a worker of another, Watch, Cancel and ListWorkers see the whole
+mesh, and a gateway that dies leaves its work to the others."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jobmesh import AsyncClient, JobState, job_spec
+from tests.cluster import Cluster, Gateway, until
+from tests.faults.proxy import TcpProxy
+
+pytestmark = [pytest.mark.one_store, pytest.mark.timeout(120)]
+
+LEASE = "2"
+
+
+@pytest.fixture
+def mesh(tmp_path: Path, pg_dsn: str, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path, pg_dsn)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(cluster.logs())
+
+
+def gateways(cluster: Cluster, n: int, *extra: str) -> list[Gateway]:
+    return [cluster.gateway("--lease", LEASE, *extra) for _ in range(n)]
+
+
+async def test_a_job_submitted_at_one_gateway_runs_on_a_worker_of_another(mesh: Cluster) -> None:
+    a, b, _ = gateways(mesh, 3)
+    mesh.worker(b, "w1")
+    async with AsyncClient(a.address) as client:
+        submitted = await client.submit("echo", params={"n": 1})
+        # Watched at A while it runs at B: every event, live, in order, the result with it.
+        events = [e async for e in client.watch(submitted.job.id)]
+    assert [e.seq for e in events] == list(range(1, events[-1].seq + 1))
+    assert events[-1].state == JobState.SUCCEEDED
+    assert events[-1].result is not None
+
+
+async def test_every_gateway_lists_the_whole_mesh_with_each_workers_gateway(
+    mesh: Cluster,
+) -> None:
+    a, b, c = gateways(mesh, 3)
+    mesh.worker(a, "wa")
+    mesh.worker(c, "wc")
+    async with AsyncClient(b.address) as client:
+
+        async def listed() -> dict[str, str]:  # each gateway says its workers every beat
+            return {w.worker_id: w.gateway for w in await client.list_workers()}
+
+        found: dict[str, str] = {}
+        async with asyncio.timeout(30):
+            while set(found) != {"wa", "wc"}:
+                found = await listed()
+                await asyncio.sleep(0.2)
+    assert found["wa"] != found["wc"]
+    assert all(found.values())
+
+
+async def test_a_cancel_at_one_gateway_stops_the_job_on_another(mesh: Cluster) -> None:
+    a, b = gateways(mesh, 2)
+    worker = mesh.worker(b, "w1")
+    async with AsyncClient(a.address) as client:
+        job = (await client.submit("sleep", params={"seconds": 30})).job
+        await until_running(client, job.id)
+        cancelled = await client.cancel(job.id, reason="not needed")
+        assert cancelled.state == JobState.CANCELLED
+    await until(lambda: "cancelled after" in worker.output())
+
+
+async def test_a_killed_gateways_jobs_are_finished_by_the_others(mesh: Cluster) -> None:
+    a, b, c = gateways(mesh, 3, "--reattach-grace", "2")
+    mesh.worker(a, "wa")
+    mesh.worker(b, "wb")
+    async with AsyncClient(c.address) as client:
+        spec = job_spec("sleep", params={"seconds": 0.1})
+        # About 2 s of work on two workers.
+        ids = [s.job.id for s in await client.submit_batch([spec] * 40)]
+        await until_running(client, ids[0])
+        a.signal(signal.SIGKILL)
+        a.wait()
+        async with asyncio.timeout(60):
+            jobs = [await client.wait(i) for i in ids]
+    assert [j.state for j in jobs] == [JobState.SUCCEEDED] * len(ids)
+
+
+async def until_running(client: AsyncClient, job_id: str) -> None:
+    async with asyncio.timeout(30):
+        while (await client.get(job_id)).state != JobState.RUNNING:  # noqa: ASYNC110  # a worker makes it true
+            await asyncio.sleep(0.05)
+
+
+async def test_a_dead_gateways_worker_carries_its_attempts_to_a_survivor(mesh: Cluster) -> None:
+    a, b = gateways(mesh, 2)
+    # The worker dials a Service: the proxy, which sends new connections to B once A died.
+    with TcpProxy(a.address) as service:
+        worker = mesh.worker(a, "w1", slots=2, wait=False, address=service.address)
+        a.wait_for_workers({"w1"})
+        async with AsyncClient(b.address) as client:
+            spec = job_spec("sleep", params={"seconds": 4})
+            ids = [s.job.id for s in await client.submit_batch([spec, spec])]
+            for job_id in ids:
+                await until_running(client, job_id)
+            a.signal(signal.SIGKILL)
+            a.wait()
+            service.retarget(b.address)
+            service.cut()
+            async with asyncio.timeout(60):
+                jobs = [await client.wait(i) for i in ids]
+    # Each ran once, by its first attempt, carried on at B.
+    assert [(j.state, j.attempt) for j in jobs] == [(JobState.SUCCEEDED, 1)] * 2
+    assert worker.alive()
