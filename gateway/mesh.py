@@ -74,6 +74,10 @@ class MeshHost(Protocol):
 
     def dispatch(self) -> None: ...
 
+    async def learn(self, elsewhere: list[admin_service_pb2.Worker]) -> None:
+        """What the other gateways' workers serve, and the params schemas they declared."""
+        ...
+
 
 class Mesh:
     def __init__(
@@ -170,6 +174,7 @@ class Mesh:
                 if not was_current:
                     self._host.dispatch()  # it held back while its leases were in doubt
                 await self._take_over()
+                await self._host.learn(await self.workers())
                 orphans = await self._store.claim_orphaned(
                     time.time() - self._grace, ORPHANS_PER_SWEEP
                 )

@@ -129,6 +129,7 @@ class Scheduler:
         the credential is None for those recovered from the store without one (see recover)."""
         self._sessions: dict[str, WorkerSession] = {}
         self._kinds_seen: set[str] = set()
+        self._kinds_elsewhere: set[str] = set()
         self._schemas = KindSchemas(store)
         """Versions of each kind's params schema, and which sessions declare which."""
         self._timers = Timers()
@@ -212,6 +213,10 @@ class Scheduler:
             self._attempt_failed(job, lost, backoff=False)
         self._dispatch()
 
+    async def learn(self, elsewhere: list[admin_service_pb2.Worker]) -> None:
+        self._kinds_elsewhere = {k.kind for worker in elsewhere for k in worker.kinds}
+        await self._schemas.load()
+
     def workers(self) -> admin_service_pb2.ListWorkersResponse:
         return admin_service_pb2.ListWorkersResponse(workers=[s.to_proto() for s in self.sessions])
 
@@ -268,8 +273,9 @@ class Scheduler:
     # --- client calls ---------------------------------------------------------
 
     def serves(self, kind: str) -> bool:
-        """Whether any worker has attached serving the kind since the gateway started."""
-        return kind in self._kinds_seen
+        """Whether any worker has attached serving the kind since the gateway started (or,
+        sharing the store, is attached to another gateway serving it)."""
+        return kind in self._kinds_seen or kind in self._kinds_elsewhere
 
     def params_schema(self, kind: str, tenant: str) -> SchemaVersion | None:
         """The params schema `tenant`'s jobs of the kind are checked against, if its
@@ -301,9 +307,12 @@ class Scheduler:
         its queued jobs and stored bytes store-wide (checked as the jobs are inserted)."""
         self._submit_rate.take(tenant, len(specs), self._quota(tenant).submits_per_second)
         limit = self._settings.max_queued
-        if self._queued + len(specs) > limit:
+        queued = self._queued
+        if self._mesh is not None:  # every gateway's jobs count
+            queued = await self._store.total_queued()  # type: ignore[attr-defined]
+        if queued + len(specs) > limit:
             raise ResourceExhausted(
-                f"the queue is full: {self._queued} jobs wait (limit {limit}); retry later"
+                f"the queue is full: {queued} jobs wait (limit {limit}); retry later"
             )
         inline = sum(payload_bytes(spec.inputs) for spec in specs)
         budget = self._settings.max_inline_memory
@@ -879,6 +888,8 @@ class Scheduler:
         quotas: dict[str, Quota] = {}
         windows = self._windows
         windows.refill_low()
+        if windows.heads_unknown:
+            return  # the claimer dispatches once they are in
         while True:
             best: tuple[Rank, QueueKey, WorkerSession] | None = None
             for key in windows.queues.queues():

@@ -92,6 +92,8 @@ class Windows:
         self._wanted: set[QueueKey] = set()
         """Queues whose window the claimer task is to refill."""
         self._claimer: asyncio.Task[None] | None = None
+        self._loading: set[QueueKey] = set()
+        """The queues the claimer is claiming for now."""
         self._claiming = asyncio.Lock()
         """Held across each claim and the taking in of what it claimed: nothing else claims
         meanwhile, so no job is taken in twice."""
@@ -241,10 +243,20 @@ class Windows:
         while self._wanted and not self._stopping:
             keys = sorted(self._wanted)
             self._wanted.clear()
-            async with self._claiming:
-                for key in keys:
-                    await self._claim(key)
+            self._loading = set(keys)
+            try:
+                async with self._claiming:
+                    for key in keys:
+                        await self._claim(key)
+            finally:
+                self._loading = set()
             self._host.dispatch()
+
+    @property
+    def heads_unknown(self) -> bool:
+        """Whether a queue being claimed has nothing in its window yet: dispatch waits for
+        it, since its head may come before every other (priority, the tenants' turns)."""
+        return any(self.queues.size(key) == 0 for key in self._loading | self._wanted)
 
     async def _claim(self, key: QueueKey) -> None:
         want = self._size - self.queues.size(key)

@@ -168,7 +168,7 @@ class GroupWriter:
             raise RuntimeError("store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         durable = durable or run is None
-        if not durable and self.down is not None:
+        if self.down is not None and (not durable or isinstance(self.down, Fenced)):
             future.set_exception(self.down)
             return future
         if save is not None:
@@ -242,10 +242,7 @@ class GroupWriter:
             conn = await self._connection()
             outcomes = await self._transaction(conn, batch)
         except Fenced as fenced:
-            self._ops.clear()  # what is queued goes the same way: nothing is taken
-            self._settle(batch, [(False, fenced, ())] * len(batch))
-            self.on_fenced(fenced)
-            return []
+            return self._fenced(batch, fenced)
         except Exception as exc:
             if self._lost(exc):
                 return self._went_down(batch, self._failure(exc))
@@ -257,6 +254,9 @@ class GroupWriter:
                 outcomes = []
                 for i, op in enumerate(batch):
                     outcome = await self._alone(op)
+                    if isinstance(outcome[1], Fenced):
+                        self._settle(batch[:i], outcomes)
+                        return self._fenced(batch[i:], outcome[1])
                     if isinstance(outcome[1], Unavailable):
                         self._settle(batch[:i], outcomes)
                         return self._went_down(batch[i:], outcome)
@@ -265,6 +265,15 @@ class GroupWriter:
             log.info("the job store is back")
             self.down = None
         self._settle(batch, outcomes)
+        return []
+
+    def _fenced(self, batch: list[_Op], fenced: Fenced) -> list[_Op]:
+        """This gateway was taken over: nothing it writes is taken, now or later."""
+        waiting = [*batch, *self._ops]
+        self._ops.clear()
+        self._settle(waiting, [(False, fenced, ())] * len(waiting))
+        self.down = fenced  # what is submitted from now on fails at once
+        self.on_fenced(fenced)
         return []
 
     def _went_down(

@@ -442,6 +442,11 @@ class PostgresStore:
         claimed: list[Unfinished] = await self._write(run)
         return claimed
 
+    async def total_queued(self) -> int:
+        """QUEUED jobs of every queue, every gateway's."""
+        total = await self._fetchval("SELECT coalesce(sum(queued), 0) FROM queue_depth")
+        return int(total)
+
     async def mesh_workers(self) -> list[tuple[str, bytes]]:
         """(gateway, its workers as a ListWorkersResponse) of every other live gateway."""
         found = await self._fetch(

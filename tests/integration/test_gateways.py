@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,3 +122,35 @@ async def test_a_dead_gateways_worker_carries_its_attempts_to_a_survivor(mesh: C
     # Each ran once, by its first attempt, carried on at B.
     assert [(j.state, j.attempt) for j in jobs] == [(JobState.SUCCEEDED, 1)] * 2
     assert worker.alive()
+
+
+async def test_a_gateway_cut_off_from_the_database_stops_and_its_work_moves_on(
+    mesh: Cluster, pg_dsn: str
+) -> None:
+    b = gateways(mesh, 1)[0]
+    parts = urllib.parse.urlsplit(pg_dsn)
+    with (
+        TcpProxy(f"{parts.hostname}:{parts.port}") as database,
+        TcpProxy(b.address) as service,
+    ):
+        # A reaches the database through a link the test cuts; its worker, through a
+        # Service that sends new connections to B once A is gone.
+        cut_off = urllib.parse.urlunsplit(parts._replace(netloc=f"postgres@{database.address}"))
+        a = mesh.gateway("--lease", LEASE, "--db", cut_off, "--blob-dir", str(mesh.blob_dir))
+        service.retarget(a.address)
+        mesh.worker(a, "w1", slots=2, wait=False, address=service.address)
+        a.wait_for_workers({"w1"})
+        async with AsyncClient(b.address) as client:
+            spec = job_spec("sleep", params={"seconds": 1})
+            ids = [s.job.id for s in await client.submit_batch([spec] * 6)]
+            await until_running(client, ids[0])
+            database.blackhole()
+            # B declares A dead after its lease; A, once it reaches the database, stops.
+            await until(lambda: "took over from gateways" in b.output())
+            service.retarget(b.address)
+            database.restore()
+            assert await asyncio.to_thread(a.wait, 30) == 3
+            assert "stopped" in a.output()
+            async with asyncio.timeout(60):
+                jobs = [await client.wait(i) for i in ids]
+    assert [j.state for j in jobs] == [JobState.SUCCEEDED] * len(ids)
