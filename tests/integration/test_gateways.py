@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import urllib.parse
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -16,30 +14,22 @@ from jobmesh import AsyncClient, JobState, job_spec
 from tests.cluster import Cluster, Gateway, until
 from tests.faults.proxy import TcpProxy
 
-pytestmark = [pytest.mark.one_store, pytest.mark.timeout(120)]
+pytestmark = [
+    pytest.mark.one_store,
+    pytest.mark.parametrize("cluster", ["postgresql"], indirect=True),
+    pytest.mark.timeout(120),
+]
 
 LEASE = "2"
-
-
-@pytest.fixture
-def mesh(tmp_path: Path, pg_dsn: str, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path, pg_dsn)
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(cluster.logs())
 
 
 def gateways(cluster: Cluster, n: int, *extra: str) -> list[Gateway]:
     return [cluster.gateway("--lease", LEASE, *extra) for _ in range(n)]
 
 
-async def test_a_job_submitted_at_one_gateway_runs_on_a_worker_of_another(mesh: Cluster) -> None:
-    a, b, _ = gateways(mesh, 3)
-    mesh.worker(b, "w1")
+async def test_a_job_submitted_at_one_gateway_runs_on_a_worker_of_another(cluster: Cluster) -> None:
+    a, b, _ = gateways(cluster, 3)
+    cluster.worker(b, "w1")
     async with AsyncClient(a.address) as client:
         submitted = await client.submit("echo", params={"n": 1})
         # Watched at A while it runs at B: every event, live, in order, the result with it.
@@ -50,11 +40,11 @@ async def test_a_job_submitted_at_one_gateway_runs_on_a_worker_of_another(mesh: 
 
 
 async def test_every_gateway_lists_the_whole_mesh_with_each_workers_gateway(
-    mesh: Cluster,
+    cluster: Cluster,
 ) -> None:
-    a, b, c = gateways(mesh, 3)
-    mesh.worker(a, "wa")
-    mesh.worker(c, "wc")
+    a, b, c = gateways(cluster, 3)
+    cluster.worker(a, "wa")
+    cluster.worker(c, "wc")
     async with AsyncClient(b.address) as client:
 
         async def listed() -> dict[str, str]:  # each gateway says its workers every beat
@@ -69,9 +59,9 @@ async def test_every_gateway_lists_the_whole_mesh_with_each_workers_gateway(
     assert all(found.values())
 
 
-async def test_a_cancel_at_one_gateway_stops_the_job_on_another(mesh: Cluster) -> None:
-    a, b = gateways(mesh, 2)
-    worker = mesh.worker(b, "w1")
+async def test_a_cancel_at_one_gateway_stops_the_job_on_another(cluster: Cluster) -> None:
+    a, b = gateways(cluster, 2)
+    worker = cluster.worker(b, "w1")
     async with AsyncClient(a.address) as client:
         job = (await client.submit("sleep", params={"seconds": 30})).job
         await until_running(client, job.id)
@@ -80,10 +70,10 @@ async def test_a_cancel_at_one_gateway_stops_the_job_on_another(mesh: Cluster) -
     await until(lambda: "cancelled after" in worker.output())
 
 
-async def test_a_killed_gateways_jobs_are_finished_by_the_others(mesh: Cluster) -> None:
-    a, b, c = gateways(mesh, 3, "--reattach-grace", "2")
-    mesh.worker(a, "wa")
-    mesh.worker(b, "wb")
+async def test_a_killed_gateways_jobs_are_finished_by_the_others(cluster: Cluster) -> None:
+    a, b, c = gateways(cluster, 3, "--reattach-grace", "2")
+    cluster.worker(a, "wa")
+    cluster.worker(b, "wb")
     async with AsyncClient(c.address) as client:
         spec = job_spec("sleep", params={"seconds": 0.1})
         # About 2 s of work on two workers.
@@ -102,11 +92,11 @@ async def until_running(client: AsyncClient, job_id: str) -> None:
             await asyncio.sleep(0.05)
 
 
-async def test_a_dead_gateways_worker_carries_its_attempts_to_a_survivor(mesh: Cluster) -> None:
-    a, b = gateways(mesh, 2)
+async def test_a_dead_gateways_worker_carries_its_attempts_to_a_survivor(cluster: Cluster) -> None:
+    a, b = gateways(cluster, 2)
     # The worker dials a Service: the proxy, which sends new connections to B once A died.
     with TcpProxy(a.address) as service:
-        worker = mesh.worker(a, "w1", slots=2, wait=False, address=service.address)
+        worker = cluster.worker(a, "w1", slots=2, wait=False, address=service.address)
         a.wait_for_workers({"w1"})
         async with AsyncClient(b.address) as client:
             spec = job_spec("sleep", params={"seconds": 4})
@@ -125,9 +115,9 @@ async def test_a_dead_gateways_worker_carries_its_attempts_to_a_survivor(mesh: C
 
 
 async def test_a_gateway_cut_off_from_the_database_stops_and_its_work_moves_on(
-    mesh: Cluster, pg_dsn: str
+    cluster: Cluster, pg_dsn: str
 ) -> None:
-    b = gateways(mesh, 1)[0]
+    b = gateways(cluster, 1)[0]
     parts = urllib.parse.urlsplit(pg_dsn)
     with (
         TcpProxy(f"{parts.hostname}:{parts.port}") as database,
@@ -136,9 +126,9 @@ async def test_a_gateway_cut_off_from_the_database_stops_and_its_work_moves_on(
         # A reaches the database through a link the test cuts; its worker, through a
         # Service that sends new connections to B once A is gone.
         cut_off = urllib.parse.urlunsplit(parts._replace(netloc=f"postgres@{database.address}"))
-        a = mesh.gateway("--lease", LEASE, "--db", cut_off, "--blob-dir", str(mesh.blob_dir))
+        a = cluster.gateway("--lease", LEASE, "--db", cut_off, "--blob-dir", str(cluster.blob_dir))
         service.retarget(a.address)
-        mesh.worker(a, "w1", slots=2, wait=False, address=service.address)
+        cluster.worker(a, "w1", slots=2, wait=False, address=service.address)
         a.wait_for_workers({"w1"})
         async with AsyncClient(b.address) as client:
             spec = job_spec("sleep", params={"seconds": 1})
