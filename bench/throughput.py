@@ -17,15 +17,29 @@ divided by plaintext's (a throughput below 1 and a latency above 1 are a cost).
 `--rounds R` runs the configurations R times in turn (plaintext, tls, ..., plaintext, ...)
 and reports the median of each figure, with the rounds' headline figures in `per_round`.
 
+With `--db postgresql://...` every configuration is measured with the gateway on SQLite
+and again on PostgreSQL (`sqlite`, `postgresql`, `sqlite+tls`, `postgresql+tls`, ...),
+with each PostgreSQL figure divided by the same configuration's SQLite one under
+`vs_sqlite`. The DSN's own database is left alone (it need not be empty): each
+PostgreSQL run gets a database of its own on that server, `jobmesh_bench_<pid>_<n>`,
+created through the DSN (its role needs CREATEDB) and dropped once that run's gateway
+has exited, so every round starts as empty as SQLite's fresh file does. The server's
+version, fsync and synchronous_commit are in `postgresql`: they bound its figures.
+`--gateways N` (with `--db`) also measures N gateways sharing the PostgreSQL database
+(`postgresqlxN`): the worker attaches to the first, and the clients take turns among the
+gateways, so most jobs cross from one gateway to another (LISTEN/NOTIFY wake-ups, claims).
+
 Usage: python bench/throughput.py [--jobs N] [--concurrency C] [--sequential N] [--slots S]
-       [--tls] [--auth] [--rounds R]
+       [--tls] [--auth] [--db postgresql://USER@HOST:PORT/DB] [--gateways N] [--rounds R]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -34,9 +48,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from gateway.store.open import is_postgres
 from jobmesh import AsyncClient, JobState, TLSConfig, job_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +78,19 @@ class Security:
 
 
 PLAINTEXT = Security("plaintext")
+SQLITE, POSTGRESQL = "sqlite", "postgresql"
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One gateway and worker to measure: how they talk, and where the gateway keeps jobs."""
+
+    name: str
+    security: Security = PLAINTEXT
+    store: str = SQLITE
+    gateways: int = 1
+    """Gateways sharing the database; the worker attaches to the first, and the clients
+    take turns among them."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +163,57 @@ def credentials(security: Security, tmpdir: Path) -> Credentials:
     )
 
 
+_databases = itertools.count(1)
+
+
+async def _on_server(dsn: str, statement: str) -> None:
+    import asyncpg  # the server extra's driver: only --db needs it
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        # FORCE (PostgreSQL 13+) ends sessions its gateway may have left for a moment.
+        if statement.startswith("DROP") and conn.get_server_version().major >= 13:
+            statement += " WITH (FORCE)"
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def fresh_database(dsn: str) -> Iterator[str]:
+    """The DSN of a new database on the server of `dsn`, dropped on leaving (stop what
+    uses it first)."""
+    name = f"jobmesh_bench_{os.getpid()}_{next(_databases)}"
+    asyncio.run(_on_server(dsn, f"CREATE DATABASE {name}"))
+    try:
+        yield urllib.parse.urlsplit(dsn)._replace(path="/" + name).geturl()
+    finally:
+        asyncio.run(_on_server(dsn, f"DROP DATABASE IF EXISTS {name}"))
+
+
+async def server_facts(dsn: str) -> dict[str, Any]:
+    """What the PostgreSQL figures depend on; SystemExit if the bench cannot create databases
+    there (found now, not after the first SQLite run)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        if not await conn.fetchval(
+            "SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"
+        ):
+            raise SystemExit(
+                "--db: its role may not create databases (CREATEDB), and each PostgreSQL run "
+                "needs a fresh one"
+            )
+        return {
+            "version": await conn.fetchval("SHOW server_version"),
+            "fsync": await conn.fetchval("SHOW fsync"),
+            "synchronous_commit": await conn.fetchval("SHOW synchronous_commit"),
+        }
+    finally:
+        await conn.close()
+
+
 def start(
     args: list[str], log: Path, extra_env: tuple[tuple[str, str], ...] = ()
 ) -> subprocess.Popen[bytes]:
@@ -158,40 +240,43 @@ async def submit_and_wait(client: AsyncClient, payload: bytes) -> float:
     return time.perf_counter() - started
 
 
-async def concurrent(client: AsyncClient, jobs: int, concurrency: int) -> float:
+async def concurrent(clients: list[AsyncClient], jobs: int, concurrency: int) -> float:
     remaining = jobs
 
-    async def one_client() -> None:
+    async def one_client(client: AsyncClient) -> None:
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
             await submit_and_wait(client, b"x" * 64)
 
     started = time.perf_counter()
-    await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    await asyncio.gather(*(one_client(clients[i % len(clients)]) for i in range(concurrency)))
     return jobs / (time.perf_counter() - started)
 
 
-async def batched(client: AsyncClient, jobs: int, batch: int) -> float:
+async def batched(clients: list[AsyncClient], jobs: int, batch: int) -> float:
     started = time.perf_counter()
-    ids: list[str] = []
-    for offset in range(0, jobs, batch):
+    ids: list[tuple[AsyncClient, str]] = []
+    for n, offset in enumerate(range(0, jobs, batch)):
+        client = clients[n % len(clients)]
         specs = [
             job_spec("echo", inputs={"in": b"x" * 64}) for _ in range(min(batch, jobs - offset))
         ]
-        ids.extend(s.job.id for s in await client.submit_batch(specs))
+        ids.extend((client, s.job.id) for s in await client.submit_batch(specs))
     gate = asyncio.Semaphore(256)
 
-    async def wait(job_id: str) -> None:
+    async def wait(client: AsyncClient, job_id: str) -> None:
         async with gate:
             await client.wait(job_id)
 
-    await asyncio.gather(*(wait(i) for i in ids))
+    await asyncio.gather(*(wait(c, i) for c, i in ids))
     return jobs / (time.perf_counter() - started)
 
 
-async def sequential(client: AsyncClient, jobs: int) -> dict[str, float]:
-    latencies = sorted([await submit_and_wait(client, b"x" * 64) for _ in range(jobs)])
+async def sequential(clients: list[AsyncClient], jobs: int) -> dict[str, float]:
+    latencies = sorted(
+        [await submit_and_wait(clients[j % len(clients)], b"x" * 64) for j in range(jobs)]
+    )
     return {
         "p50": round(1000 * statistics.median(latencies), 3),
         "p99": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 3),
@@ -199,89 +284,123 @@ async def sequential(client: AsyncClient, jobs: int) -> dict[str, float]:
     }
 
 
-async def measure(address: str, opts: argparse.Namespace, creds: Credentials) -> dict[str, object]:
+async def measure(
+    addresses: list[str], opts: argparse.Namespace, creds: Credentials
+) -> dict[str, object]:
+    """The figures through the gateways at `addresses` (the worker attaches to the first)."""
     if creds.admin_token:  # a client principal may not list workers
-        async with AsyncClient(address, token=creds.admin_token, tls=creds.tls) as admin:
+        async with AsyncClient(addresses[0], token=creds.admin_token, tls=creds.tls) as admin:
             await wait_for_worker(admin)
-    async with AsyncClient(address, token=creds.client_token or None, tls=creds.tls) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                AsyncClient(address, token=creds.client_token or None, tls=creds.tls)
+            )
+            for address in addresses
+        ]
         if not creds.admin_token:
-            await wait_for_worker(client)
-        await concurrent(client, 200, opts.concurrency)  # warm up
+            await wait_for_worker(clients[0])
+        await concurrent(clients, 200, opts.concurrency)  # warm up
         return {
             "submit_wait_jobs_per_s": round(
-                await concurrent(client, opts.jobs, opts.concurrency), 1
+                await concurrent(clients, opts.jobs, opts.concurrency), 1
             ),
-            "batch_jobs_per_s": round(await batched(client, opts.jobs, 100), 1),
-            "latency_ms": await sequential(client, opts.sequential),
+            "batch_jobs_per_s": round(await batched(clients, opts.jobs, 100), 1),
+            "latency_ms": await sequential(clients, opts.sequential),
         }
 
 
-def run(opts: argparse.Namespace, security: Security) -> dict[str, object]:
-    """The figures of one configuration, with a gateway and a worker of its own."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tmpdir = Path(tmp)
-        creds = credentials(security, tmpdir)
-        port_file = tmpdir / "port"
-        gateway = start(
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "--listen",
-                "127.0.0.1:0",
-                "--db",
-                str(tmpdir / "bench.db"),
-                "--port-file",
-                str(port_file),
-                "--log-level",
-                "WARNING",
-                *creds.gateway_args,
-            ],
-            tmpdir / "gateway.log",
-        )
-        worker = None
-        try:
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Ends `proc` and waits until it has exited: the next gateway may need its database."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run(opts: argparse.Namespace, config: Configuration) -> dict[str, object]:
+    """The figures of one configuration, with a gateway, a worker and a database of its own."""
+    with contextlib.ExitStack() as stack:
+        tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if config.store == POSTGRESQL:
+            db = ["--db", stack.enter_context(fresh_database(opts.db))]
+            db += ["--blob-dir", str(tmpdir / "blobs")]
+        else:
+            db = ["--db", str(tmpdir / "bench.db")]
+        creds = credentials(config.security, tmpdir)
+        addresses = []
+        for n in range(config.gateways):
+            port_file = tmpdir / f"port{n}"
+            gateway = start(
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    "--listen",
+                    "127.0.0.1:0",
+                    *db,
+                    "--port-file",
+                    str(port_file),
+                    "--log-level",
+                    "WARNING",
+                    *creds.gateway_args,
+                ],
+                tmpdir / f"gateway{n}.log",
+            )
+            # Callbacks run last in, first out: the gateways have exited before their
+            # database is dropped and their files removed.
+            stack.callback(stop, gateway)
             for _ in range(600):
                 if port_file.exists() or gateway.poll() is not None:
                     break
                 time.sleep(0.05)
             if not port_file.exists():
-                log = (tmpdir / "gateway.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"the {security.name} gateway did not start:\n{log}")
-            address = f"127.0.0.1:{port_file.read_text().strip()}"
-            worker = start(
-                [
-                    sys.executable,
-                    "-m",
-                    "worker_service",
-                    "--gateway",
-                    address,
-                    "--slots",
-                    str(opts.slots),
-                    "--worker-id",
-                    WORKER_ID,
-                    *creds.worker_args,
-                ],
-                tmpdir / "worker.log",
-                creds.worker_env,
-            )
-            return asyncio.run(measure(address, opts, creds))
-        finally:
-            for proc in (worker, gateway):
-                if proc is not None:
-                    proc.terminate()
-                    proc.wait(30)
+                log = (tmpdir / f"gateway{n}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the {config.name} gateway did not start:\n{log}")
+            addresses.append(f"127.0.0.1:{port_file.read_text().strip()}")
+        address = addresses[0]
+        worker = start(
+            [
+                sys.executable,
+                "-m",
+                "worker_service",
+                "--gateway",
+                address,
+                "--slots",
+                str(opts.slots),
+                "--worker-id",
+                WORKER_ID,
+                *creds.worker_args,
+            ],
+            tmpdir / "worker.log",
+            creds.worker_env,
+        )
+        stack.callback(stop, worker)
+        return asyncio.run(measure(addresses, opts, creds))
 
 
-def configurations(opts: argparse.Namespace) -> list[Security]:
-    found = [PLAINTEXT]
+def configurations(opts: argparse.Namespace) -> list[Configuration]:
+    """Each security configuration asked for, on SQLite and (with --db) on PostgreSQL."""
+    securities = [PLAINTEXT]
     if opts.tls:
-        found.append(Security("tls", tls=True))
+        securities.append(Security("tls", tls=True))
     if opts.auth:
-        found.append(Security("auth", auth=True))
+        securities.append(Security("auth", auth=True))
     if opts.tls and opts.auth:
-        found.append(Security("tls+auth", tls=True, auth=True))
-    return found
+        securities.append(Security("tls+auth", tls=True, auth=True))
+    if not opts.db:
+        return [Configuration(security.name, security) for security in securities]
+    chosen = []
+    for security in securities:
+        suffix = "" if security == PLAINTEXT else f"+{security.name}"
+        chosen.append(Configuration(f"{SQLITE}{suffix}", security, SQLITE))
+        chosen.append(Configuration(f"{POSTGRESQL}{suffix}", security, POSTGRESQL))
+        if opts.gateways > 1:
+            name = f"{POSTGRESQL}x{opts.gateways}{suffix}"
+            chosen.append(Configuration(name, security, POSTGRESQL, opts.gateways))
+    return chosen
 
 
 def medians(rounds: list[dict[str, object]]) -> dict[str, object]:
@@ -331,36 +450,74 @@ def main() -> None:
         help="also measure with an auth file and bearer tokens, against plaintext",
     )
     parser.add_argument(
+        "--db",
+        default="",
+        metavar="postgresql://...",
+        help="also measure the gateway on PostgreSQL, against SQLite: a DSN of a server where "
+        "the bench may create (and drop) a database per run; its own database is not touched",
+    )
+    parser.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        help="also measure this many gateways sharing the PostgreSQL database (the worker "
+        "attached to one, the clients taking turns among them), against one",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
         help="run every configuration this many times, in turn, and report medians",
     )
     opts = parser.parse_args()
+    if opts.db and not is_postgres(opts.db):
+        parser.error("--db must be a postgresql:// URL (SQLite is always measured, in a temp dir)")
+    if opts.gateways < 1:
+        parser.error("--gateways must be at least 1")
+    if opts.gateways > 1 and not opts.db:
+        parser.error("--gateways: several gateways share a PostgreSQL database: give --db")
     header: dict[str, object] = {
         "benchmark": "throughput",
         "kind": "echo",
         "jobs": opts.jobs,
         "concurrency": opts.concurrency,
+        "gateways": opts.gateways,
         "worker_replicas": 1,
         "worker_slots": opts.slots,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }
+    if opts.db:
+        header["postgresql"] = asyncio.run(server_facts(opts.db))
     chosen = configurations(opts)
-    rounds: dict[str, list[dict[str, object]]] = {security.name: [] for security in chosen}
+    rounds: dict[str, list[dict[str, object]]] = {config.name: [] for config in chosen}
     for _ in range(max(1, opts.rounds)):
-        for security in chosen:
-            rounds[security.name].append(run(opts, security))
+        for config in chosen:
+            rounds[config.name].append(run(opts, config))
     figures = {
         name: found[0] if len(found) == 1 else medians(found) for name, found in rounds.items()
     }
     if opts.rounds > 1:
         header["rounds"] = opts.rounds
     if len(chosen) == 1:
-        print(json.dumps({**header, **figures[PLAINTEXT.name]}, indent=2))
+        print(json.dumps({**header, **figures[chosen[0].name]}, indent=2))
         return
-    base = figures[PLAINTEXT.name]
+    named = {(c.security, c.store, c.gateways): c.name for c in chosen}
+    against: dict[str, object] = {}
+    if len({config.security for config in chosen}) > 1:
+        against["vs_plaintext"] = {
+            config.name: ratios(
+                figures[config.name], figures[named[PLAINTEXT, config.store, config.gateways]]
+            )
+            for config in chosen
+            if config.security != PLAINTEXT
+        }
+    if opts.db:
+        against["vs_sqlite"] = {
+            config.name: ratios(figures[config.name], figures[named[config.security, SQLITE, 1]])
+            for config in chosen
+            if config.store == POSTGRESQL
+        }
     print(
         json.dumps(
             {
@@ -372,11 +529,7 @@ def main() -> None:
                     if opts.rounds > 1
                     else {}
                 ),
-                "vs_plaintext": {
-                    name: ratios(values, base)
-                    for name, values in figures.items()
-                    if name != PLAINTEXT.name
-                },
+                **against,
             },
             indent=2,
         )
