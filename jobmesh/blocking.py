@@ -91,6 +91,7 @@ class Client:
             return
         try:
             self._run(self._async.close())
+            self._run(_settle())
         finally:
             self._closed = True
             self._stop_loop()
@@ -140,6 +141,22 @@ class Client:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+
+_SETTLE_SECONDS = 1.0
+
+
+async def _settle() -> None:
+    """Lets the tasks grpc still runs once the channel is closed (a stream's status handler)
+    end, then cancels what is left, so that stopping the loop destroys no pending task."""
+    current = asyncio.current_task()
+    pending = [task for task in asyncio.all_tasks() if task is not current]
+    if not pending:
+        return
+    _, left = await asyncio.wait(pending, timeout=_SETTLE_SECONDS)
+    for task in left:
+        task.cancel()
+    await asyncio.gather(*left, return_exceptions=True)
 
 
 async def _open(

@@ -178,9 +178,13 @@ def jobs_table(jobs: Iterable[job_pb2.Job]) -> Table:
 
 
 def workers_table(workers: Iterable[admin_service_pb2.Worker]) -> Table:
+    """The workers; with a GATEWAY column when gateways share a database."""
+    workers = list(workers)
+    shared = any(w.gateway for w in workers)
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("ID", "STATE", "KINDS", "SLOTS", "ACTIVE", "CPU %", "RSS", "LAST PONG"):
-        table.add_column(column, no_wrap=column == "ID")
+    columns = ("ID", "STATE", "KINDS", "SLOTS", "ACTIVE", "CPU %", "RSS", "LAST PONG")
+    for column in (*columns, *(("GATEWAY",) if shared else ())):
+        table.add_column(column, no_wrap=column in ("ID", "GATEWAY"))
     now = time.time()
     for w in workers:
         # Stats come with pongs; before the first one there are none.
@@ -197,6 +201,7 @@ def workers_table(workers: Iterable[admin_service_pb2.Worker]) -> Table:
             f"{w.stats.cpu_percent:.0f}" if ponged else "-",
             size(w.stats.rss_bytes) if ponged else "-",
             ago(w.last_pong_time, now),
+            *((w.gateway,) if shared else ()),
         )
     return table
 

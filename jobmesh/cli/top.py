@@ -104,10 +104,14 @@ def view(stats: admin_service_pb2.ClusterStats, title: str) -> RenderableType:
 
 
 def workers(found: Iterable[admin_service_pb2.Worker]) -> Table:
+    """The workers; with a GATEWAY column when gateways share a database."""
+    found = list(found)
+    shared = any(w.gateway for w in found)
     table = Table(box=None, pad_edge=False, header_style="bold", title_justify="left")
     columns = ("WORKER", "STATE", "ACTIVE/SLOTS", "CPU %", "RSS", "LOOP LAG", "DONE", "FAILED")
-    for column in (*columns, "LAST PONG"):
-        table.add_column(column, no_wrap=True, justify="left" if column == "WORKER" else "right")
+    for column in (*columns, "LAST PONG", *(("GATEWAY",) if shared else ())):
+        left = column in ("WORKER", "GATEWAY")
+        table.add_column(column, no_wrap=True, justify="left" if left else "right")
     now = time.time()
     rows = 0
     for w in found:
@@ -123,6 +127,7 @@ def workers(found: Iterable[admin_service_pb2.Worker]) -> Table:
             str(s.jobs_done) if ponged else "-",
             str(s.jobs_failed) if ponged else "-",
             ago(w.last_pong_time, now),
+            *((w.gateway,) if shared else ()),
         )
         rows += 1
     if not rows:

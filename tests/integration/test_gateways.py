@@ -13,6 +13,7 @@ import pytest
 from jobmesh import AsyncClient, JobState, job_spec
 from tests.cluster import Cluster, Gateway, until
 from tests.faults.proxy import TcpProxy
+from tests.integration.test_telemetry import jobmesh
 
 pytestmark = [
     pytest.mark.one_store,
@@ -57,6 +58,11 @@ async def test_every_gateway_lists_the_whole_mesh_with_each_workers_gateway(
                 await asyncio.sleep(0.2)
     assert found["wa"] != found["wc"]
     assert all(found.values())
+    shown = await asyncio.to_thread(jobmesh, b.address, "workers")
+    assert shown.returncode == 0, shown.stderr
+    [header, *rows] = shown.stdout.splitlines()
+    assert header.split()[-1] == "GATEWAY"
+    assert sorted(row.split()[0] for row in rows) == ["wa", "wc"]
 
 
 async def test_a_cancel_at_one_gateway_stops_the_job_on_another(cluster: Cluster) -> None:
