@@ -107,6 +107,21 @@ async def refused(call: Awaitable[Any] | grpc.aio.Call) -> grpc.aio.AioRpcError:
     raise AssertionError("the call succeeded")
 
 
+async def attach_refused(
+    channel: grpc.aio.Channel, token: str, attach: dispatcher_pb2.Attach
+) -> grpc.aio.AioRpcError:
+    """The error a Dispatcher session opened with `token` fails with at its Attach. The
+    server may answer before the Attach is even sent: then the call's status says why."""
+    session = dispatcher_pb2_grpc.DispatcherStub(channel).Session(metadata=bearer(token))
+
+    async def attach_as_a_worker() -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await session.write(dispatcher_pb2.SessionRequest(attach=attach))
+        await session.read()
+
+    return await refused(attach_as_a_worker())
+
+
 class HandWorker:
     """A Dispatcher session driven by hand with a worker token: it answers pings and
     collects what it is assigned, and ends attempts when told to."""

@@ -8,7 +8,6 @@ test writes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -37,7 +36,6 @@ from jobmesh.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
     dispatcher_pb2,
-    dispatcher_pb2_grpc,
     job_pb2,
     job_service_pb2,
     job_service_pb2_grpc,
@@ -49,6 +47,7 @@ from tests.security.auth_fixtures import (
     PRINCIPALS,
     WORKER,
     Who,
+    attach_refused,
     bearer,
     first_log_line,
     refused,
@@ -236,18 +235,10 @@ async def test_a_credential_for_another_service_is_permission_denied(cluster: Cl
         with pytest.raises(PermissionDenied, match="needs the admin role"):
             await client.list_workers()
     async with grpc.aio.insecure_channel(gw.address) as channel:
-        session = dispatcher_pb2_grpc.DispatcherStub(channel).Session(metadata=bearer(ALICE.token))
         attach = dispatcher_pb2.Attach(
             worker_id="w-1", slots=1, kinds=[dispatcher_pb2.KindCapacity(kind="echo")]
         )
-
-        async def attach_as_a_worker() -> None:
-            # The server may answer before the Attach is sent: then the read says why.
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await session.write(dispatcher_pb2.SessionRequest(attach=attach))
-            await session.read()
-
-        error = await refused(attach_as_a_worker())
+        error = await attach_refused(channel, ALICE.token, attach)
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "a client credential ('alice-app') cannot call jobmesh.v1.Dispatcher/Session" in (
             error.details() or ""

@@ -23,9 +23,9 @@ from gateway.workers import WorkerSession
 from jobmesh import AsyncClient
 from jobmesh.errors import InvalidArgument
 from jobmesh.params import Param, schema_digest, schema_proto
-from jobmesh.v1 import dispatcher_pb2, dispatcher_pb2_grpc, job_pb2
+from jobmesh.v1 import dispatcher_pb2, job_pb2
 from tests.cluster import Cluster, Gateway, until
-from tests.security.auth_fixtures import ALICE, WORKER, HandWorker, bearer, refused, secured
+from tests.security.auth_fixtures import ALICE, WORKER, HandWorker, attach_refused, secured
 from tests.security.test_workers import workers
 from worker_service.registry import load_handlers
 
@@ -119,17 +119,11 @@ async def test_a_client_credential_cannot_change_a_kinds_schema(cluster: Cluster
     greeting = (Param("text", "string"),)
     worker = await declare(gw, "w-1", "greet", greeting)
     async with grpc.aio.insecure_channel(gw.address) as channel:
-        session = dispatcher_pb2_grpc.DispatcherStub(channel).Session(metadata=bearer(ALICE.token))
         pwned = dispatcher_pb2.KindCapacity(
             kind="greet", params_schema=schema_proto((Param("pwned", "string"),))
         )
         attach = dispatcher_pb2.Attach(worker_id="w-2", slots=1, kinds=[pwned])
-
-        async def attach_as_a_worker() -> None:
-            await session.write(dispatcher_pb2.SessionRequest(attach=attach))
-            await session.read()
-
-        error = await refused(attach_as_a_worker())
+        error = await attach_refused(channel, ALICE.token, attach)
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     async with AsyncClient(gw.address, token=ALICE.token) as client:
         accepted = await client.submit("greet", params={"text": "hi"})
