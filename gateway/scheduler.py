@@ -749,11 +749,17 @@ class Scheduler:
     # --- the queue: what `Windows` asks of the scheduler (a `WindowHost`) -----------------
 
     def take_in(self, item: Unfinished) -> job_pb2.Job:
-        """Holds in memory a job claimed from the store; its inline inputs stay there."""
+        """Holds in memory a job claimed from the store, with its inline inputs if the claim
+        read them and the budget allows; else they stay there, read at its assignment."""
         job = item.job
         self._active[job.id] = job
         if item.inline_bytes:
-            self._stored_inputs.add(job.id)
+            budget = self._settings.max_inline_memory
+            if item.inputs is not None and self._inputs_bytes + item.inline_bytes <= budget:
+                self._inputs[job.id] = dict(job_pb2.JobSpec.FromString(item.inputs).inputs)
+                self._inputs_bytes += item.inline_bytes
+            else:
+                self._stored_inputs.add(job.id)
         return job
 
     def holds(self, job_id: str) -> bool:

@@ -68,6 +68,13 @@ class Unfinished:
     """Bytes of the inline inputs left in the store (their values' lengths together)."""
     ready_at: float = 0.0
     """Of a QUEUED job: its `Placement.ready_at`."""
+    inputs: bytes | None = None
+    """Its inline inputs (a JobSpec carrying only them), when a claim read them with the job:
+    those of at most `CLAIM_INPUT_BYTES`; the others are read when the job is assigned."""
+
+
+CLAIM_INPUT_BYTES = 64 << 10
+"""Inline inputs a claim reads with their job, at most (a window's jobs, read at once)."""
 
 
 @dataclass(frozen=True)

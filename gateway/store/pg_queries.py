@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.jobs import ts_seconds
-from gateway.store import ANY_TENANT, JobFilter, Placement, Unfinished, rows
+from gateway.store import ANY_TENANT, CLAIM_INPUT_BYTES, JobFilter, Placement, Unfinished, rows
 from jobmesh.v1 import job_pb2
 
 QUEUED = int(job_pb2.JOB_STATE_QUEUED)
@@ -104,7 +104,11 @@ FREE = "(lease_owner IS NULL OR lease_until < ${n})"
 """Whether a QUEUED job is free to claim at `now`, the parameter ${n}: not leased, or its
 lease ended before `now`. A lease without an end lasts until it is released."""
 
-CLAIMED = "spec, status, (SELECT bytes FROM job_inputs WHERE job_id = jobs.id), ready_at"
+CLAIMED = (
+    "spec, status, (SELECT bytes FROM job_inputs WHERE job_id = jobs.id), ready_at,"
+    " (SELECT data FROM job_inputs WHERE job_id = jobs.id"
+    f" AND bytes <= {CLAIM_INPUT_BYTES})"
+)
 """What a claim returns of each job it leased: `claimed` reads it."""
 
 # Returns (priority, id) too, to put the claimed rows back in queue order: UPDATE ...
@@ -318,6 +322,8 @@ def lease_of(placement: Placement) -> tuple[str | None, float | None]:
     return placement.owner, placement.lease_until
 
 
-def claimed(spec: bytes, status: bytes, inline_bytes: int | None, ready_at: float) -> Unfinished:
+def claimed(
+    spec: bytes, status: bytes, inline_bytes: int | None, ready_at: float, inputs: bytes | None
+) -> Unfinished:
     """A job a claim leased, from the CLAIMED columns."""
-    return Unfinished(rows.job_from_row(spec, status), inline_bytes or 0, ready_at)
+    return Unfinished(rows.job_from_row(spec, status), inline_bytes or 0, ready_at, inputs)

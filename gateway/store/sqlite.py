@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, TypeVar
 from gateway.jobs import ts_seconds
 from gateway.store import (
     ANY_TENANT,
+    CLAIM_INPUT_BYTES,
     Admit,
     Inserted,
     JobFilter,
@@ -777,12 +778,13 @@ def _lease(
             f"UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE id IN ({marks})",
             (owner, lease_until, *chunk),
         )
-        for job_id, spec, status, size, ready_at in conn.execute(
-            "SELECT id, spec, status, coalesce(bytes, 0), ready_at"
+        for job_id, spec, status, size, ready_at, inputs in conn.execute(
+            "SELECT id, spec, status, coalesce(bytes, 0), ready_at,"
+            f" iif(bytes <= {CLAIM_INPUT_BYTES}, data, NULL)"
             f" FROM jobs LEFT JOIN job_inputs ON job_id = id WHERE id IN ({marks})",
             chunk,
         ):
-            found[job_id] = Unfinished(rows.job_from_row(spec, status), size, ready_at)
+            found[job_id] = Unfinished(rows.job_from_row(spec, status), size, ready_at, inputs)
     return [found[job_id] for job_id in ids if job_id in found]
 
 

@@ -7,6 +7,7 @@ write order and usage. What only PostgreSQL has is in test_store_postgres.py.
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -18,6 +19,7 @@ import pytest
 from gateway.jobs import S, new_job_id, next_event, now
 from gateway.store import (
     ANY_TENANT,
+    CLAIM_INPUT_BYTES,
     JobFilter,
     JobStore,
     Placement,
@@ -502,3 +504,19 @@ async def test_a_schema_keeps_when_it_was_first_and_last_declared(store: JobStor
         StoredSchema("echo", "default", "d1", b"schema", 1.0, 5.0),
         StoredSchema("echo", ANY_TENANT, "d2", b"other", 2.0, 2.0),
     ]
+
+
+async def test_a_claim_reads_small_inline_inputs_with_their_job(store: JobStore) -> None:
+    small = new_job()
+    large = new_job()
+    large.spec.inputs["in"] = b"y" * (CLAIM_INPUT_BYTES + 1)
+    await store.insert([small, large], [next_event(small), next_event(large)])
+    claimed = await store.claim("g", "echo", "default", 10, time.time() + 1, math.inf)
+    inputs = {
+        item.job.id: None if item.inputs is None else job_pb2.JobSpec.FromString(item.inputs).inputs
+        for item in claimed
+    }
+    # Small ones come with the claim, so that dispatch reads nothing per job; large ones are
+    # read when their job is assigned.
+    assert inputs == {small.id: {"in": b"x" * 10}, large.id: None}
+    assert [item.inline_bytes for item in claimed] == [10, CLAIM_INPUT_BYTES + 1]
