@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -24,11 +25,21 @@ from tests.cluster import Cluster, Proc, until
 JOBMESH = Path(sys.executable).parent / "jobmesh"
 
 
+# Ports handed to a process to bind later are taken below the kernel's ephemeral range
+# (32768 and up on Linux), where no outgoing connection of another test can take them first.
+_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    for _ in range(100):
+        port = random.choice(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
         return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def metrics_flags(port: int) -> tuple[str, ...]:
