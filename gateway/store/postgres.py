@@ -65,8 +65,6 @@ POOL_SIZE = 4
 CONNECT_TIMEOUT = 5.0
 # A server that takes longer than this to answer is as good as gone.
 COMMAND_TIMEOUT = 60.0
-# A repeated message field's tag and length prefix, at most.
-_FIELD_OVERHEAD = 6
 
 
 class PostgresStore:
@@ -510,21 +508,8 @@ class PostgresStore:
     async def list_jobs(
         self, where: JobFilter, page_size: int, after_id: str, max_bytes: int | None = None
     ) -> Page:
-        page = Page()
-        size = 0
         sql, args = pg_queries.list_query(where, page_size + 1, after_id)
-        for spec, status in await self._fetch(sql, *args):
-            if len(page.jobs) == page_size:
-                page.last_id = page.jobs[-1].id
-                break
-            job = rows.job_from_row(spec, status, light=True)
-            # Each job costs its bytes and a field's tag and length in the response.
-            size += job.ByteSize() + _FIELD_OVERHEAD
-            if page.jobs and max_bytes is not None and size > max_bytes:
-                page.last_id = page.jobs[-1].id
-                break
-            page.jobs.append(job)
-        return page
+        return rows.page_of(await self._fetch(sql, *args), page_size, max_bytes)
 
     async def events(self, job_id: str, after_seq: int) -> list[job_pb2.JobEvent]:
         found = await self._fetch(pg_queries.EVENTS, job_id, after_seq)

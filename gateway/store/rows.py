@@ -9,9 +9,11 @@ payloads it does not need yet.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from typing import Any
 
 from gateway.jobs import duration_seconds, ts_seconds
-from gateway.store import Placement
+from gateway.store import Page, Placement
 from jobmesh.convert import TERMINAL_STATES
 from jobmesh.limits import payload_bytes
 from jobmesh.v1 import job_pb2
@@ -69,6 +71,30 @@ def job_from_row(
     if light:
         job.result.ClearField("outputs")
     return job
+
+
+# A repeated message field's tag and length prefix, at most.
+_FIELD_OVERHEAD = 6
+
+
+def page_of(found: Iterable[Any], page_size: int, max_bytes: int | None) -> Page:
+    """A List page from (spec, status) rows newest first (`page_size` + 1 of them, so that it
+    knows whether more follow): at most `page_size` jobs and `max_bytes` serialized, but
+    always one, without inline inputs or outputs."""
+    page = Page()
+    size = 0
+    for spec, status in found:
+        if len(page.jobs) == page_size:
+            page.last_id = page.jobs[-1].id
+            break
+        job = job_from_row(spec, status, light=True)
+        # Each job costs its bytes and a field's tag and length in the response.
+        size += job.ByteSize() + _FIELD_OVERHEAD
+        if page.jobs and max_bytes is not None and size > max_bytes:
+            page.last_id = page.jobs[-1].id
+            break
+        page.jobs.append(job)
+    return page
 
 
 def expire_time(job: job_pb2.Job, retention: float) -> float | None:

@@ -57,8 +57,6 @@ _VACUUM_PAGES = 4096
 _JOURNAL_SIZE_LIMIT = 64 << 20
 # Host parameters per statement, well below SQLite's limit.
 _MAX_PARAMS = 500
-# A repeated message field's tag and length prefix, at most.
-_FIELD_OVERHEAD = 6
 
 
 class _Save(NamedTuple):
@@ -439,20 +437,7 @@ class SqliteStore:
         query = " ".join(sql)
 
         def run(conn: sqlite3.Connection) -> Page:
-            page = Page()
-            size = 0
-            for spec, status in conn.execute(query, args).fetchall():
-                if len(page.jobs) == page_size:
-                    page.last_id = page.jobs[-1].id
-                    break
-                job = rows.job_from_row(spec, status, light=True)
-                # Each job costs its bytes and a field's tag and length in the response.
-                size += job.ByteSize() + _FIELD_OVERHEAD
-                if page.jobs and max_bytes is not None and size > max_bytes:
-                    page.last_id = page.jobs[-1].id
-                    break
-                page.jobs.append(job)
-            return page
+            return rows.page_of(conn.execute(query, args).fetchall(), page_size, max_bytes)
 
         return await self._call(run)
 
