@@ -34,7 +34,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.retention import Retention
 from gateway.scheduler import Scheduler
 from gateway.sessions import Dispatcher
-from gateway.store.lock import database_lock
+from gateway.store.lock import DatabaseLock
 from gateway.store.open import open_store, shown
 from gateway.watchers import EventHub
 from jobmesh import logs, telemetry
@@ -83,7 +83,7 @@ class Gateway:
         self.mtls_port = 0
         """The port of --mtls-listen, where client certificates are required (0: none)."""
         self._hub = EventHub()
-        self._db_lock = database_lock(settings.db)
+        self._db_lock = DatabaseLock(settings.db)
         self._store = open_store(settings.db, retention=settings.retention)
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         if settings.blob_dir:

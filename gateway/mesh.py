@@ -50,6 +50,8 @@ class SharedStore(Protocol):
 
     async def mesh_workers(self) -> list[tuple[str, bytes]]: ...
 
+    async def total_queued(self) -> int: ...
+
     async def ask_cancel(self, job_id: str, reason: str, by: str) -> None: ...
 
     async def listen(self, on_notice: Callable[[str, str, str], None]) -> None: ...
@@ -91,7 +93,8 @@ class Mesh:
         reattach_grace: float,
     ) -> None:
         self.name = name
-        self._store = store
+        self.store = store
+        """The store, as the gateways sharing it use it."""
         self._host = host
         self._hub = hub
         self._lease = lease
@@ -103,8 +106,8 @@ class Mesh:
         self._last_beat = time.monotonic()
 
     async def start(self) -> None:
-        await self._store.join(self.name, self._fenced)
-        await self._store.listen(self._notice)
+        await self.store.join(self.name, self._fenced)
+        await self.store.listen(self._notice)
         self._beat = asyncio.create_task(self._beating(), name="jobmesh-mesh")
         log.info("gateway %s joined the gateways sharing the database", self.name)
 
@@ -118,7 +121,7 @@ class Mesh:
             self._beat = None
             if not self.lost.is_set():
                 try:
-                    await self._store.leave()
+                    await self.store.leave()
                 except Exception:
                     log.warning("gateway %s could not leave the database's gateways", self.name)
 
@@ -131,7 +134,7 @@ class Mesh:
     async def workers(self) -> list[admin_service_pb2.Worker]:
         """The workers of every other live gateway, each with its gateway's name."""
         found = []
-        for gateway, data in await self._store.mesh_workers():
+        for gateway, data in await self.store.mesh_workers():
             for worker in admin_service_pb2.ListWorkersResponse.FromString(data).workers:
                 worker.gateway = gateway
                 found.append(worker)
@@ -144,7 +147,7 @@ class Mesh:
         await self._take_over()
 
     async def _take_over(self) -> None:
-        dead, queues = await self._store.take_over(self._lease)
+        dead, queues = await self.store.take_over(self._lease)
         if dead:
             log.warning("took over from gateways %s (silent %gs)", dead, self._lease)
         if queues:
@@ -166,7 +169,7 @@ class Mesh:
                 workers = self._host.workers()
                 for worker in workers.workers:
                     worker.gateway = self.name
-                if not await self._store.heartbeat(workers.SerializeToString()):
+                if not await self.store.heartbeat(workers.SerializeToString()):
                     self._lose(f"gateway {self.name} was taken over by the others")
                     return
                 was_current = self.current
@@ -175,7 +178,7 @@ class Mesh:
                     self._host.dispatch()  # it held back while its leases were in doubt
                 await self._take_over()
                 await self._host.learn(await self.workers())
-                orphans = await self._store.claim_orphaned(
+                orphans = await self.store.claim_orphaned(
                     time.time() - self._grace, ORPHANS_PER_SWEEP
                 )
                 if orphans:

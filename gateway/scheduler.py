@@ -235,7 +235,7 @@ class Scheduler:
         deadline = time.monotonic() + min(self._settings.lease * 1.5, BRING_BACK_WAIT)
         while left:
             for key in list(left):
-                item = await self._store.claim_running(*key)  # type: ignore[attr-defined]
+                item = await self._mesh.store.claim_running(*key)
                 if item is None:
                     continue
                 left.remove(key)
@@ -309,7 +309,7 @@ class Scheduler:
         limit = self._settings.max_queued
         queued = self._queued
         if self._mesh is not None:  # every gateway's jobs count
-            queued = await self._store.total_queued()  # type: ignore[attr-defined]
+            queued = await self._mesh.store.total_queued()
         if queued + len(specs) > limit:
             raise ResourceExhausted(
                 f"the queue is full: {queued} jobs wait (limit {limit}); retry later"
@@ -431,7 +431,8 @@ class Scheduler:
         job = await self.get(tenant, job_id)
         if job.state in TERMINAL_STATES:
             return job
-        await self._store.ask_cancel(job_id, reason, by)  # type: ignore[attr-defined]
+        assert self._mesh is not None  # only then can the job run elsewhere
+        await self._mesh.store.ask_cancel(job_id, reason, by)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CANCEL_WAIT):
                 while job.state not in TERMINAL_STATES:

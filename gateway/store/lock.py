@@ -24,6 +24,8 @@ import os
 import socket
 import time
 
+from gateway.store.open import is_postgres
+
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.1
@@ -34,10 +36,11 @@ class DatabaseLocked(OSError):
 
 
 class DatabaseLock:
-    """The lock of the SQLite file `db` (none for ':memory:')."""
+    """The lock of the SQLite file `db` (none for ':memory:', nor for a PostgreSQL URL:
+    gateways share that database, `gateway.mesh`)."""
 
     def __init__(self, db: str) -> None:
-        self.path = "" if db == ":memory:" else db + ".lock"
+        self.path = "" if db == ":memory:" or is_postgres(db) else db + ".lock"
         self._db = db
         self._fd: int | None = None
 
@@ -97,11 +100,3 @@ def _try_lock(fd: int) -> bool:
 def _me() -> dict[str, object]:
     since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     return {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
-
-
-def database_lock(db: str) -> DatabaseLock:
-    """The lock that keeps a second gateway off `db`: none for PostgreSQL, which gateways
-    share (`gateway.mesh`)."""
-    from gateway.store.open import is_postgres
-
-    return DatabaseLock(":memory:" if is_postgres(db) else db)
