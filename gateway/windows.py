@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from gateway.metrics import GatewayMetrics
 from gateway.queues import KindQueues, QueueKey
-from gateway.store import ANY_TENANT, JobStore, Placement, Unfinished
+from gateway.store import ANY_TENANT, JobStore, Placement, QueueDepth, Unfinished
 from gateway.store.rows import placement_of
 from jobmesh.v1 import job_pb2
 
@@ -116,8 +116,7 @@ class Windows:
             self._keys.add(key)
             self._pending.add(key)
             self._metrics.queued_in_store(depth.kind, depth.tenant, depth.queued)
-        self._metrics.queue_ages((d.kind, d.tenant, d.oldest_ready_at) for d in depths)
-        self._ages_read = time.monotonic()
+        self._ages(depths)
         await self._rearm()
         return sum(depth.queued for depth in depths)
 
@@ -358,7 +357,9 @@ class Windows:
         await asyncio.shield(self._ages_reading)
 
     async def _read_ages(self) -> None:
-        depths = await self._store.queue_depths(time.time())
+        self._ages(await self._store.queue_depths(time.time()))
+
+    def _ages(self, depths: list[QueueDepth]) -> None:
         self._metrics.queue_ages((d.kind, d.tenant, d.oldest_ready_at) for d in depths)
         self._ages_read = time.monotonic()
 
